@@ -1,0 +1,181 @@
+"""adainfer's own model config: one dataclass for the Llama and OPT families, stored as `config.json`.
+
+Only the converter (weights_convert) builds one from a Hugging Face config; everything else reads ours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+from adainfer.errors import AdainferError
+
+ARCHS = ("llama", "opt")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # "llama" or "opt"
+    vocab_size: int
+    dim: int  # width of the residual stream
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads means grouped-query attention (Llama only)
+    hidden_dim: int  # inner width of the MLP
+    max_seq_len: int  # longest prompt + generation the position scheme supports
+    norm_eps: float = 1e-5
+    head_dim: int = 0  # 0: dim // n_heads (some Llama variants set it explicitly)
+    # Llama family
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or linear
+    tie_embeddings: bool = False
+    # OPT family
+    pre_norm: bool = True  # OPT's do_layer_norm_before; opt-350m is post-LN
+    embed_dim: int = 0  # OPT's word_embed_proj_dim; != dim adds project_in / project_out (opt-350m)
+    final_norm: bool = True  # post-LN OPT has no final LayerNorm
+    # tokens
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    add_bos: bool = False  # prepend bos_id to every prompt (Llama-2 style); SmolLM2 does not
+    name: str = ""  # where the weights came from, for humans
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.head_dim == 0 and self.n_heads > 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.embed_dim == 0:
+            self.embed_dim = self.dim
+
+    def validate(self, where: object = "config") -> ModelConfig:
+        """Raise AdainferError naming `where` unless every field is usable."""
+        if self.arch not in ARCHS:
+            raise AdainferError(where, f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHS)}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len",
+                     "head_dim", "embed_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise AdainferError(where, f"{name} must be a positive integer, got {value!r}")
+            if value > 1 << 24:
+                raise AdainferError(where, f"{name}={value} is beyond any model this library can hold")
+        if self.n_heads % self.n_kv_heads:
+            raise AdainferError(where, f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.arch == "llama":
+            if self.head_dim % 2:
+                raise AdainferError(where, f"head_dim={self.head_dim} must be even for rotary embeddings")
+            if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta)
+                    and self.rope_theta > 0):
+                raise AdainferError(where, f"rope_theta must be a positive number, got {self.rope_theta!r}")
+            check_rope_scaling(self.rope_scaling, where)
+        else:
+            if self.n_kv_heads != self.n_heads or self.head_dim * self.n_heads != self.dim:
+                raise AdainferError(where, "OPT needs n_kv_heads == n_heads and head_dim * n_heads == dim")
+        if not (isinstance(self.norm_eps, (int, float)) and math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise AdainferError(where, f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        for name in ("bos_id", "eos_id", "pad_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < self.vocab_size):
+                raise AdainferError(where, f"{name}={value!r} is not a token id below vocab_size={self.vocab_size}")
+        if self.add_bos and self.bos_id is None:
+            raise AdainferError(where, "add_bos is set but bos_id is missing")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object, where: object = "config") -> ModelConfig:
+        if not isinstance(data, dict):
+            raise AdainferError(where, "config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdainferError(where, f"unknown config keys {unknown} (is this a Hugging Face config.json? "
+                                       "convert the folder with `python -m weights_convert SRC DST` first)")
+        if data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise AdainferError(where, f"config format_version {data.get('format_version')!r} is not "
+                                       f"{FORMAT_VERSION}; convert the model again")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if missing:
+            raise AdainferError(where, f"config is missing {missing}")
+        try:
+            config = cls(**data)
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise AdainferError(where, f"bad config: {e}") from None
+        return config.validate(where)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise AdainferError(path, "config.json not found")
+        raw = path.read_bytes()
+        if len(raw) > 1 << 20:
+            raise AdainferError(path, f"config is {len(raw)} bytes; refusing anything over 1 MiB")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AdainferError(path, f"malformed JSON: {e}") from None
+        return cls.from_dict(data, path)
+
+
+def check_rope_scaling(scaling: object, where: object) -> None:
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise AdainferError(where, f"rope_scaling must be an object or null, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            "linear": ("factor",)}
+    if kind not in need:
+        raise AdainferError(where, f"rope_scaling type {kind!r} is not supported (supported: llama3, linear)")
+    for key in need[kind]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise AdainferError(where, f"rope_scaling.{key} must be a positive number, got {value!r}")
+    if kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+        raise AdainferError(where, "rope_scaling needs low_freq_factor < high_freq_factor")
+
+
+def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of our model.safetensors, by our name, with its shape: the file format in one place."""
+    c = config
+    opt = c.arch == "opt"
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (c.vocab_size, c.embed_dim)}
+    if opt:
+        shapes["pos_embeddings.weight"] = (c.max_seq_len + 2, c.dim)
+        if c.embed_dim != c.dim:
+            shapes["project_in.weight"] = (c.dim, c.embed_dim)
+            shapes["project_out.weight"] = (c.embed_dim, c.dim)
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (c.dim,)
+        shapes[p + "ffn_norm.weight"] = (c.dim,)
+        shapes[p + "attention.wq.weight"] = (q, c.dim)
+        shapes[p + "attention.wk.weight"] = (kv, c.dim)
+        shapes[p + "attention.wv.weight"] = (kv, c.dim)
+        shapes[p + "attention.wo.weight"] = (c.dim, q)
+        shapes[p + "feed_forward.w1.weight"] = (c.hidden_dim, c.dim)
+        shapes[p + "feed_forward.w2.weight"] = (c.dim, c.hidden_dim)
+        if opt:
+            for name, n in (("attention_norm", c.dim), ("ffn_norm", c.dim), ("attention.wq", q), ("attention.wk", kv),
+                            ("attention.wv", kv), ("attention.wo", c.dim), ("feed_forward.w1", c.hidden_dim),
+                            ("feed_forward.w2", c.dim)):
+                shapes[p + name + ".bias"] = (n,)
+        else:
+            shapes[p + "feed_forward.w3.weight"] = (c.hidden_dim, c.dim)
+    if c.pre_norm and c.final_norm:
+        shapes["norm.weight"] = (c.dim,)
+        if opt:
+            shapes["norm.bias"] = (c.dim,)
+    if not c.tie_embeddings:
+        shapes["output.weight"] = (c.vocab_size, c.embed_dim)
+    return shapes

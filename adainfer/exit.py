@@ -1,0 +1,234 @@
+"""Exit features, the exit-classifier file, and the inline decision the block loop calls after a block.
+
+Features of the last token after block n (AdaInfer §4.1): gap = p1 - p2 and top_prob = p1 of the softmax over the
+LM head (or over the candidate tokens only); optionally the cosine similarity of the block's attention output, MLP
+output and hidden state with the previous block's (the paper's factor study), computed only when asked for.
+
+A classifier file is JSON: its kind, feature names, weights and bias (any scaler folded in), where checking starts
+and its stride, the model it was fitted for and how it was calibrated. At run time the decision is one dot
+product in torch, `w . x + b > 0`; for the CRF, one step of prefix Viterbi over the checked layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from adainfer.errors import AdainferError
+
+FEATURES = ("gap", "top_prob", "cos_attn", "cos_mlp", "cos_hidden")
+KINDS = ("svm", "gap", "crf", "never")
+FORMAT = "adainfer-exit-classifier"
+VERSION = 1
+MAX_FILE = 1 << 20
+
+
+@dataclass
+class ExitClassifier:
+    kind: str  # "svm" (linear), "gap" (the paper's rule gap > threshold), "crf", "never"
+    features: list[str]
+    weight: list[float]  # one per feature, in raw feature units (scaler folded in)
+    bias: float
+    first_layer: int = 1  # the first check is after this many blocks
+    stride: int = 1  # then every `stride` blocks
+    candidates: list[str] | None = None  # features over these tokens' logits only (candidate mode)
+    model: dict = field(default_factory=dict)  # {"fingerprint", "name", "n_layers"}
+    calibration: dict = field(default_factory=dict)  # task, shots, label mode, sizes, held-out report
+    crf: dict | None = None  # {"state_weight": [[w per feature] per label], "state_bias": [b0, b1], "transitions"}
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "version": VERSION, **asdict(self)}, indent=1, allow_nan=False) + "\n"
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ExitClassifier:
+        path = Path(path)
+        if not path.is_file():
+            raise AdainferError(path, "exit classifier file not found")
+        raw = path.read_bytes()
+        if len(raw) > MAX_FILE:
+            raise AdainferError(path, f"exit classifier file is {len(raw)} bytes (limit {MAX_FILE})")
+        try:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+            raise AdainferError(path, f"malformed classifier JSON: {e}") from None
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: object, where: object) -> ExitClassifier:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise AdainferError(where, f"not an adainfer exit classifier (format must be {FORMAT!r})")
+        if data.get("version") != VERSION:
+            raise AdainferError(where, f"classifier version {data.get('version')!r} is not {VERSION}")
+        body = {k: v for k, v in data.items() if k not in ("format", "version")}
+        try:
+            clf = cls(**body)
+        except TypeError as e:
+            raise AdainferError(where, f"bad classifier fields: {e}") from None
+        clf.validate(where)
+        return clf
+
+    def validate(self, where: object) -> ExitClassifier:
+        if self.kind not in KINDS:
+            raise AdainferError(where, f"unknown classifier kind {self.kind!r} (known: {', '.join(KINDS)})")
+        if not isinstance(self.features, list) or not self.features or any(f not in FEATURES for f in self.features):
+            raise AdainferError(where, f"features must be a non-empty list from {FEATURES}, got {self.features!r}")
+        if len(set(self.features)) != len(self.features):
+            raise AdainferError(where, "features repeat")
+        if not isinstance(self.weight, list) or len(self.weight) != len(self.features):
+            raise AdainferError(where, f"weight needs {len(self.features)} numbers, one per feature")
+        _finite(where, "weight", self.weight)
+        _finite(where, "bias", [self.bias])
+        for name in ("first_layer", "stride"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise AdainferError(where, f"{name} must be a positive integer, got {v!r}")
+        if self.candidates is not None and (not isinstance(self.candidates, list) or len(self.candidates) < 2
+                                            or not all(isinstance(c, str) and c for c in self.candidates)):
+            raise AdainferError(where, "candidates must be null or a list of at least two non-empty strings")
+        if not isinstance(self.model, dict) or not isinstance(self.calibration, dict):
+            raise AdainferError(where, "model and calibration must be objects")
+        if self.kind == "crf":
+            crf = self.crf
+            ok = (isinstance(crf, dict) and _matrix(crf.get("state_weight"), 2, len(self.features))
+                  and _matrix(crf.get("transitions"), 2, 2) and _matrix([crf.get("state_bias")], 1, 2))
+            if not ok:
+                raise AdainferError(where, "crf needs state_weight (2 x features), state_bias (2) and transitions "
+                                           "(2 x 2)")
+            _finite(where, "crf", [x for row in crf["state_weight"] + crf["transitions"] for x in row]
+                    + list(crf["state_bias"]))
+        return self
+
+    def check_model(self, model, where: object) -> None:
+        """Refuse a classifier fitted for another model (by fingerprint) or a deeper one."""
+        want = self.model.get("fingerprint")
+        have = getattr(model, "fingerprint", None)
+        if want and have and want != have:
+            raise AdainferError(where, f"classifier was fitted for model {self.model.get('name') or want} "
+                                       f"(fingerprint {want}), not this one ({have}); calibrate it for this model "
+                                       "with python -m adainfer.calibrate")
+        if self.first_layer > model.config.n_layers:
+            raise AdainferError(where, f"first_layer={self.first_layer} is beyond the model's "
+                                       f"{model.config.n_layers} layers")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite(where, what, values) -> None:
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise AdainferError(where, f"{what} holds a non-finite or non-numeric value {v!r}")
+
+
+def _matrix(m, rows: int, cols: int) -> bool:
+    return isinstance(m, list) and len(m) == rows and all(isinstance(r, list) and len(r) == cols for r in m)
+
+
+def gap_rule(threshold: float = 0.8, first_layer: int = 1, stride: int = 1) -> ExitClassifier:
+    """The paper's rule: exit when gap = p1 - p2 exceeds `threshold`."""
+    return ExitClassifier("gap", ["gap"], [1.0], -float(threshold), first_layer, stride,
+                          calibration={"rule": f"gap > {threshold}"})
+
+
+def never_rule(first_layer: int = 1, stride: int = 1) -> ExitClassifier:
+    """Checks at every scheduled layer and never fires: the cost of checking with nothing saved (and a test)."""
+    return ExitClassifier("never", ["gap"], [0.0], -1.0, first_layer, stride)
+
+
+# ---------------------------------------------------------------- features
+
+
+def compute_features(names, top2, h_last: torch.Tensor | None, record: dict | None, prev: dict | None) -> dict:
+    """name -> (b,) float32 tensor, for the features asked for only."""
+    out = {}
+    for name in names:
+        if name == "gap":
+            out[name] = top2.p1 - top2.p2
+        elif name == "top_prob":
+            out[name] = top2.p1
+        else:
+            key = name[len("cos_"):]
+            now = h_last if key == "hidden" else (record or {}).get(key)
+            before = (prev or {}).get(key)
+            if now is None or before is None:
+                out[name] = torch.zeros_like(top2.p1)
+            else:
+                out[name] = F.cosine_similarity(now.float(), before.float(), dim=-1)
+    return out
+
+
+class ExitRule:
+    """A classifier compiled for the loop: when to check, and the decision as tensors."""
+
+    def __init__(self, clf: ExitClassifier, device="cpu"):
+        self.clf = clf
+        self.features = list(clf.features)
+        self.first, self.stride = clf.first_layer, clf.stride
+        self.w = torch.tensor(clf.weight, dtype=torch.float32, device=device)
+        self.b = float(clf.bias)
+        self.needs_record = any(f.startswith("cos_") for f in self.features)
+        self.never = clf.kind == "never"
+        if clf.kind == "crf":
+            self.crf_w = torch.tensor(clf.crf["state_weight"], dtype=torch.float32, device=device).T  # (F, 2)
+            self.crf_b = torch.tensor(clf.crf["state_bias"], dtype=torch.float32, device=device)
+            self.crf_t = torch.tensor(clf.crf["transitions"], dtype=torch.float32, device=device)  # [from, to]
+
+    def should_check(self, n: int) -> bool:
+        return n >= self.first and (n - self.first) % self.stride == 0
+
+    def decide(self, top2, h_last, record, state: dict) -> tuple[dict, torch.Tensor, dict]:
+        """Features and the exit decision for the rows of this check; `state` carries per-row memory."""
+        feats = compute_features(self.features, top2, h_last, record, state)
+        x = torch.stack([feats[f] for f in self.features], dim=-1)  # (b, F)
+        if self.clf.kind == "crf":
+            scores = x @ self.crf_w + self.crf_b  # (b, 2) per-label state scores
+            delta = state.get("crf")
+            # Prefix Viterbi: best score of a path ending in each label at this check.
+            delta = scores if delta is None else (delta[:, :, None] + self.crf_t).amax(1) + scores
+            state = {**state, "crf": delta}
+            fire = delta[:, 1] > delta[:, 0]
+        else:
+            fire = x @ self.w + self.b > 0
+        if self.never:
+            fire = torch.zeros_like(fire)
+        return feats, fire, state
+
+    def remember(self, h_last: torch.Tensor, record: dict | None, state: dict) -> dict:
+        """After every block: keep what the cosine features compare with at the next check."""
+        if not self.needs_record:
+            return state
+        return {**state, "hidden": h_last, **(record or {})}
+
+
+def load_exit_rule(path: Path, model) -> ExitRule:
+    clf = ExitClassifier.load(path)
+    clf.check_model(model, path)
+    return ExitRule(clf, model.device)
+
+
+CLASSIFIER_DIR = Path(__file__).parent / "classifiers"
+
+
+def shipped_classifier(model) -> Path | None:
+    """The default classifier shipped with the package for this model (matched by fingerprint), if any."""
+    for path in sorted(CLASSIFIER_DIR.glob("*.json")):
+        try:
+            clf = ExitClassifier.load(path)
+        except AdainferError:
+            continue
+        if clf.model.get("fingerprint") == getattr(model, "fingerprint", None) and clf.calibration.get("default"):
+            return path
+    return None

@@ -1,0 +1,113 @@
+"""Load a converted model folder: build the decoder on the meta device, check and assign the weights.
+
+Tensors on disk keep one name per projection (see adainfer.config.weight_shapes); the decoder fuses q/k/v and
+gate/up into single matrices, so loading concatenates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from adainfer.config import ModelConfig, weight_shapes
+from adainfer.errors import AdainferError
+from adainfer.model import Decoder, rope_inv_freq
+from adainfer.tokenizer import TextTokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """'auto': bfloat16 on a GPU or a CPU with native bfloat16 matmul (AVX512-BF16 / AMX), else float32. On an
+    AVX2-only CPU a bfloat16 matmul of 64+ rows runs ~4x slower than float32 (measured: benchmarks/README.md)."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") or cpu_has_native_bf16() else torch.float32
+    if name not in DTYPES:
+        raise AdainferError("--dtype", f"unknown dtype {name!r} (choose auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               ) -> tuple[Decoder, TextTokenizer | None]:
+    """(decoder in eval mode, tokenizer or None) from a folder written by weights_convert."""
+    from weights_convert.checks import check_safetensors
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdainferError(folder, "no such model folder")
+    config = ModelConfig.load(folder / "config.json")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise AdainferError(weights, "model.safetensors not found")
+    infos = check_safetensors(weights)
+    expected = weight_shapes(config)
+    for name, shape in expected.items():
+        if name not in infos:
+            raise AdainferError(weights, f"tensor {name} is missing")
+        if infos[name].shape != shape:
+            raise AdainferError(weights, f"tensor {name} has shape {list(infos[name].shape)}, "
+                                         f"config.json needs {list(shape)}")
+        if infos[name].dtype not in ("F32", "BF16", "F16"):
+            raise AdainferError(weights, f"tensor {name} has dtype {infos[name].dtype}, expected F32/BF16/F16")
+    extra = sorted(set(infos) - set(expected))
+    if extra:
+        raise AdainferError(weights, f"unexpected tensors {extra[:5]}")
+
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            disk = {name: f.get_tensor(name) for name in expected}
+    except Exception as e:
+        raise AdainferError(weights, f"cannot read tensors: {e}") from None
+    with torch.device("meta"):
+        model = Decoder(config)
+    model.load_state_dict(fuse_state(disk, config, dtype, device), strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(config).to(device) if config.arch == "llama" else torch.zeros(0, device=device)
+    model.eval().requires_grad_(False)
+    model.fingerprint = fingerprint(config, weights)
+    return model, load_tokenizer(folder, config)
+
+
+def fuse_state(disk: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype, device) -> dict:
+    """Our on-disk names -> the decoder's state dict (q/k/v and gate/up fused), cast to dtype."""
+    state = dict(disk)
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        for suffix in ("weight", "bias"):
+            parts = [state.pop(f"{p}attention.w{x}.{suffix}", None) for x in "qkv"]
+            if parts[0] is not None:
+                state[f"{p}attention.wqkv.{suffix}"] = torch.cat(parts)
+        if config.arch == "llama":
+            state[f"{p}feed_forward.w13.weight"] = torch.cat([state.pop(f"{p}feed_forward.w1.weight"),
+                                                              state.pop(f"{p}feed_forward.w3.weight")])
+    return {name: t.to(device=device, dtype=dtype).contiguous() for name, t in state.items()}
+
+
+def fingerprint(config: ModelConfig, weights: Path, samples: int = 64, chunk: int = 4096) -> str:
+    """What a classifier was fitted for: sha256 of the config, the safetensors header and 64 evenly spaced
+    4 KiB samples of the weight bytes. Cheap (no full read) and different for any two real checkpoints."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in config.to_dict().items() if k != "name"}
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    size = weights.stat().st_size
+    with open(weights, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        h.update(f.read(n))
+        start = 8 + n
+        span = max(size - start - chunk, 0)
+        for k in range(samples):
+            f.seek(start + span * k // max(samples - 1, 1))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:16]

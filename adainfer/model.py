@@ -1,0 +1,413 @@
+"""Llama- and OPT-family decoders with one explicit block loop, where exit, skip and layer-plan decisions live.
+
+Read top to bottom: norms and rotary helpers, attention, MLPs, the block, the KV cache, the per-forward context,
+then `Decoder.forward` and its loop. Weights come from `adainfer.loading`; tensor names on disk are listed there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adainfer.config import ModelConfig
+from kernels.top2 import Top2, lm_head_top2, top2_from_logits
+
+# ---------------------------------------------------------------- norms and rotary embeddings
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As Hugging Face: normalise in float32, cast back, then scale (parity depends on the order).
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.arch == "llama":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim // 2,), float32, with the Llama-3 (or linear) scaling rule applied."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in `dtype`, computed in float32 as Hugging Face does."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd), the rotate-half layout of Hugging Face Llama (the converter undoes GGUF's interleave)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---------------------------------------------------------------- attention, MLPs, block
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, bias: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_size = config.n_heads * config.head_dim
+        self.kv_size = config.n_kv_heads * config.head_dim
+        self.wqkv = nn.Linear(config.dim, self.q_size + 2 * self.kv_size, bias=bias)  # q, k, v fused
+        self.wo = nn.Linear(self.q_size, config.dim, bias=bias)
+        self.rotary = config.arch == "llama"
+
+    def project_kv(self, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the K/V rows of wqkv: x (b, T, dim) -> k, v (b, Hkv, T, hd), rotated."""
+        b, T, _ = x.shape
+        w = self.wqkv.weight[self.q_size:]
+        bias = None if self.wqkv.bias is None else self.wqkv.bias[self.q_size:]
+        k, v = F.linear(x, w, bias).split([self.kv_size, self.kv_size], dim=-1)
+        k = k.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, Hkv, T, hd)
+        v = v.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary:
+            k = apply_rope(k, ctx.cos, ctx.sin)
+        return k, v
+
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int) -> torch.Tensor:
+        b, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, T, hd)
+        k = k.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, Hkv, T, hd)
+        v = v.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(layer, k, v, ctx)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(b, T, self.q_size)  # (b, T, H * hd)
+        return self.wo(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.hidden_dim = config.hidden_dim
+        self.w13 = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)  # gate (w1) and up (w3) fused
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class ReluMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=True)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.relu(self.w1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        opt = config.arch == "opt"
+        self.pre_norm = config.pre_norm
+        self.attention_norm = make_norm(config, config.dim)
+        self.attention = Attention(config, bias=opt)
+        self.ffn_norm = make_norm(config, config.dim)
+        self.feed_forward = ReluMLP(config) if opt else SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int, skip_attn: bool = False) -> torch.Tensor:
+        record = ctx.record
+        if self.pre_norm:
+            a = self._attend(self.attention_norm(x), ctx, layer, skip_attn)
+            x = x + a
+            m = self.feed_forward(self.ffn_norm(x))
+            x = x + m
+        else:  # OPT post-LN (opt-350m): the norm comes after each residual add
+            a = self._attend(x, ctx, layer, skip_attn)
+            x = self.attention_norm(x + a)
+            m = self.feed_forward(x)
+            x = self.ffn_norm(x + m)
+        if record is not None:
+            record["attn"], record["mlp"] = a[:, -1], m[:, -1]
+        return x
+
+    def _attend(self, x: torch.Tensor, ctx: Context, layer: int, skip: bool) -> torch.Tensor:
+        if not skip:
+            return self.attention(x, ctx, layer)
+        # A skipped attention sublayer adds nothing, but later tokens may still attend to this layer's keys.
+        if ctx.cache is not None:
+            ctx.cache.update(layer, *self.attention.project_kv(x, ctx), ctx)
+        return torch.zeros_like(x)
+
+
+# ---------------------------------------------------------------- KV cache and per-forward context
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layers, B, Hkv, max_len, hd), written at `length`.
+
+    Rows are left-padded: `valid[b, s]` says whether key position s of row b holds a real token.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # positions written so far, the same for every row
+        self.padded = False  # whether any row holds padding (then attention needs an explicit mask)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: Context):
+        """Write k, v (b, Hkv, T, hd) at [length, length + T) for the rows in ctx.rows; return the keys so far."""
+        end = self.length + k.shape[2]
+        if ctx.rows is None:
+            self.k[layer, :, :, self.length:end] = k
+            self.v[layer, :, :, self.length:end] = v
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer, ctx.rows, :, self.length:end] = k
+        self.v[layer, ctx.rows, :, self.length:end] = v
+        return self.k[layer, ctx.rows, :, :end], self.v[layer, ctx.rows, :, :end]
+
+
+@dataclass
+class Context:
+    """What every block of one forward shares. `select` keeps a subset of rows (batch compaction)."""
+
+    cos: torch.Tensor | None  # (b, 1, T, hd) rotary tables, Llama only
+    sin: torch.Tensor | None
+    mask: torch.Tensor | None  # (b, 1, T, S) bool, True = may attend; None with is_causal or full attention
+    is_causal: bool
+    cache: KVCache | None
+    rows: torch.Tensor | None = None  # rows of the cache this batch holds; None = all, in order
+    record: dict | None = None  # when set, blocks leave their last-token attention / MLP outputs here
+
+    def select(self, keep: torch.Tensor, rows: torch.Tensor) -> Context:
+        pick = (lambda t: None if t is None else t[keep])
+        record = None if self.record is None else {k: v[keep] for k, v in self.record.items()}
+        return Context(pick(self.cos), pick(self.sin), pick(self.mask), self.is_causal, self.cache, rows, record)
+
+
+# ---------------------------------------------------------------- what a run may ask of the loop
+
+
+@dataclass
+class Plan:
+    """Which blocks run, which sublayers are skipped, and where the loop may stop.
+
+    layers: block indices in the order they run (None = all). skip_attn: blocks whose attention is skipped.
+    exit: an exit rule (adainfer.exit) or None. exit_at: force every row to stop after this many blocks.
+    candidates: token ids the answer and the exit features are restricted to. record_features: keep every
+    checked layer's features (for calibration and analysis). hidden_states: keep every block's output.
+    """
+
+    layers: list[int] | None = None
+    skip_attn: frozenset[int] = frozenset()
+    exit: object | None = None
+    exit_at: int | None = None
+    candidates: torch.Tensor | None = None
+    record_features: bool = False
+    hidden_states: bool = False
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # (B, V) or (B, n_candidates), float32: the last token at each row's exit layer
+    layers_run: torch.Tensor  # (B,) int64: blocks each row ran
+    token: torch.Tensor  # (B,) int64: argmax of logits, mapped back to vocabulary ids in candidate mode
+    features: list = field(default_factory=list)  # with record_features: one dict per checked layer
+    hidden_states: list | None = None  # with hidden_states: embeddings, then each block's output (B, T, dim)
+
+
+# ---------------------------------------------------------------- the decoder
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        opt = config.arch == "opt"
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.embed_dim)
+        # OPT's learned positions start at index 2 (a fairseq leftover); Llama rotates q and k instead.
+        self.pos_embeddings = nn.Embedding(config.max_seq_len + 2, config.dim) if opt else None
+        proj = opt and config.embed_dim != config.dim
+        self.project_in = nn.Linear(config.embed_dim, config.dim, bias=False) if proj else None
+        self.project_out = nn.Linear(config.dim, config.embed_dim, bias=False) if proj else None
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = make_norm(config, config.dim) if (config.pre_norm and config.final_norm) else None
+        self.output = None if config.tie_embeddings else nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config) if not opt else torch.zeros(0), persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """Block output -> what the LM head reads: final norm, then OPT-350m's project_out."""
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.head_input(h), self.head_weight)
+
+    def probe(self, h_last: torch.Tensor, weight: torch.Tensor) -> tuple[Top2, torch.Tensor | None]:
+        """The exit check on last-token states (b, dim) against head rows `weight`: Top2, and on the CPU path the
+        float32 logits it computed (so that an exiting row need not run the head again)."""
+        if h_last.is_cuda:  # fused kernel, logits never written; a final RMSNorm is folded in
+            if isinstance(self.norm, RMSNorm) and self.project_out is None:
+                return lm_head_top2(h_last, weight, self.norm.weight, self.config.norm_eps), None
+            return lm_head_top2(self.head_input(h_last), weight), None
+        logits = F.linear(self.head_input(h_last), weight).float()
+        return top2_from_logits(logits), logits
+
+    def context(self, positions: torch.Tensor, pad_mask: torch.Tensor | None, cache: KVCache | None,
+                rows: torch.Tensor | None = None) -> Context:
+        """Masks and rotary tables for one forward over tokens at `positions` (B, T), on cache rows `rows`."""
+        B, T = positions.shape
+        cos = sin = None
+        if self.config.arch == "llama":
+            cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
+        start = cache.length if cache is not None else 0
+        S = start + T
+        padded = pad_mask is not None and not bool(pad_mask.all())
+        sel = slice(None) if rows is None else rows
+        if cache is not None:
+            cache.valid[sel, start:S] = True if pad_mask is None else pad_mask
+            cache.padded |= padded
+            padded = cache.padded
+        if not padded and (start == 0 or T == 1):
+            # Plain causal attention (a single new token attends to every cached key).
+            return Context(cos, sin, None, T > 1, cache, rows)
+        valid = cache.valid[sel, :S] if cache is not None else pad_mask  # (B, S)
+        keys = torch.arange(S, device=positions.device)
+        queries = start + torch.arange(T, device=positions.device)
+        mask = (keys[None, :] <= queries[:, None])[None] & valid[:, None, :]  # (B, T, S)
+        # A padding query sees no key at all, and SDPA would return NaN for it, which then leaks through the
+        # zero attention weights of later queries (0 * NaN). Let every query see its own position.
+        mask |= (keys[None, :] == queries[:, None])[None]
+        return Context(cos, sin, mask[:, None], False, cache, rows)
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        if self.project_in is not None:
+            h = self.project_in(h)
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(positions + 2)
+        return h
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, plan: Plan | None = None, rows: torch.Tensor | None = None) -> Output:
+        """tokens (B, T) left-padded, pad_mask (B, T) True on real tokens, positions (B, T) counted from each row's
+        first real token (derived when not given). Runs the blocks of `plan`, each row stopping where its exit
+        rule fires. With a cache, K/V of every block run are written at cache.length (into cache rows `rows`, all
+        by default); the caller advances cache.length."""
+        plan = plan or Plan()
+        B, T = tokens.shape
+        if positions is None:
+            positions = default_positions(pad_mask, cache, rows, B, T, tokens.device)
+        ctx = self.context(positions, pad_mask, cache, rows)
+        h = self.embed(tokens, positions)
+        order = list(range(self.config.n_layers)) if plan.layers is None else list(plan.layers)
+        n_run = len(order) if plan.exit_at is None else min(plan.exit_at, len(order))
+        rule = plan.exit
+        weight = self.head_weight if plan.candidates is None else self.head_weight[plan.candidates]
+        out_logits: list = [None] * B
+        layers_run = torch.full((B,), n_run, dtype=torch.int64)
+        live = torch.arange(B)  # which input rows the (compacted) batch still holds
+        features, hiddens = [], ([h] if plan.hidden_states else None)
+        if rule is not None and rule.needs_record:
+            ctx.record = {}
+        state = {"hidden": h[:, -1]}  # per-row memory of the exit rule (previous block's states, CRF scores)
+
+        for step, i in enumerate(order[:n_run]):
+            h = self.layers[i](h, ctx, i, skip_attn=i in plan.skip_attn)
+            n = step + 1  # blocks run so far
+            if hiddens is not None:
+                hiddens.append(h)
+            if rule is not None and n < n_run and rule.should_check(n):
+                top2, logits = self.probe(h[:, -1], weight)
+                feats, fire, state = rule.decide(top2, h[:, -1], ctx.record, state)
+                if plan.record_features:
+                    features.append({"layer": n, "rows": live, "top1": top2.top1, **feats})
+                if bool(fire.any()):
+                    # Rows that exit leave the batch: keep their answer, run later blocks on the others only.
+                    if logits is None:
+                        logits = F.linear(self.head_input(h[fire, -1]), weight).float()
+                    else:
+                        logits = logits[fire]
+                    for j, r in enumerate(live[fire].tolist()):
+                        out_logits[r] = logits[j]
+                        layers_run[r] = n
+                    keep = ~fire
+                    if not bool(keep.any()):
+                        break
+                    h, live = h[keep], live[keep]
+                    cache_rows = (live if rows is None else rows[live]) if cache is not None else None
+                    ctx = ctx.select(keep, cache_rows)
+                    state = {k: v[keep] for k, v in state.items()}
+            if rule is not None:
+                state = rule.remember(h[:, -1], ctx.record, state)
+        else:
+            final = F.linear(self.head_input(h[:, -1]), weight).float()
+            for j, r in enumerate(live.tolist()):
+                out_logits[r] = final[j]
+
+        logits = torch.stack(out_logits)
+        token = logits.argmax(-1)
+        if plan.candidates is not None:
+            token = plan.candidates[token]
+        return Output(logits, layers_run, token, features, hiddens)
+
+
+def default_positions(pad_mask: torch.Tensor | None, cache: KVCache | None, rows: torch.Tensor | None, B: int, T: int,
+                      device) -> torch.Tensor:
+    """Positions from 0 at each row's first real token, continuing after what the cache holds; padding gets 0."""
+    rel = torch.arange(T, device=device).expand(B, T) if pad_mask is None else \
+        (pad_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if cache is None or cache.length == 0:
+        return rel
+    valid = cache.valid[:, :cache.length] if rows is None else cache.valid[rows, :cache.length]
+    return rel + valid.sum(-1, keepdim=True)

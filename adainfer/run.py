@@ -1,0 +1,187 @@
+"""python -m adainfer.run: answer prompts with early exit, showing exit layer and time against the dense run.
+
+With no arguments it runs a short few-shot sentiment prompt on the default model (SmolLM2-135M-Instruct, fetched
+and converted on first use) with the shipped exit classifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adainfer.errors import AdainferError
+
+DEFAULT_PROMPT = (
+    "Q: a gripping, beautifully acted film\nA: positive\n\n"
+    "Q: the plot is a tedious, predictable mess\nA: negative\n\n"
+    "Q: one of the warmest comedies of the year\nA: positive\n\n"
+    "Q: flat characters and a script that goes nowhere\nA: negative\n\n"
+    "Q: a smart, funny and moving story\nA: positive\n\n"
+    "Q: an utterly charming movie that made me laugh out loud\nA:"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m adainfer.run", description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="converted model folder (default: the embedded SmolLM2-135M-Instruct)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", type=Path, help='a .jsonl file, one {"prompt": "..."} a line')
+    p.add_argument("--max-new-tokens", type=int, default=1, help="tokens to generate per prompt (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per forward (default 1)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 where the CPU/GPU computes it natively, else float32), float32, bfloat16, "
+                        "float16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--exit", type=Path, help="exit classifier file (default: the one shipped for the default model)")
+    p.add_argument("--dense", action="store_true", help="no early exit: run every layer")
+    p.add_argument("--candidates", nargs="+", metavar="TEXT",
+                   help='restrict the answer and the exit features to these strings\' first tokens, e.g. " A" " B"')
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in input order")
+    p.add_argument("--no-compare", action="store_true", help="do not time a dense run beside the exit run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except AdainferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from adainfer.generate import check_prompts, generate
+    from adainfer.loading import load_model
+    from adainfer.model import Plan
+
+    for name in ("max_new_tokens", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise AdainferError(f"--{name.replace('_', '-')}", f"must be at least 1, got {value}")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        here = "cpu, cuda" if torch.cuda.is_available() else "cpu"
+        raise AdainferError("--device", f"{args.device!r} is not available here ({here})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.prompts:
+        from adainfer.prompts import read_prompts
+
+        prompts = read_prompts(args.prompts)
+    else:
+        prompts = [("--prompt", args.prompt if args.prompt is not None else DEFAULT_PROMPT)]
+
+    default = args.model is None
+    if default:
+        from adainfer.default_model import default_model_dir
+
+        args.model = default_model_dir(progress=not args.json)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    if tok is None:
+        raise AdainferError(args.model, "the model folder has no tokenizer.json or tokenizer.model")
+
+    ids = [tok.encode(text) for _, text in prompts]
+    # The whole input is checked before anything runs, so a bad row never costs the others their answers.
+    for (where, _), row in zip(prompts, ids):
+        check_prompts([row], model, args.max_new_tokens, where)
+
+    rule, candidate_texts = resolve_exit(args, model, default)
+    candidates = None
+    if candidate_texts:
+        candidates = torch.tensor([tok.piece_id(c) for c in candidate_texts], device=model.device)
+        if len(set(candidates.tolist())) != len(candidates):
+            raise AdainferError("--candidates", f"{candidate_texts} do not start with distinct tokens")
+    plan = Plan(exit=rule, candidates=candidates)
+    dense_plan = Plan(candidates=candidates)
+    compare = rule is not None and not args.json and not args.no_compare
+
+    # Sort by length so batches carry little padding; answers come back in input order.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    eos = model.config.eos_id
+    generate(model, [ids[order[0]][-8:]], 1, dense_plan)  # warm-up: first-call allocations off the clock
+    results: list[dict | None] = [None] * len(ids)
+    for start in range(0, len(order), args.batch_size):
+        batch = order[start:start + args.batch_size]
+        t0 = time.perf_counter()
+        gens = generate(model, [ids[i] for i in batch], args.max_new_tokens, plan, eos)
+        seconds = time.perf_counter() - t0
+        dense_seconds = None
+        if compare:
+            t0 = time.perf_counter()
+            dense = generate(model, [ids[i] for i in batch], args.max_new_tokens, dense_plan, eos)
+            dense_seconds = time.perf_counter() - t0
+        for j, i in enumerate(batch):
+            g = gens[j]
+            results[i] = {
+                "prompt": prompts[i][1], "text": tok.decode(g.token_ids), "token_ids": g.token_ids,
+                "layers_run": g.layers_run, "num_layers": model.config.n_layers,
+                "seconds": round(seconds / len(batch), 6), "batch_seconds": round(seconds, 6),
+                "batch_size": len(batch),
+            }
+            if dense_seconds is not None:
+                results[i]["dense_seconds"] = round(dense_seconds / len(batch), 6)
+                results[i]["dense_text"] = tok.decode(dense[j].token_ids)
+
+    if args.json:
+        for r in results:
+            print(json.dumps(r, ensure_ascii=False))
+        return 0
+    print(f"model: {args.model} ({model.config.arch}, {model.config.n_layers} layers), {str(model.dtype)[6:]}, "
+          f"{torch.get_num_threads()} threads, exit: {describe_exit(rule, args)}")
+    for i, r in enumerate(results):
+        shown = r["prompt"] if len(r["prompt"]) <= 70 else "..." + r["prompt"][-67:]
+        print(f"[{i + 1}] {shown!r}")
+        layers = r["layers_run"]
+        depth = f"exit at layer {layers[0]}/{r['num_layers']}" if layers[0] < r["num_layers"] else \
+            f"layers {layers[0]}/{r['num_layers']}"
+        line = f"    answer: {r['text']!r}   {depth}   {1000 * r['seconds']:.1f} ms"
+        if "dense_seconds" in r:
+            speedup = r["dense_seconds"] / r["seconds"] if r["seconds"] else float("nan")
+            same = "same answer" if r["dense_text"] == r["text"] else f"dense answered {r['dense_text']!r}"
+            line += f"   (dense {1000 * r['dense_seconds']:.1f} ms, {speedup:.2f}x; {same})"
+        print(line)
+    return 0
+
+
+def resolve_exit(args, model, default_model: bool):
+    """(exit rule or None, candidate strings or None) from --exit / --dense / --candidates and the shipped default."""
+    from adainfer.exit import ExitClassifier, ExitRule, shipped_classifier
+
+    if args.dense:
+        if args.exit:
+            raise AdainferError("--exit", "cannot be combined with --dense")
+        return None, args.candidates
+    path = args.exit
+    if path is None:
+        path = shipped_classifier(model) if default_model or args.model else None
+        if path is None:
+            return None, args.candidates
+    clf = ExitClassifier.load(path)
+    clf.check_model(model, path)
+    candidates = args.candidates
+    if clf.candidates is not None and candidates is None:
+        candidates = clf.candidates  # the classifier's features are over these tokens; its answers are too
+    if (clf.candidates or None) != (candidates or None):
+        space = f"candidates {clf.candidates}" if clf.candidates else "the full vocabulary"
+        raise AdainferError(path, f"this classifier was calibrated on features over {space}, not over "
+                                  f"{candidates}; calibrate one with the same --candidates")
+    return ExitRule(clf, model.device), candidates
+
+
+def describe_exit(rule, args) -> str:
+    if rule is None:
+        return "none (dense)"
+    c = rule.clf
+    return f"{c.kind} on {'+'.join(c.features)}, checks from layer {c.first_layer} every {c.stride}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Dense prefill: our decoder vs transformers on the same converted weights, same dtype and threads.
+
+transformers runs with logits_to_keep=1 and use_cache=False (ours computes the last token's logits only and keeps
+no cache on a single-token answer). Both run in this one process, interleaved, median of --repeats.
+
+    python benchmarks/bench_dense.py [--model DIR] [--lengths 64 256 1024] [--dtypes float32 bfloat16] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import hf_from_ours, interleaved, load_ours, machine, print_table, write_json  # noqa: E402
+
+
+def compare(ours, hf, ids: torch.Tensor, repeats: int) -> tuple[bool, dict]:
+    with torch.inference_mode():
+        same = torch.equal(ours(ids).token, hf(ids, logits_to_keep=1, use_cache=False).logits[:, -1].argmax(-1))
+        return same, interleaved({"ours": lambda: ours(ids),
+                                  "transformers": lambda: hf(ids, logits_to_keep=1, use_cache=False)}, repeats)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="converted Llama folder (default: the default model)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("results/bench_dense.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.model is None:
+        from adainfer.default_model import default_model_dir
+
+        args.model = default_model_dir()
+
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        ours, _ = load_ours(args.model, dtype)
+        hf = hf_from_ours(args.model, dtype)
+        for n in args.lengths:
+            ids = torch.randint(0, ours.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+            same, t = compare(ours, hf, ids, args.repeats)
+            rows.append({"dtype": dtype_name, "tokens": n, "ours_ms": 1000 * t["ours"],
+                         "transformers_ms": 1000 * t["transformers"], "speedup": t["transformers"] / t["ours"],
+                         "same_top1": same})
+            print_table(rows[-1:], list(rows[-1]))
+        del ours, hf
+    print()
+    print_table(rows, ["dtype", "tokens", "ours_ms", "transformers_ms", "speedup", "same_top1"])
+    write_json(args.out, {"benchmark": "dense prefill, ours vs transformers", "machine": machine(),
+                          "model": str(args.model), "repeats": args.repeats, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

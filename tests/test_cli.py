@@ -1,0 +1,62 @@
+"""The command-line tools run as a user would (subprocess) on a tiny converted model."""
+
+import json
+
+import pytest
+from helpers import run_cli
+from tiny import hf_model, save_hf
+
+from adainfer.generate import generate
+from adainfer.loading import load_model
+
+
+def test_convert_cli(tmp_path):
+    src = save_hf(hf_model("opt-350m-like", seed=9), tmp_path / "hf")
+    proc = run_cli("weights_convert", src, tmp_path / "ours", "--dtype", "float32", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and "opt, 3 layers" in proc.stdout
+    model, tok = load_model(tmp_path / "ours", "float32")
+    assert model.config.arch == "opt" and not model.config.pre_norm and tok is not None
+
+
+def test_run_json_single_prompt(tiny_model):
+    proc = run_cli("adainfer.run", "--model", tiny_model, "--prompt", "hello world", "--json", "--dtype", "float32",
+                   "--max-new-tokens", "3")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.strip().splitlines()
+    r = json.loads(line)
+    assert set(r) >= {"prompt", "text", "token_ids", "layers_run", "num_layers", "seconds"}
+    model, tok = load_model(tiny_model, "float32")
+    want = generate(model, [tok.encode("hello world")], max_new_tokens=3)[0]
+    assert r["prompt"] == "hello world" and r["token_ids"] == want.token_ids
+    assert r["text"] == tok.decode(want.token_ids)
+    assert r["layers_run"] == [3, 3, 3] and r["num_layers"] == 3 and r["seconds"] > 0
+
+
+def test_run_prompts_file_batched_keeps_input_order(tiny_model, tmp_path):
+    texts = ["a much longer prompt than the others, to force padding", "hi", "medium sized prompt", "x", "hello"]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    proc = run_cli("adainfer.run", "--model", tiny_model, "--prompts", f, "--batch-size", "3", "--json",
+                   "--dtype", "float32", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["prompt"] for r in rows] == texts
+    model, tok = load_model(tiny_model, "float32")
+    for r in rows:
+        assert r["token_ids"] == generate(model, [tok.encode(r["prompt"])], max_new_tokens=4)[0].token_ids
+
+
+def test_run_human_output(tiny_model):
+    proc = run_cli("adainfer.run", "--model", tiny_model, "--prompt", "hello", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "answer:" in proc.stdout and "layers 3/3" in proc.stdout and " ms" in proc.stdout
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_run_default_no_arguments(default_model_dir):
+    proc = run_cli("adainfer.run")
+    assert proc.returncode == 0, proc.stderr
+    assert "answer: ' positive'" in proc.stdout, proc.stdout
+    assert "/30" in proc.stdout and " ms" in proc.stdout

@@ -1,0 +1,189 @@
+"""GGUF (llama.cpp) files -> adainfer config, tensors and a `tokenizers` tokenizer.
+
+The header is parsed and bounded by weights_convert.checks first; tensors are read from the validated offsets and
+dequantized with the gguf package. llama.cpp stores q and k rows interleaved for its rotary kernel; we undo that.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from adainfer.config import ModelConfig
+from adainfer.errors import AdainferError
+from weights_convert.checks import GGUFFile
+
+GGUF_WEIGHT_MAP = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
+    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
+    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
+    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
+    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
+    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
+
+
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    meta = g.metadata
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise AdainferError(g.path, f"unknown architecture {arch!r} in GGUF (supported: llama)")
+    if "rope_freqs.weight" in g.tensors:
+        raise AdainferError(g.path, "GGUF with rope_freqs (Llama-3.1 rope scaling) is not supported; "
+                                    "convert the Hugging Face folder instead")
+
+    def get(key, default=None, kind=(int,)):
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise AdainferError(g.path, f"GGUF metadata llama.{key} is missing")
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise AdainferError(g.path, f"GGUF metadata llama.{key} has a bad value {value!r}")
+        return value
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get("llama.vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
+    heads = get("attention.head_count")
+    dim = get("embedding_length")
+    return ModelConfig(
+        arch="llama", vocab_size=vocab, dim=dim, n_layers=get("block_count"), n_heads=heads,
+        n_kv_heads=get("attention.head_count_kv", heads), hidden_dim=get("feed_forward_length"),
+        max_seq_len=get("context_length", 2048), norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5,
+                                                                      (int, float))),
+        head_dim=get("rope.dimension_count", dim // heads if heads else 0),
+        rope_theta=float(get("rope.freq_base", 10000.0, (int, float))),
+        tie_embeddings="output.weight" not in g.tensors,
+        bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_id=meta.get("tokenizer.ggml.padding_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
+        name=str(meta.get("general.name", "")),
+    ).validate(g.path)
+
+
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved rotary pairs) back to Hugging Face's rotate-half rows."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_gguf_tensors(g: GGUFFile, config: ModelConfig, progress=None):
+    """Yield (our name, float32 tensor) for every tensor of the file, dequantized and un-permuted."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    data = np.memmap(g.path, dtype=np.uint8, mode="r")
+    for name, info in g.tensors.items():
+        parts = name.split(".")
+        layer = parts[1] if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else None
+        template = name if layer is None else name.replace(f"blk.{layer}.", "blk.{}.", 1)
+        ours = GGUF_WEIGHT_MAP.get(template)
+        if ours is None:
+            raise AdainferError(g.path, f"unexpected tensor {name!r} in a llama GGUF")
+        if info.dtype not in SUPPORTED_TYPES:
+            raise AdainferError(g.path, f"tensor {name!r}: GGML type {info.dtype} is not supported "
+                                        f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        qtype = GGMLQuantizationType[info.dtype]
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+        raw = data[info.start:info.start + info.nbytes].reshape(rows, info.shape[-1] // block * type_size)
+        try:
+            values = dequantize(raw, qtype)
+        except Exception as e:  # the gguf package raises assorted errors on bad blocks
+            raise AdainferError(g.path, f"tensor {name!r}: cannot dequantize {info.dtype}: {e}") from None
+        t = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(info.shape)  # a writable copy
+        if template == "blk.{}.attn_q.weight":
+            t = unpermute(t, config.n_heads)
+        elif template == "blk.{}.attn_k.weight":
+            t = unpermute(t, config.n_kv_heads)
+        if progress is not None:
+            progress.update(1)
+        yield (ours if layer is None else ours.format(layer)), t
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def tokenizer_from_gguf(g: GGUFFile):
+    """A `tokenizers.Tokenizer` rebuilt from the GGUF vocabulary (and merges, for byte-level BPE)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    meta = g.metadata
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise AdainferError(g.path, "GGUF has no tokenizer.ggml.tokens string array")
+    types = meta.get("tokenizer.ggml.token_type") or []
+    if kind == "gpt2":
+        merges = meta.get("tokenizer.ggml.merges", [])  # absent: every token is whole already
+        if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+            raise AdainferError(g.path, "tokenizer.ggml.merges must be a list of \"left right\" strings")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        try:
+            tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
+                                       end_of_word_suffix="", fuse_unk=False))
+        except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocabulary
+            raise AdainferError(g.path, f"GGUF tokenizer is inconsistent: {e}") from None
+        tok.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"), pre_tokenizers, Regex)
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "llama":  # SentencePiece vocabulary: merges recovered from the scores, as transformers does
+        scores = meta.get("tokenizer.ggml.scores")
+        if not isinstance(scores, list) or len(scores) != len(tokens):
+            raise AdainferError(g.path, "SentencePiece GGUF tokenizer needs one score per token")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
+        if not isinstance(unk, int) or not 0 <= unk < len(tokens):
+            raise AdainferError(g.path, f"tokenizer.ggml.unknown_token_id {unk!r} is not a token")
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(vocab, dict(zip(tokens, scores))),
+                                   fuse_unk=True, byte_fallback=True, dropout=None, unk_token=tokens[unk]))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1)])
+    else:
+        raise AdainferError(g.path, f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    # llama.cpp token types: 3 = control (special), 4 = user-defined (matched whole, not special)
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+    tok.add_special_tokens(control)
+    tok.add_tokens(user)
+    return tok
+
+
+# llama.cpp's pre-tokenizer names -> how text is split before byte-level BPE
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level_pre_tokenizer(pre: str | None, pre_tokenizers, Regex):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in (None, "default", "gpt2", "gpt-2"):
+        return byte_level
+    if pre == "smollm":  # SmolLM's tokenizer.json: every digit alone, then GPT-2's split
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    print(f"warning: GGUF pre-tokenizer {pre!r} is not known here; using GPT-2's split, which may tokenize "
+          "some text differently from llama.cpp", file=sys.stderr)
+    return byte_level
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens is a merge, ranked by the merged token's score (best first)."""
+    merges = []
+    for token, score in scores.items():
+        local = [(token[:k], token[k:], score) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
