@@ -1,7 +1,7 @@
 """Load a converted model folder: build the decoder on the meta device, check and assign the weights.
 
-Tensors on disk keep one name per projection (see adainfer.config.weight_shapes); the decoder fuses q/k/v and
-gate/up into single matrices, so loading concatenates them.
+Tensors on disk keep one name per projection (see adainfer.config.weight_shapes); the decoder fuses q/k/v into one
+matrix, so loading concatenates them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from adainfer.config import ModelConfig, weight_shapes
 from adainfer.errors import AdainferError
-from adainfer.model import Decoder, rope_inv_freq
+from adainfer.model import UPCAST_ROWS, Decoder, rope_inv_freq
 from adainfer.tokenizer import TextTokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,18 +25,10 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     """'auto': bfloat16 on a GPU or a CPU with native bfloat16 matmul (AVX512-BF16 / AMX), else float32. On an
     AVX2-only CPU a bfloat16 matmul of 64+ rows runs ~4x slower than float32 (measured: benchmarks/README.md)."""
     if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") or cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if str(device).startswith("cuda") or not UPCAST_ROWS else torch.float32
     if name not in DTYPES:
         raise AdainferError("--dtype", f"unknown dtype {name!r} (choose auto, {', '.join(DTYPES)})")
     return DTYPES[name]
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu",
@@ -81,7 +73,7 @@ def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: st
 
 
 def fuse_state(disk: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype, device) -> dict:
-    """Our on-disk names -> the decoder's state dict (q/k/v and gate/up fused), cast to dtype."""
+    """Our on-disk names -> the decoder's state dict (q/k/v fused), cast to dtype."""
     state = dict(disk)
     for i in range(config.n_layers):
         p = f"layers.{i}."
@@ -89,9 +81,6 @@ def fuse_state(disk: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.
             parts = [state.pop(f"{p}attention.w{x}.{suffix}", None) for x in "qkv"]
             if parts[0] is not None:
                 state[f"{p}attention.wqkv.{suffix}"] = torch.cat(parts)
-        if config.arch == "llama":
-            state[f"{p}feed_forward.w13.weight"] = torch.cat([state.pop(f"{p}feed_forward.w1.weight"),
-                                                              state.pop(f"{p}feed_forward.w3.weight")])
     return {name: t.to(device=device, dtype=dtype).contiguous() for name, t in state.items()}
 
 

@@ -16,6 +16,35 @@ from torch import nn
 from adainfer.config import ModelConfig
 from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
+# ---------------------------------------------------------------- linear layers
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# On a CPU without bfloat16 units (AVX2 only), a bfloat16/float16 matmul of 8+ rows runs 4-6x slower than the
+# same matmul in float32 (measured, benchmarks/README.md). There we compute it in float32 and round the output:
+# a bfloat16 product is exact in float32, so this is a bfloat16 matmul with float32 accumulation, like the native one.
+UPCAST_ROWS = 0 if _cpu_has_native_bf16() else 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if UPCAST_ROWS and x.dtype != torch.float32 and not x.is_cuda and x.numel() >= UPCAST_ROWS * x.shape[-1]:
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 # ---------------------------------------------------------------- norms and rotary embeddings
 
 
@@ -82,8 +111,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.q_size = config.n_heads * config.head_dim
         self.kv_size = config.n_kv_heads * config.head_dim
-        self.wqkv = nn.Linear(config.dim, self.q_size + 2 * self.kv_size, bias=bias)  # q, k, v fused
-        self.wo = nn.Linear(self.q_size, config.dim, bias=bias)
+        self.wqkv = Linear(config.dim, self.q_size + 2 * self.kv_size, bias=bias)  # q, k, v fused
+        self.wo = Linear(self.q_size, config.dim, bias=bias)
         self.rotary = config.arch == "llama"
 
     def project_kv(self, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,46 +120,59 @@ class Attention(nn.Module):
         b, T, _ = x.shape
         w = self.wqkv.weight[self.q_size:]
         bias = None if self.wqkv.bias is None else self.wqkv.bias[self.q_size:]
-        k, v = F.linear(x, w, bias).split([self.kv_size, self.kv_size], dim=-1)
+        k, v = linear(x, w, bias).split([self.kv_size, self.kv_size], dim=-1)
         k = k.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, Hkv, T, hd)
         v = v.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
             k = apply_rope(k, ctx.cos, ctx.sin)
         return k, v
 
-    def forward(self, x: torch.Tensor, ctx: Context, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int, last_only: bool = False) -> torch.Tensor:
+        """x (b, T, dim) -> (b, T, dim); with last_only, keys and values for all T but the output for the last
+        position only, (b, 1, dim) (the final block of a run, when nothing reads the other positions)."""
         b, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, T, hd)
-        k = k.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, Hkv, T, hd)
-        v = v.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rotary:
-            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if last_only and T > 1:
+            k, v = self.project_kv(x, ctx)
+            q = linear(x[:, -1:], self.wqkv.weight[:self.q_size],
+                       None if self.wqkv.bias is None else self.wqkv.bias[:self.q_size])
+            q = q.view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, 1, hd)
+            if self.rotary:
+                q = apply_rope(q, ctx.cos[:, :, -1:], ctx.sin[:, :, -1:])
+            mask, causal, T = (None if ctx.mask is None else ctx.mask[:, :, -1:]), False, 1
+        else:
+            q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, T, hd)
+            k = k.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, Hkv, T, hd)
+            v = v.view(b, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if self.rotary:
+                q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+            mask, causal = ctx.mask, ctx.is_causal
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer, k, v, ctx)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(b, T, self.q_size)  # (b, T, H * hd)
         return self.wo(y)
 
 
 class SwiGLU(nn.Module):
+    # Gate and up stay two matmuls: fused into one (N = 2 x hidden) they ran 10-30% slower in MKL float32 for
+    # 16-256 rows on an AVX2 CPU, and no faster for one row (measured; benchmarks/README.md).
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.hidden_dim = config.hidden_dim
-        self.w13 = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)  # gate (w1) and up (w3) fused
-        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w1 = Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w3 = Linear(config.dim, config.hidden_dim, bias=False)  # up
+        self.w2 = Linear(config.hidden_dim, config.dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class ReluMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=True)
-        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=True)
+        self.w1 = Linear(config.dim, config.hidden_dim, bias=True)
+        self.w2 = Linear(config.hidden_dim, config.dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.relu(self.w1(x)))
@@ -146,25 +188,27 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(config, config.dim)
         self.feed_forward = ReluMLP(config) if opt else SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, ctx: Context, layer: int, skip_attn: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int, skip_attn: bool = False,
+                last_only: bool = False) -> torch.Tensor:
+        """x (b, T, dim) -> (b, T, dim), or (b, 1, dim) with last_only (see Attention.forward)."""
         record = ctx.record
         if self.pre_norm:
-            a = self._attend(self.attention_norm(x), ctx, layer, skip_attn)
-            x = x + a
+            a = self._attend(self.attention_norm(x), ctx, layer, skip_attn, last_only)
+            x = (x[:, -1:] if a.shape[1] != x.shape[1] else x) + a
             m = self.feed_forward(self.ffn_norm(x))
             x = x + m
         else:  # OPT post-LN (opt-350m): the norm comes after each residual add
-            a = self._attend(x, ctx, layer, skip_attn)
-            x = self.attention_norm(x + a)
+            a = self._attend(x, ctx, layer, skip_attn, last_only)
+            x = self.attention_norm((x[:, -1:] if a.shape[1] != x.shape[1] else x) + a)
             m = self.feed_forward(x)
             x = self.ffn_norm(x + m)
         if record is not None:
             record["attn"], record["mlp"] = a[:, -1], m[:, -1]
         return x
 
-    def _attend(self, x: torch.Tensor, ctx: Context, layer: int, skip: bool) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, ctx: Context, layer: int, skip: bool, last_only: bool) -> torch.Tensor:
         if not skip:
-            return self.attention(x, ctx, layer)
+            return self.attention(x, ctx, layer, last_only)
         # A skipped attention sublayer adds nothing, but later tokens may still attend to this layer's keys.
         if ctx.cache is not None:
             ctx.cache.update(layer, *self.attention.project_kv(x, ctx), ctx)
@@ -262,11 +306,11 @@ class Decoder(nn.Module):
         # OPT's learned positions start at index 2 (a fairseq leftover); Llama rotates q and k instead.
         self.pos_embeddings = nn.Embedding(config.max_seq_len + 2, config.dim) if opt else None
         proj = opt and config.embed_dim != config.dim
-        self.project_in = nn.Linear(config.embed_dim, config.dim, bias=False) if proj else None
-        self.project_out = nn.Linear(config.dim, config.embed_dim, bias=False) if proj else None
+        self.project_in = Linear(config.embed_dim, config.dim, bias=False) if proj else None
+        self.project_out = Linear(config.dim, config.embed_dim, bias=False) if proj else None
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = make_norm(config, config.dim) if (config.pre_norm and config.final_norm) else None
-        self.output = None if config.tie_embeddings else nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        self.output = None if config.tie_embeddings else Linear(config.embed_dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config) if not opt else torch.zeros(0), persistent=False)
 
     @property
@@ -290,7 +334,7 @@ class Decoder(nn.Module):
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.head_input(h), self.head_weight)
+        return linear(self.head_input(h), self.head_weight)
 
     def probe(self, h_last: torch.Tensor, weight: torch.Tensor) -> tuple[Top2, torch.Tensor | None]:
         """The exit check on last-token states (b, dim) against head rows `weight`: Top2, and on the CPU path the
@@ -299,7 +343,7 @@ class Decoder(nn.Module):
             if isinstance(self.norm, RMSNorm) and self.project_out is None:
                 return lm_head_top2(h_last, weight, self.norm.weight, self.config.norm_eps), None
             return lm_head_top2(self.head_input(h_last), weight), None
-        logits = F.linear(self.head_input(h_last), weight).float()
+        logits = linear(self.head_input(h_last), weight).float()
         return top2_from_logits(logits), logits
 
     def context(self, positions: torch.Tensor, pad_mask: torch.Tensor | None, cache: KVCache | None,
@@ -363,7 +407,9 @@ class Decoder(nn.Module):
         state = {"hidden": h[:, -1]}  # per-row memory of the exit rule (previous block's states, CRF scores)
 
         for step, i in enumerate(order[:n_run]):
-            h = self.layers[i](h, ctx, i, skip_attn=i in plan.skip_attn)
+            # The last block of the run only has to produce the last position (its keys still cover all).
+            last_only = step == n_run - 1 and not plan.hidden_states
+            h = self.layers[i](h, ctx, i, skip_attn=i in plan.skip_attn, last_only=last_only)
             n = step + 1  # blocks run so far
             if hiddens is not None:
                 hiddens.append(h)
@@ -375,7 +421,7 @@ class Decoder(nn.Module):
                 if bool(fire.any()):
                     # Rows that exit leave the batch: keep their answer, run later blocks on the others only.
                     if logits is None:
-                        logits = F.linear(self.head_input(h[fire, -1]), weight).float()
+                        logits = linear(self.head_input(h[fire, -1]), weight).float()
                     else:
                         logits = logits[fire]
                     for j, r in enumerate(live[fire].tolist()):
@@ -391,7 +437,7 @@ class Decoder(nn.Module):
             if rule is not None:
                 state = rule.remember(h[:, -1], ctx.record, state)
         else:
-            final = F.linear(self.head_input(h[:, -1]), weight).float()
+            final = linear(self.head_input(h[:, -1]), weight).float()
             for j, r in enumerate(live.tolist()):
                 out_logits[r] = final[j]
 
