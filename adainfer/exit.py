@@ -192,19 +192,22 @@ class ExitRule:
     def decide(self, top2, h_last, record, state: dict) -> tuple[dict, torch.Tensor, dict]:
         """Features and the exit decision for the rows of this check; `state` carries per-row memory."""
         feats = compute_features(self.features, top2, h_last, record, state)
+        fire, state = self.fire(feats, state)
+        return feats, fire, state
+
+    def fire(self, feats: dict, state: dict) -> tuple[torch.Tensor, dict]:
+        """The decision from features (name -> (b,) float32): one dot product, or one prefix-Viterbi step."""
         x = torch.stack([feats[f] for f in self.features], dim=-1)  # (b, F)
         if self.clf.kind == "crf":
             scores = x @ self.crf_w + self.crf_b  # (b, 2) per-label state scores
             delta = state.get("crf")
-            # Prefix Viterbi: best score of a path ending in each label at this check.
+            # Prefix Viterbi: the best score of a path over the checks so far ending in each label.
             delta = scores if delta is None else (delta[:, :, None] + self.crf_t).amax(1) + scores
-            state = {**state, "crf": delta}
-            fire = delta[:, 1] > delta[:, 0]
-        else:
-            fire = x @ self.w + self.b > 0
+            return delta[:, 1] > delta[:, 0], {**state, "crf": delta}
+        fire = x @ self.w + self.b > 0
         if self.never:
             fire = torch.zeros_like(fire)
-        return feats, fire, state
+        return fire, state
 
     def remember(self, h_last: torch.Tensor, record: dict | None, state: dict) -> dict:
         """After every block: keep what the cosine features compare with at the next check."""

@@ -282,7 +282,9 @@ class Plan:
     exit_at: int | None = None
     candidates: torch.Tensor | None = None
     record_features: bool = False
+    record_logits: bool = False  # with record_features: also keep each check's float32 logits
     hidden_states: bool = False
+    sync_every: int = 1  # read exit decisions every N checks (one host sync for N layers; for GPUs)
 
 
 @dataclass
@@ -398,9 +400,7 @@ class Decoder(nn.Module):
         n_run = len(order) if plan.exit_at is None else min(plan.exit_at, len(order))
         rule = plan.exit
         weight = self.head_weight if plan.candidates is None else self.head_weight[plan.candidates]
-        out_logits: list = [None] * B
-        layers_run = torch.full((B,), n_run, dtype=torch.int64)
-        live = torch.arange(B)  # which input rows the (compacted) batch still holds
+        exits = Exits(self, weight, B, n_run, plan.sync_every)
         features, hiddens = [], ([h] if plan.hidden_states else None)
         if rule is not None and rule.needs_record:
             ctx.record = {}
@@ -417,35 +417,91 @@ class Decoder(nn.Module):
                 top2, logits = self.probe(h[:, -1], weight)
                 feats, fire, state = rule.decide(top2, h[:, -1], ctx.record, state)
                 if plan.record_features:
-                    features.append({"layer": n, "rows": live, "top1": top2.top1, **feats})
-                if bool(fire.any()):
-                    # Rows that exit leave the batch: keep their answer, run later blocks on the others only.
-                    if logits is None:
-                        logits = linear(self.head_input(h[fire, -1]), weight).float()
-                    else:
-                        logits = logits[fire]
-                    for j, r in enumerate(live[fire].tolist()):
-                        out_logits[r] = logits[j]
-                        layers_run[r] = n
-                    keep = ~fire
+                    features.append({"layer": n, "rows": exits.live, "top1": top2.top1, **feats})
+                    if plan.record_logits:
+                        features[-1]["logits"] = exits.head(h[:, -1]) if logits is None else logits
+                keep = exits.check(fire, n, logits, h[:, -1])  # rows that stay, once some have left
+                if keep is not None:
                     if not bool(keep.any()):
                         break
-                    h, live = h[keep], live[keep]
-                    cache_rows = (live if rows is None else rows[live]) if cache is not None else None
-                    ctx = ctx.select(keep, cache_rows)
-                    state = {k: v[keep] for k, v in state.items()}
+                    h, state = h[keep], {k: v[keep] for k, v in state.items()}
+                    ctx = ctx.select(keep, None if cache is None else (exits.live if rows is None else rows[exits.live]))
             if rule is not None:
                 state = rule.remember(h[:, -1], ctx.record, state)
         else:
-            final = linear(self.head_input(h[:, -1]), weight).float()
-            for j, r in enumerate(live.tolist()):
-                out_logits[r] = final[j]
+            exits.finish(h[:, -1])
+        return exits.output(plan.candidates, features, hiddens)
 
-        logits = torch.stack(out_logits)
+
+class Exits:
+    """The answers of one forward, row by row: logits at each row's exit layer and the blocks it ran.
+
+    A row whose rule fires leaves the batch (the others are compacted). With `window` > 1 the decisions stay on the
+    device and are read once every `window` checks, one host synchronisation for several layers: a row that fired
+    inside a window runs on to its end, but answers with the logits of the layer where it fired."""
+
+    def __init__(self, model: Decoder, weight: torch.Tensor, B: int, n_run: int, window: int = 1):
+        self.model, self.weight = model, weight
+        self.logits: list = [None] * B
+        self.layers = torch.full((B,), n_run, dtype=torch.int64)
+        self.live = torch.arange(B)  # input rows the (compacted) batch still holds
+        self.window, self.pending = max(1, window), None  # pending: (fired, layer, logits or hidden) on device
+
+    def head(self, h_last: torch.Tensor) -> torch.Tensor:
+        return linear(self.model.head_input(h_last), self.weight).float()
+
+    def check(self, fire: torch.Tensor, n: int, logits: torch.Tensor | None, h_last: torch.Tensor):
+        """Note one check's decisions; return the keep-mask once rows have left the batch, else None."""
+        payload = (logits, True) if logits is not None else (h_last, False)  # CPU: logits; GPU: the head later
+        if self.window == 1:
+            fired, at, value = fire, None, payload[0]
+        else:
+            fired, at, value = self._accumulate(fire, n, *payload)
+            if self.pending[3] < self.window:
+                return None
+            self.pending = None
+        if not bool(fired.any()):  # the one host synchronisation of a check (or of a window)
+            return None
+        out = value[fired] if payload[1] else self.head(value[fired])
+        layers = [n] * int(fired.sum()) if at is None else at[fired].tolist()
+        for j, r in enumerate(self.live[fired].tolist()):
+            self.logits[r], self.layers[r] = out[j], layers[j]
+        keep = ~fired
+        self.live = self.live[keep]
+        return keep
+
+    def _accumulate(self, fire, n, value, is_logits):
+        if self.pending is None:
+            at = torch.full(fire.shape, n, dtype=torch.int64, device=fire.device)
+            self.pending = [fire, at, value, 1, is_logits]
+        else:
+            fired, at, old, count, _ = self.pending
+            new = fire & ~fired
+            at = torch.where(new, n, at)
+            value = torch.where(new[:, None], value, old)
+            self.pending = [fired | fire, at, value, count + 1, is_logits]
+        return self.pending[0], self.pending[1], self.pending[2]
+
+    def finish(self, h_last: torch.Tensor) -> None:
+        """After the last block: rows that fired in an open window keep that answer, the rest take this one."""
+        final = self.head(h_last)
+        fired = None
+        if self.pending is not None:
+            fired, at, value, _, is_logits = self.pending
+            if not is_logits:
+                value = self.head(value)
+            final = torch.where(fired[:, None], value, final)
+        for j, r in enumerate(self.live.tolist()):
+            self.logits[r] = final[j]
+            if fired is not None and bool(fired[j]):
+                self.layers[r] = int(at[j])
+
+    def output(self, candidates: torch.Tensor | None, features: list, hiddens: list | None) -> Output:
+        logits = torch.stack(self.logits)
         token = logits.argmax(-1)
-        if plan.candidates is not None:
-            token = plan.candidates[token]
-        return Output(logits, layers_run, token, features, hiddens)
+        if candidates is not None:
+            token = candidates[token]
+        return Output(logits, self.layers, token, features, hiddens)
 
 
 def default_positions(pad_mask: torch.Tensor | None, cache: KVCache | None, rows: torch.Tensor | None, B: int, T: int,

@@ -99,3 +99,18 @@ def make_converted(preset: str, root: Path, seed: int = 0, dtype: str = "float32
     dst = Path(root) / f"{preset}-ours"
     convert(src, dst, dtype=dtype, progress=False)
     return model, dst
+
+
+def truncated_copy(folder, k, dst):
+    """The same model with only its first k blocks: our config with n_layers=k and those blocks' tensors."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    cfg = json.loads((folder / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "n_layers": k}))
+    state = load_file(folder / "model.safetensors")
+    keep = {n: t for n, t in state.items() if not n.startswith("layers.") or int(n.split(".")[1]) < k}
+    save_file(keep, dst / "model.safetensors")
+    return dst

@@ -1,0 +1,221 @@
+"""python -m adainfer.eval: accuracy, layers and wall-clock of early-exit methods against dense on a task.
+
+Every method runs on the same rows in this one process, after a dense run that sets the clock; rows go in batches
+sorted by length. The results JSON holds every row (prediction, gold, layers run, seconds) and the summary per
+method; figures are written next to it.
+
+    python -m adainfer.eval --task sst2 --shots 0 5 --method dense shortgpt-4 skip-last-4 gap-rule svm oracle \\
+        --limit 200 --out results/sst2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adainfer.errors import AdainferError
+from adainfer.eval.metrics import summarize
+
+DEFAULT_METHODS = ["dense", "skip-last-3", "shortgpt-3", "skip-attn-latter-3", "gap-rule", "svm", "oracle"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m adainfer.eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="converted model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--task", required=True, help="sst2, agnews, mmlu, csqa or squad")
+    p.add_argument("--data", type=Path, help="data folder in the layout of shared/data (default: ../shared/data)")
+    p.add_argument("--shots", type=int, nargs="+", default=[5], help="demonstrations (the paper: 0 5 10 15 20)")
+    p.add_argument("--method", nargs="+", default=DEFAULT_METHODS, help=f"default: {' '.join(DEFAULT_METHODS)}")
+    p.add_argument("--exit", type=Path, help="classifier for `svm`/`crf` (default: the shipped one)")
+    p.add_argument("--limit", type=int, help="evaluate the first N rows of the eval split")
+    p.add_argument("--template", help="qa (the paper's, default), review, or a template with {x} and {y}")
+    p.add_argument("--seed", type=int, default=0, help="demonstration sampling seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--calibration-prompts", type=int, default=32,
+                   help="train-split prompts for ShortGPT's Block Influence (default 32)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="results JSON; figures and the per-layer traces (.npz, reused by a rerun) go beside it")
+    p.add_argument("--no-figures", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(args)
+    except AdainferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def evaluate(args) -> dict:
+    from adainfer.eval.methods import build_method, parse_method
+    from adainfer.loading import load_model
+    from adainfer.tasks import answer_ids, label_candidates, load_task, task_prompts
+
+    for spec in args.method:
+        parse_method(spec)  # refuse a bad method name before any work
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
+        raise AdainferError("--limit/--batch-size", "must be at least 1")
+    if any(k < 0 for k in args.shots):
+        raise AdainferError("--shots", "must be 0 or more")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = load_task(args.task, args.data)
+    if args.model is None:
+        from adainfer.default_model import default_model_dir
+
+        args.model = default_model_dir()
+    model, tok = load_model(args.model, args.dtype)
+    if tok is None:
+        raise AdainferError(args.model, "the model folder has no tokenizer")
+    cand_texts = label_candidates(task)
+    cands = None
+    if cand_texts:
+        cands = torch.tensor([tok.piece_id(c) for c in cand_texts])
+        if len(set(cands.tolist())) != len(cands):
+            cands = None  # label words that share a first token cannot be told apart by one token
+
+    results = {"task": args.task, "model": str(args.model), "model_name": model.config.name,
+               "n_layers": model.config.n_layers, "dtype": str(model.dtype)[6:], "limit": args.limit,
+               "seed": args.seed, "template": args.template or "qa", "machine": machine(),
+               "candidates": cand_texts if cands is not None else None, "runs": []}
+    for shots in args.shots:
+        rows = task_prompts(task, "eval", shots, args.seed, args.template, args.limit)
+        ids = [tok.encode(p) for p, _ in rows]
+        golds = [answer_ids(tok, ex) for _, ex in rows]
+        calib = [tok.encode(p) for p, _ in task_prompts(task, "train", shots, args.seed + 1, args.template,
+                                                         args.calibration_prompts)]
+        methods = [build_method(spec, model, calib, args.exit, cands) for spec in args.method]
+        traces_path = Path(args.out).with_name(f"{Path(args.out).stem}_{shots}shot_traces.npz")
+        run = evaluate_shots(model, tok, ids, golds, cands, methods, args.batch_size, traces_path)
+        run["shots"] = shots
+        results["runs"].append(run)
+        print_summary(args.task, shots, run)
+    write_results(args.out, results)
+    if not args.no_figures:
+        from adainfer.eval.figures import write_figures
+
+        for path in write_figures(results, args.out):
+            print(f"wrote {path}")
+    return results
+
+
+def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_path=None) -> dict:
+    from adainfer.traces import collect_cached, oracle_layers
+
+    L = model.config.n_layers
+    traces = collect_cached(model, ids, traces_path, batch_size=batch_size, desc="traces", also=cands)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    run = {"rows": len(ids), "per_layer": per_layer_stats(traces, golds), "methods": {}}
+    dense_seconds = None
+    for method in sorted(methods, key=lambda m: m.kind != "dense"):  # dense first: it sets the clock
+        depths = None
+        if method.kind == "oracle":
+            depths = oracle_layers(traces)
+            method.info["pruning_ratio_candidates"] = (
+                None if traces.top1_candidates is None else float(1 - oracle_layers(traces, True).mean() / L))
+        records, seconds = run_method(model, tok, ids, golds, cands, method, batches, depths)
+        summary = summarize(records, L, model.config.dim, model.config.vocab_size, seconds, dense_seconds)
+        if method.kind == "dense":
+            dense_seconds = seconds
+            summary["speedup"] = 1.0
+        run["methods"][method.name] = {"summary": summary, "info": method.info, "records": records}
+    return run
+
+
+def run_method(model, tok, ids, golds, cands, method, batches, depths=None) -> tuple[list[dict], float]:
+    """Run every batch with the method's plan, or with forced exits at per-row `depths` (the oracle, its rows
+    grouped by depth); return per-row records and the total seconds."""
+    from tqdm import tqdm
+
+    from adainfer.generate import left_pad
+    from adainfer.model import Plan
+
+    pad = model.config.pad_id if model.config.pad_id is not None else 0
+    records: list = [None] * len(ids)
+    total = 0.0
+    groups = []
+    for batch in batches:
+        if depths is None:
+            groups.append((batch, method.plan))
+        else:
+            for k in sorted({int(depths[i]) for i in batch}):
+                groups.append(([i for i in batch if depths[i] == k], Plan(exit_at=k)))
+    for rows, plan in tqdm(groups, desc=method.name, unit="batch", file=sys.stderr):
+        tokens, mask = left_pad([ids[i] for i in rows], pad, model.device)
+        t0 = time.perf_counter()
+        out = model(tokens, pad_mask=mask, plan=plan)
+        dt = time.perf_counter() - t0
+        total += dt
+        for j, i in enumerate(rows):
+            token = int(out.token[j])
+            rec = {"row": i, "prediction": token, "prediction_text": tok.decode([token]),
+                   "gold": sorted(golds[i]), "correct": token in golds[i], "layers_run": int(out.layers_run[j]),
+                   "prompt_tokens": len(ids[i]), "seconds": dt / len(rows)}
+            if cands is not None:
+                logits = out.logits[j]
+                if plan.candidates is None:
+                    logits = logits[cands.to(logits.device)]
+                pick = int(cands[int(logits.argmax())])
+                rec["prediction_candidates"] = pick
+                rec["correct_candidates"] = pick in golds[i]
+            records[i] = rec
+    return records, total
+
+
+def per_layer_stats(traces, golds) -> dict:
+    """Per-layer accuracy (Fig. 1) and mean features (Fig. 3) from the dense traces."""
+    acc = [float(np.mean([t in g for t, g in zip(traces.top1[:, n], golds)])) for n in range(traces.n_layers)]
+    out = {"accuracy": acc, "agreement_with_final": (traces.top1 == traces.top1[:, -1:]).mean(0).tolist()}
+    if traces.top1_candidates is not None:
+        out["accuracy_candidates"] = [float(np.mean([t in g for t, g in zip(traces.top1_candidates[:, n], golds)]))
+                                      for n in range(traces.n_layers)]
+    for f, v in traces.features.items():
+        out[f"mean_{f}"] = v.mean(0).tolist()
+    return out
+
+
+def print_summary(task: str, shots: int, run: dict) -> None:
+    from adainfer.eval.report import table
+
+    print(f"\n{task}, {shots}-shot, {run['rows']} rows")
+    print(table(run))
+
+
+def write_results(path: Path, results: dict) -> None:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+def machine() -> dict:
+    import os
+    import platform
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The Triton last-token LM-head top-2 kernel (under TRITON_INTERPRET=1 on CPU) against the plain-torch reference.
+
+The kernel multiplies in float32 whatever the input dtype, so it is compared with the reference run on the same
+values upcast to float32: p1, p2 within 1e-5, and the same top-1 unless the reference's p1 - p2 < 1e-3 (a near tie
+may break either way). The CPU reference in the model's own dtype is checked against that too, looser for bf16/fp16
+(its logits are rounded to the dtype)."""
+
+import os
+
+import pytest
+import torch
+
+from kernels.top2 import lm_head_top2, lm_head_top2_reference, lm_head_top2_triton
+
+pytest.importorskip("triton")
+assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+REF_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def check(h, w, nw=None, eps=1e-5):
+    got = lm_head_top2_triton(h, w, nw, eps, block_v=64, block_d=32)
+    want = lm_head_top2_reference(h.float(), w.float(), None if nw is None else nw.float(), eps)
+    assert torch.isfinite(got.p1).all() and torch.isfinite(got.p2).all()
+    assert (got.p1 - want.p1).abs().max() <= 1e-5
+    assert (got.p2 - want.p2).abs().max() <= 1e-5
+    clear = (want.p1 - want.p2) >= 1e-3
+    assert torch.equal(got.top1[clear], want.top1[clear])
+    return got, want
+
+
+@pytest.mark.parametrize("V, d", [(1000, 64), (4097, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_reference(V, d, dtype):
+    g = torch.Generator().manual_seed(V + d)
+    h = torch.randn(2, d, generator=g).to(dtype)
+    w = (torch.randn(V, d, generator=g) * 0.5).to(dtype)
+    nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype)
+    got, want = check(h, w, nw)
+    own = lm_head_top2_reference(h, w, nw, 1e-5)  # the CPU path, in the model's dtype
+    assert (own.p1 - want.p1).abs().max() <= REF_ATOL[dtype]
+
+
+def test_ties_keep_the_smallest_index():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1000, 64, generator=g)
+    h = torch.randn(1, 64, generator=g)
+    best = int((h @ w.T).argmax())
+    w[777] = w[best]  # an exact tie, in another program's slice
+    w[3] = w[best]  # and one before it
+    got, want = check(h, w)
+    assert got.top1.item() == 3 == want.top1.item()
+    assert got.p1.item() == pytest.approx(got.p2.item(), abs=1e-7)
+
+
+def test_all_equal_logits():
+    got, _ = check(torch.randn(2, 64), torch.zeros(1000, 64))
+    assert got.top1.tolist() == [0, 0]
+    assert torch.allclose(got.p1, torch.full((2,), 1e-3)) and torch.allclose(got.p2, got.p1)
+
+
+def test_very_large_logits_do_not_overflow():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 64, generator=g) * 1e3
+    got, want = check(h, torch.randn(1000, 64, generator=g))  # logits ~ 1e4: exp would overflow unshifted
+    assert (got.p1 > 0.99).all()
+
+
+def test_dispatch_uses_reference_on_cpu():
+    h, w = torch.randn(1, 16), torch.randn(50, 16)
+    a, b = lm_head_top2(h, w), lm_head_top2_reference(h, w)
+    assert torch.equal(a.top1, b.top1) and torch.equal(a.p1, b.p1)
