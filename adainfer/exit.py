@@ -173,10 +173,12 @@ def compute_features(names, top2, h_last: torch.Tensor | None, record: dict | No
 class ExitRule:
     """A classifier compiled for the loop: when to check, and the decision as tensors."""
 
-    def __init__(self, clf: ExitClassifier, device="cpu"):
+    def __init__(self, clf: ExitClassifier, device="cpu", min_layers: int | None = None):
         self.clf = clf
         self.features = list(clf.features)
         self.first, self.stride = clf.first_layer, clf.stride
+        if min_layers is not None and min_layers > self.first:  # a floor: the first check moves up, on the stride
+            self.first += -(-(min_layers - self.first) // self.stride) * self.stride
         self.w = torch.tensor(clf.weight, dtype=torch.float32, device=device)
         self.b = float(clf.bias)
         self.needs_record = any(f.startswith("cos_") for f in self.features)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,16 +39,65 @@ def left_pad(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Ten
     return tokens.to(device), (None if bool(mask.all()) else mask.to(device))
 
 
-def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan: Plan | None = None,
-             eos_id: int | None = None, keep_logits: bool = False) -> list[Generation]:
-    """Greedy generation for one batch of prompts (lists of token ids).
+MODES = ("none", "sequence", "token")
 
-    The plan (exit rule, layer plan, candidates) decides the first token. Each later token runs the blocks its row
-    ran at prefill (per-sequence depth), so the KV cache only ever holds layers that were computed."""
+
+@dataclass
+class Sampling:
+    """Temperature / top-k / top-p sampling, seeded per row (so a row draws the same tokens in any batch)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1):
+            raise AdainferError("--temperature/--top-k/--top-p", "need temperature >= 0, top-k >= 0, 0 < top-p <= 1")
+
+    def pick(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """(b, V) float32 logits -> (b,) indices into V."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest set reaching top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1).cpu()
+        return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)]).to(
+            logits.device)
+
+
+def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan: Plan | None = None,
+             eos_id: int | None = None, mode: str = "sequence", sampling: Sampling | None = None,
+             keep_logits: bool = False, row_seeds: list[int] | None = None) -> list[Generation]:
+    """Generation for one batch of prompts (lists of token ids); greedy unless `sampling` says otherwise.
+
+    The plan (exit rule, layer plan, candidates) decides the first token. Later tokens, by `mode`:
+      none      no early exit at all (the plan's exit rule is ignored)
+      sequence  each row runs, for every token, the blocks it ran at prefill: the KV cache only ever holds
+                computed layers (the depth is chosen once, from the prompt's last token)
+      token     each token may exit at its own layer; the blocks it skips still get K/V at its position,
+                projected from its exit hidden state (CALM's state propagation)
+    With exit, sampling draws from the exit layer's logits."""
+    if mode not in MODES:
+        raise AdainferError("--exit-mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
     if max_new_tokens < 1:
         raise AdainferError("--max-new-tokens", f"must be at least 1, got {max_new_tokens}")
     check_prompts(ids, model, max_new_tokens)
     plan = plan or Plan()
+    if mode == "none":
+        plan = replace(plan, exit=None)
+    elif mode == "token":
+        plan = replace(plan, fill_skipped_kv=True, sync_every=1)
+    sampling = sampling or Sampling()
+    seeds = row_seeds if row_seeds is not None else [sampling.seed + b for b in range(len(ids))]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
     pad = model.config.pad_id if model.config.pad_id is not None else 0
     tokens, pad_mask = left_pad(ids, pad, model.device)
     B, T = tokens.shape
@@ -56,20 +105,33 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
     out = model(tokens, pad_mask=pad_mask, cache=cache, plan=plan)
     results = [Generation(logits=out.logits[b] if keep_logits else None) for b in range(B)]
     depth = out.layers_run
+    next_plan = replace(plan, candidates=None)  # candidates restrict the first token only
+    token = _pick(out, plan.candidates, sampling, gens)
     done = torch.zeros(B, dtype=torch.bool)
     for step in range(max_new_tokens):
         for b in range(B):
             if not done[b]:
-                results[b].token_ids.append(int(out.token[b]))
+                results[b].token_ids.append(int(token[b]))
                 results[b].layers_run.append(int(out.layers_run[b]))
         if eos_id is not None:
-            done |= out.token.cpu() == eos_id
+            done |= token.cpu() == eos_id
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         cache.length += tokens.shape[1]
-        tokens = out.token[:, None].to(model.device)
-        out = decode_step(model, tokens, cache, depth, plan)
+        tokens = token[:, None].to(model.device)
+        if mode == "token":
+            out = model(tokens, cache=cache, plan=next_plan)
+        else:
+            out = decode_step(model, tokens, cache, depth, next_plan)
+        token = _pick(out, None, sampling, gens)
     return results
+
+
+def _pick(out: Output, candidates: torch.Tensor | None, sampling: Sampling, gens) -> torch.Tensor:
+    if sampling.temperature == 0:
+        return out.token
+    idx = sampling.pick(out.logits, gens)
+    return idx if candidates is None else candidates[idx]
 
 
 def decode_step(model: Decoder, tokens: torch.Tensor, cache: KVCache, depth: torch.Tensor, plan: Plan) -> Output:

@@ -285,6 +285,7 @@ class Plan:
     record_logits: bool = False  # with record_features: also keep each check's float32 logits
     hidden_states: bool = False
     sync_every: int = 1  # read exit decisions every N checks (one host sync for N layers; for GPUs)
+    fill_skipped_kv: bool = False  # rows that exit get K/V for the blocks they skip, from their exit state (CALM)
 
 
 @dataclass
@@ -420,8 +421,12 @@ class Decoder(nn.Module):
                     features.append({"layer": n, "rows": exits.live, "top1": top2.top1, **feats})
                     if plan.record_logits:
                         features[-1]["logits"] = exits.head(h[:, -1]) if logits is None else logits
+                live = exits.live
                 keep = exits.check(fire, n, logits, h[:, -1])  # rows that stay, once some have left
                 if keep is not None:
+                    if plan.fill_skipped_kv and cache is not None:
+                        gone = live[~keep] if rows is None else rows[live[~keep]]
+                        self.fill_kv(h[~keep], ctx.select(~keep, gone), order[n:])
                     if not bool(keep.any()):
                         break
                     h, state = h[keep], {k: v[keep] for k, v in state.items()}
@@ -431,6 +436,15 @@ class Decoder(nn.Module):
         else:
             exits.finish(h[:, -1])
         return exits.output(plan.candidates, features, hiddens)
+
+
+    def fill_kv(self, h: torch.Tensor, ctx: Context, layers: list[int]) -> None:
+        """CALM's state propagation: for rows that exit with hidden states h (b, T, dim), the keys and values of the
+        blocks they skip, projected from h through each skipped block's attention norm (only K/V run)."""
+        for j in layers:
+            block = self.layers[j]
+            x = block.attention_norm(h) if block.pre_norm else h
+            ctx.cache.update(j, *block.attention.project_kv(x, ctx), ctx)
 
 
 class Exits:

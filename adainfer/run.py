@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="no early exit: run every layer")
     p.add_argument("--candidates", nargs="+", metavar="TEXT",
                    help='restrict the answer and the exit features to these strings\' first tokens, e.g. " A" " B"')
+    p.add_argument("--exit-mode", default="sequence", choices=["none", "sequence", "token"],
+                   help="beyond the first token: none (dense), sequence (every token runs the depth the prompt "
+                        "chose, default) or token (each token exits on its own, skipped layers' K/V propagated)")
+    p.add_argument("--min-layers", type=int, help="never exit before this many blocks")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (row i of the input uses seed + i)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in input order")
     p.add_argument("--no-compare", action="store_true", help="do not time a dense run beside the exit run")
     return p
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from adainfer.generate import check_prompts, generate
+    from adainfer.generate import Sampling, check_prompts, generate
     from adainfer.loading import load_model
     from adainfer.model import Plan
 
@@ -93,7 +101,11 @@ def run(args) -> int:
     for (where, _), row in zip(prompts, ids):
         check_prompts([row], model, args.max_new_tokens, where)
 
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     rule, candidate_texts = resolve_exit(args, model, default)
+    if rule is not None and args.exit_mode == "token" and rule.clf.candidates and args.max_new_tokens > 1:
+        raise AdainferError("--exit-mode", "token mode checks every generated token over the full vocabulary; this "
+                                           "classifier was calibrated on candidate features (use sequence mode)")
     candidates = None
     if candidate_texts:
         candidates = torch.tensor([tok.piece_id(c) for c in candidate_texts], device=model.device)
@@ -111,12 +123,15 @@ def run(args) -> int:
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]
         t0 = time.perf_counter()
-        gens = generate(model, [ids[i] for i in batch], args.max_new_tokens, plan, eos)
+        seeds = [args.seed + i for i in batch]
+        gens = generate(model, [ids[i] for i in batch], args.max_new_tokens, plan, eos, args.exit_mode, sampling,
+                        row_seeds=seeds)
         seconds = time.perf_counter() - t0
         dense_seconds = None
         if compare:
             t0 = time.perf_counter()
-            dense = generate(model, [ids[i] for i in batch], args.max_new_tokens, dense_plan, eos)
+            dense = generate(model, [ids[i] for i in batch], args.max_new_tokens, dense_plan, eos, "none", sampling,
+                             row_seeds=seeds)
             dense_seconds = time.perf_counter() - t0
         for j, i in enumerate(batch):
             g = gens[j]
@@ -173,7 +188,9 @@ def resolve_exit(args, model, default_model: bool):
         space = f"candidates {clf.candidates}" if clf.candidates else "the full vocabulary"
         raise AdainferError(path, f"this classifier was calibrated on features over {space}, not over "
                                   f"{candidates}; calibrate one with the same --candidates")
-    return ExitRule(clf, model.device), candidates
+    if args.min_layers is not None and not 1 <= args.min_layers <= model.config.n_layers:
+        raise AdainferError("--min-layers", f"must be between 1 and {model.config.n_layers}")
+    return ExitRule(clf, model.device, args.min_layers), candidates
 
 
 def describe_exit(rule, args) -> str:
