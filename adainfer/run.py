@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (row i of the input uses seed + i)")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut prompts longer than the context to their last tokens (default: refuse them)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in input order")
     p.add_argument("--no-compare", action="store_true", help="do not time a dense run beside the exit run")
     return p
@@ -97,6 +99,9 @@ def run(args) -> int:
         raise AdainferError(args.model, "the model folder has no tokenizer.json or tokenizer.model")
 
     ids = [tok.encode(text) for _, text in prompts]
+    dropped = [0] * len(ids)
+    if args.truncate:
+        ids, dropped = truncate(ids, model.config.max_seq_len - args.max_new_tokens + 1, tok)
     # The whole input is checked before anything runs, so a bad row never costs the others their answers.
     for (where, _), row in zip(prompts, ids):
         check_prompts([row], model, args.max_new_tokens, where)
@@ -141,6 +146,8 @@ def run(args) -> int:
                 "seconds": round(seconds / len(batch), 6), "batch_seconds": round(seconds, 6),
                 "batch_size": len(batch),
             }
+            if dropped[i]:
+                results[i]["truncated_tokens"] = dropped[i]
             if dense_seconds is not None:
                 results[i]["dense_seconds"] = round(dense_seconds / len(batch), 6)
                 results[i]["dense_text"] = tok.decode(dense[j].token_ids)
@@ -164,6 +171,20 @@ def run(args) -> int:
             line += f"   (dense {1000 * r['dense_seconds']:.1f} ms, {speedup:.2f}x; {same})"
         print(line)
     return 0
+
+
+def truncate(ids: list[list[int]], limit: int, tok) -> tuple[list[list[int]], list[int]]:
+    """Keep the last `limit` tokens of each prompt (the question sits at the end); a leading BOS stays."""
+    out, dropped = [], []
+    for p in ids:
+        if len(p) <= limit or limit < 2:
+            out.append(p)
+            dropped.append(0)
+            continue
+        head = [p[0]] if tok.add_bos and p[0] == tok.bos_id else []
+        out.append(head + p[len(p) - limit + len(head):])
+        dropped.append(len(p) - limit)
+    return out, dropped
 
 
 def resolve_exit(args, model, default_model: bool):

@@ -146,3 +146,10 @@ def test_run_bad_prompt_lines(tiny_model, tmp_path):
     assert_clean_error(run_cli("adainfer.run", "--model", tiny_model, "--prompts", f), f"{f}:2", "empty prompt")
     f.write_bytes(b'{"text": "wrong key"}\n')
     assert_clean_error(run_cli("adainfer.run", "--model", tiny_model, "--prompts", f), f"{f}:1", '"prompt"')
+
+
+def test_run_truncate_when_asked(tiny_model):
+    proc = run_cli("adainfer.run", "--model", tiny_model, "--prompt", "x" * 290 + "END", "--truncate", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["truncated_tokens"] == 293 - 256 and r["token_ids"]

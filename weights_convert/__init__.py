@@ -143,6 +143,8 @@ def _check_tensors(config: ModelConfig, tensors: dict, src: Path) -> None:
             raise AdainferError(src, f"tensor {name} has shape {list(t.shape)}, the config needs {list(shape)}")
         if not t.is_floating_point():
             raise AdainferError(src, f"tensor {name} has dtype {t.dtype}, expected a floating-point type")
+        if not bool(torch.isfinite(t).all()):
+            raise AdainferError(src, f"tensor {name} holds inf or NaN values")
 
 
 def _most_common_float(tensors: dict) -> str:

@@ -97,10 +97,13 @@ def read_gguf_tensors(g: GGUFFile, config: ModelConfig, progress=None):
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
         raw = data[info.start:info.start + info.nbytes].reshape(rows, info.shape[-1] // block * type_size)
         try:
-            values = dequantize(raw, qtype)
+            with np.errstate(all="ignore"):  # bad scales give inf/NaN: refused below, not warned about
+                values = dequantize(raw, qtype)
         except Exception as e:  # the gguf package raises assorted errors on bad blocks
             raise AdainferError(g.path, f"tensor {name!r}: cannot dequantize {info.dtype}: {e}") from None
         t = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(info.shape)  # a writable copy
+        if not bool(torch.isfinite(t).all()):
+            raise AdainferError(g.path, f"tensor {name!r} holds inf or NaN values")
         if template == "blk.{}.attn_q.weight":
             t = unpermute(t, config.n_heads)
         elif template == "blk.{}.attn_k.weight":

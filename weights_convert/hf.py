@@ -84,11 +84,14 @@ def _llama_config(hf: dict, where: object) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise AdainferError(where, f"Llama hidden_act {hf.get('hidden_act')!r} is not supported (silu only)")
     # transformers 5 writes rope settings under rope_parameters; older versions use rope_theta / rope_scaling.
-    rope = dict(hf.get("rope_parameters") or {})
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise AdainferError(where, f"rope_parameters must be an object, got {rope!r}")
+    rope = dict(rope)
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     if rope.get("rope_type", "default") == "default":
         rope = hf.get("rope_scaling") or None
-    if rope and rope.get("rope_type", rope.get("type")) == "default":
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "default":
         rope = None
     check_rope_scaling(rope, where)
     heads = hf["num_attention_heads"]
@@ -153,10 +156,15 @@ def checkpoint_files(src: Path, allow_pickle: bool) -> list[Path]:
             raise AdainferError(index, "shard index has no weight_map of tensor name -> file")
         files = []
         for name in dict.fromkeys(weight_map.values()):
-            shard = (src / name).resolve()
-            if shard.parent != src.resolve():
-                raise AdainferError(index, f"shard {name!r} lies outside the model folder")
-            if not shard.is_file():
+            if (not name or "\x00" in name or "/" in name or "\\" in name or name in (".", "..")
+                    or len(name.encode("utf-8", "surrogatepass")) > 255):
+                raise AdainferError(index, f"shard name {name[:80]!r} is not a file name in the model folder")
+            shard = src / name
+            try:
+                ok = shard.is_file()
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
                 raise AdainferError(index, f"shard {name!r} is missing")
             files.append(shard)
         return files
