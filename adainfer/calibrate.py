@@ -289,7 +289,8 @@ def evaluate(rule: ExitRule, traces: Traces, labels: np.ndarray, golds: list, L:
                           "precision": tp / int(fire.sum()) if fire.any() else None,
                           "recall": tp / int(pos.sum()) if pos.any() else None})
     summary = {"prompts": N, "avg_layers": float(exit_layer.mean()), "var_layers": float(exit_layer.var()),
-               "pruning_ratio": float(1 - exit_layer.mean() / L), "agreement_with_dense": float((answer == dense).mean())}
+               "pruning_ratio": float(1 - exit_layer.mean() / L),
+               "agreement_with_dense": float((answer == dense).mean())}
     if all(g is not None for g in golds):
         summary["accuracy"] = float(np.mean([a in g for a, g in zip(answer, golds)]))
         summary["dense_accuracy"] = float(np.mean([d in g for d, g in zip(dense, golds)]))

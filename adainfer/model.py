@@ -430,7 +430,8 @@ class Decoder(nn.Module):
                     if not bool(keep.any()):
                         break
                     h, state = h[keep], {k: v[keep] for k, v in state.items()}
-                    ctx = ctx.select(keep, None if cache is None else (exits.live if rows is None else rows[exits.live]))
+                    kept = None if cache is None else (exits.live if rows is None else rows[exits.live])
+                    ctx = ctx.select(keep, kept)
             if rule is not None:
                 state = rule.remember(h[:, -1], ctx.record, state)
         else:

@@ -75,7 +75,7 @@ def random_model(config: ModelConfig) -> Decoder:
         model = Decoder(config)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:

@@ -85,7 +85,6 @@ def test_forced_exit_equals_shorter_model(converted, tmp_path, preset):
 
 def test_batched_exit_equals_one_by_one(deep):
     batch = prompts(8, 3)
-    L = deep.config.n_layers
     traces = collect(deep, batch, progress=False)
     threshold = float(np.median(traces.features["gap"][:, :3]))  # fires for some rows early, some late
     for rule in (ExitRule(gap_rule(threshold)), ExitRule(gap_rule(threshold, first_layer=2, stride=2))):

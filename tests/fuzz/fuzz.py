@@ -108,7 +108,8 @@ def seed_sentencepiece(folder: Path) -> bytes:
     import sentencepiece as spm
 
     corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog"] * 30 + ["early exit saves layers"] * 30))
+    lines = ["the quick brown fox jumps over the lazy dog"] * 30 + ["early exit saves layers"] * 30
+    corpus.write_text("\n".join(lines))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=40,
                                    model_type="bpe", minloglevel=2)
     return (folder / "sp.model").read_bytes()
