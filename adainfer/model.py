@@ -425,7 +425,7 @@ class Decoder(nn.Module):
                 keep = exits.check(fire, n, logits, h[:, -1])  # rows that stay, once some have left
                 if keep is not None:
                     if plan.fill_skipped_kv and cache is not None:
-                        gone = live[~keep] if rows is None else rows[live[~keep]]
+                        gone = live[~keep.cpu()] if rows is None else rows[live[~keep.cpu()]]
                         self.fill_kv(h[~keep], ctx.select(~keep, gone), order[n:])
                     if not bool(keep.any()):
                         break
@@ -479,11 +479,11 @@ class Exits:
             return None
         out = value[fired] if payload[1] else self.head(value[fired])
         layers = [n] * int(fired.sum()) if at is None else at[fired].tolist()
-        for j, r in enumerate(self.live[fired].tolist()):
+        fired_cpu = fired.cpu()
+        for j, r in enumerate(self.live[fired_cpu].tolist()):
             self.logits[r], self.layers[r] = out[j], layers[j]
-        keep = ~fired
-        self.live = self.live[keep]
-        return keep
+        self.live = self.live[~fired_cpu]
+        return ~fired
 
     def _accumulate(self, fire, n, value, is_logits):
         if self.pending is None:

@@ -13,12 +13,15 @@ import torch
 from kernels.top2 import lm_head_top2, lm_head_top2_reference, lm_head_top2_triton
 
 pytest.importorskip("triton")
-assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+# On a GPU machine (TRITON_INTERPRET=0) the same tests run the compiled kernel on CUDA tensors.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 REF_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def check(h, w, nw=None, eps=1e-5):
+    h, w, nw = h.to(DEVICE), w.to(DEVICE), None if nw is None else nw.to(DEVICE)
     got = lm_head_top2_triton(h, w, nw, eps, block_v=64, block_d=32)
     want = lm_head_top2_reference(h.float(), w.float(), None if nw is None else nw.float(), eps)
     assert torch.isfinite(got.p1).all() and torch.isfinite(got.p2).all()
@@ -38,7 +41,7 @@ def test_kernel_matches_reference(V, d, dtype):
     nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype)
     got, want = check(h, w, nw)
     own = lm_head_top2_reference(h, w, nw, 1e-5)  # the CPU path, in the model's dtype
-    assert (own.p1 - want.p1).abs().max() <= REF_ATOL[dtype]
+    assert (own.p1 - want.p1.cpu()).abs().max() <= REF_ATOL[dtype]
 
 
 def test_ties_keep_the_smallest_index():
@@ -56,7 +59,7 @@ def test_ties_keep_the_smallest_index():
 def test_all_equal_logits():
     got, _ = check(torch.randn(2, 64), torch.zeros(1000, 64))
     assert got.top1.tolist() == [0, 0]
-    assert torch.allclose(got.p1, torch.full((2,), 1e-3)) and torch.allclose(got.p2, got.p1)
+    assert torch.allclose(got.p1.cpu(), torch.full((2,), 1e-3)) and torch.allclose(got.p2, got.p1)
 
 
 def test_very_large_logits_do_not_overflow():
@@ -70,3 +73,39 @@ def test_dispatch_uses_reference_on_cpu():
     h, w = torch.randn(1, 16), torch.randn(50, 16)
     a, b = lm_head_top2(h, w), lm_head_top2_reference(h, w)
     assert torch.equal(a.top1, b.top1) and torch.equal(a.p1, b.p1)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+def test_exit_loop_on_gpu_matches_cpu(converted):
+    """The whole loop on CUDA (Triton probe, deferred reads) exits where the CPU reference path does."""
+    import numpy as np
+
+    from adainfer.exit import ExitRule, gap_rule
+    from adainfer.generate import left_pad
+    from adainfer.loading import load_model
+    from adainfer.model import Plan
+    from adainfer.traces import collect
+
+    folder = converted("llama-gqa-tied")[1]
+    cpu, _ = load_model(folder, "float32")
+    gpu, _ = load_model(folder, "float32", "cuda")
+    g = torch.Generator().manual_seed(3)
+    batch = [torch.randint(0, 256, (int(torch.randint(4, 30, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(8)]
+    traces = collect(cpu, batch, progress=False)
+    rule = gap_rule(float(np.median(traces.features["gap"][:, :2])))
+    tokens, mask = left_pad(batch, 0)
+    want = cpu(tokens, pad_mask=mask, plan=Plan(exit=ExitRule(rule)))
+    for window in (1, 2):
+        got = gpu(tokens.cuda(), pad_mask=None if mask is None else mask.cuda(),
+                  plan=Plan(exit=ExitRule(rule, "cuda"), sync_every=window))
+        assert torch.equal(got.layers_run.cpu(), want.layers_run)
+        assert torch.equal(got.token.cpu(), want.token)
+        assert (got.logits.cpu() - want.logits).abs().max() <= 1e-4
+
+
+def test_many_rows_span_row_blocks():
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(20, 64, generator=g)  # two blocks of 16 rows
+    w = torch.randn(1000, 64, generator=g) * 0.3
+    check(h, w, 1 + 0.2 * torch.randn(64, generator=g))
