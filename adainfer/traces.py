@@ -28,34 +28,40 @@ class Traces:
     prompt_tokens: np.ndarray  # (N,) prompt lengths in tokens
     seconds: float  # wall-clock of the collection (every layer plus a check after each)
     top1_candidates: np.ndarray | None = None  # (N, L) argmax over `also` candidates (vocabulary ids), if asked
+    also: np.ndarray | None = None  # those candidates' token ids
 
     def save(self, path: Path, key: str) -> None:
         """Write to an .npz, tagged with `key` (what the traces were collected from; see `load`)."""
         arrays = {f"feature_{k}": v for k, v in self.features.items()}
         if self.top1_candidates is not None:
             arrays["top1_candidates"] = self.top1_candidates
+            arrays["also"] = self.also
         tmp = Path(path).with_name(f".{Path(path).name}.tmp.npz")
         np.savez_compressed(tmp, top1=self.top1, prompt_tokens=self.prompt_tokens, key=np.array(key),
                             meta=np.array([self.n_layers, self.seconds]), **arrays)
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, key: str) -> Traces | None:
-        """The traces saved at `path` if they were collected for `key`, else None."""
+    def load(cls, path: Path, key: str, also: np.ndarray | None = None) -> Traces | None:
+        """The traces saved at `path` if they were collected for `key` (and hold the argmax over `also`)."""
         try:
             z = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
+            if str(z["key"]) != key:
+                return None
+            if also is not None and ("also" not in z.files or not np.array_equal(z["also"], also)):
+                return None
+            feats = {k[len("feature_"):]: z[k] for k in z.files if k.startswith("feature_")}
+            cand = z["top1_candidates"] if "top1_candidates" in z.files else None
+            out = cls(feats, z["top1"], int(z["meta"][0]), z["prompt_tokens"], float(z["meta"][1]), cand)
+            out.also = z["also"] if "also" in z.files else None
+            return out
+        except (OSError, ValueError, KeyError):
             return None
-        if str(z["key"]) != key:
-            return None
-        feats = {k[len("feature_"):]: z[k] for k in z.files if k.startswith("feature_")}
-        cand = z["top1_candidates"] if "top1_candidates" in z.files else None
-        return cls(feats, z["top1"], int(z["meta"][0]), z["prompt_tokens"], float(z["meta"][1]), cand)
 
     def select(self, idx) -> Traces:
         cand = None if self.top1_candidates is None else self.top1_candidates[idx]
         return Traces({k: v[idx] for k, v in self.features.items()}, self.top1[idx], self.n_layers,
-                      self.prompt_tokens[idx], self.seconds, cand)
+                      self.prompt_tokens[idx], self.seconds, cand, self.also)
 
 
 def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), candidates: torch.Tensor | None = None,
@@ -92,14 +98,14 @@ def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), 
             if also is not None:
                 top1_also[rows, L - 1] = also[out.logits[:, also].argmax(-1).cpu()].numpy()
             bar.update(len(rows))
-    return Traces(feats, top1, L, np.array([len(p) for p in ids]), time.perf_counter() - t0, top1_also)
+    return Traces(feats, top1, L, np.array([len(p) for p in ids]), time.perf_counter() - t0, top1_also,
+                  None if also is None else also.cpu().numpy())
 
 
-def traces_key(model: Decoder, ids: list[list[int]], features, candidates, also, dtype) -> str:
-    """What identifies a collection: the model, its dtype, the exact prompts, features and candidate sets."""
+def traces_key(model: Decoder, ids: list[list[int]], features, candidates, dtype) -> str:
+    """What identifies a collection: the model, its dtype, the exact prompts, the features and candidate set."""
     h = hashlib.sha256()
-    for part in (model.fingerprint, str(dtype), list(features), None if candidates is None else candidates.tolist(),
-                 None if also is None else also.tolist()):
+    for part in (model.fingerprint, str(dtype), list(features), None if candidates is None else candidates.tolist()):
         h.update(repr(part).encode())
     for p in ids:
         h.update(np.asarray(p, dtype=np.int64).tobytes() + b"|")
@@ -110,9 +116,9 @@ def collect_cached(model: Decoder, ids: list[list[int]], path: Path | None, feat
                    candidates=None, batch_size: int = 8, progress: bool = True, desc: str = "prompts",
                    also=None) -> Traces:
     """collect(), reusing the traces saved at `path` when they came from the same model, prompts and settings."""
-    key = traces_key(model, ids, features, candidates, also, model.dtype)
+    key = traces_key(model, ids, features, candidates, model.dtype)
     if path is not None and Path(path).is_file():
-        cached = Traces.load(path, key)
+        cached = Traces.load(path, key, None if also is None else also.cpu().numpy())
         if cached is not None:
             return cached
     traces = collect(model, ids, features, candidates, batch_size, progress, desc, also)

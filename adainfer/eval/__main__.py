@@ -110,48 +110,51 @@ def evaluate(args) -> dict:
 
 
 def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_path=None) -> dict:
+    """Every method on every batch, the methods taking turns batch by batch (dense first), so that a slow spell of
+    a shared machine hits them all alike."""
+    from tqdm import tqdm
+
     from adainfer.traces import collect_cached, oracle_layers
 
     L = model.config.n_layers
     traces = collect_cached(model, ids, traces_path, batch_size=batch_size, desc="traces", also=cands)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    run = {"rows": len(ids), "per_layer": per_layer_stats(traces, golds), "methods": {}}
-    dense_seconds = None
-    for method in sorted(methods, key=lambda m: m.kind != "dense"):  # dense first: it sets the clock
-        depths = None
-        if method.kind == "oracle":
-            depths = oracle_layers(traces)
-            method.info["pruning_ratio_candidates"] = (
+    methods = sorted(methods, key=lambda m: m.kind != "dense")
+    depths = {}
+    for m in methods:
+        if m.kind == "oracle":
+            depths[m.name] = oracle_layers(traces)
+            m.info["pruning_ratio_candidates"] = (
                 None if traces.top1_candidates is None else float(1 - oracle_layers(traces, True).mean() / L))
-        records, seconds = run_method(model, tok, ids, golds, cands, method, batches, depths)
-        summary = summarize(records, L, model.config.dim, model.config.vocab_size, seconds, dense_seconds)
-        if method.kind == "dense":
-            dense_seconds = seconds
-            summary["speedup"] = 1.0
-        run["methods"][method.name] = {"summary": summary, "info": method.info, "records": records}
+    records = {m.name: [None] * len(ids) for m in methods}
+    seconds = dict.fromkeys(records, 0.0)
+    for batch in tqdm(batches, desc="methods", unit="batch", file=sys.stderr):
+        for m in methods:
+            seconds[m.name] += run_batch(model, tok, ids, golds, cands, batch, m.plan, depths.get(m.name),
+                                         records[m.name])
+    run = {"rows": len(ids), "per_layer": per_layer_stats(traces, golds), "methods": {}}
+    for m in methods:
+        summary = summarize(records[m.name], L, model.config.dim, model.config.vocab_size, seconds[m.name],
+                            seconds[methods[0].name] if methods[0].kind == "dense" else None)
+        run["methods"][m.name] = {"summary": summary, "info": m.info, "records": records[m.name]}
     return run
 
 
-def run_method(model, tok, ids, golds, cands, method, batches, depths=None) -> tuple[list[dict], float]:
-    """Run every batch with the method's plan, or with forced exits at per-row `depths` (the oracle, its rows
-    grouped by depth); return per-row records and the total seconds."""
-    from tqdm import tqdm
-
+def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records) -> float:
+    """Run one batch with `plan`, or with forced exits at per-row `depths` (the oracle: rows grouped by depth);
+    fill the rows' records; return the seconds spent in the model."""
     from adainfer.generate import left_pad
     from adainfer.model import Plan
 
     pad = model.config.pad_id if model.config.pad_id is not None else 0
-    records: list = [None] * len(ids)
+    if depths is None:
+        groups = [(batch, plan)]
+    else:
+        levels = sorted({int(depths[i]) for i in batch})
+        groups = [([i for i in batch if depths[i] == k], Plan(exit_at=k)) for k in levels]
     total = 0.0
-    groups = []
-    for batch in batches:
-        if depths is None:
-            groups.append((batch, method.plan))
-        else:
-            for k in sorted({int(depths[i]) for i in batch}):
-                groups.append(([i for i in batch if depths[i] == k], Plan(exit_at=k)))
-    for rows, plan in tqdm(groups, desc=method.name, unit="batch", file=sys.stderr):
+    for rows, plan in groups:
         tokens, mask = left_pad([ids[i] for i in rows], pad, model.device)
         t0 = time.perf_counter()
         out = model(tokens, pad_mask=mask, plan=plan)
@@ -170,7 +173,7 @@ def run_method(model, tok, ids, golds, cands, method, batches, depths=None) -> t
                 rec["prediction_candidates"] = pick
                 rec["correct_candidates"] = pick in golds[i]
             records[i] = rec
-    return records, total
+    return total
 
 
 def per_layer_stats(traces, golds) -> dict:
