@@ -1,0 +1,115 @@
+"""Accuracy / pruning trade-off of exit classifiers, from cached traces (no model run beyond the traces).
+
+For each task: fit on the train split's traces at several target agreements (and the paper's plain fit, and the
+gap rule), replay each classifier on the eval split's traces with the loop's own decision (adainfer.traces.simulate),
+and report accuracy (full vocabulary and over the label words), its drop against dense, pruning ratio and average
+layers, next to the oracle. Targets are chosen on the train split only; the eval split just reports.
+
+    python benchmarks/sweep_exit.py --tasks sst2 agnews --shots 5 --train-limit 150 --eval-limit 150 \\
+        --traces results/traces --out results/sweep_exit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, print_table, write_json  # noqa: E402
+
+from adainfer.calibrate import tune  # noqa: E402
+from adainfer.exit import ExitRule, gap_rule  # noqa: E402
+from adainfer.loading import load_model  # noqa: E402
+from adainfer.tasks import answer_ids, label_candidates, load_task, task_prompts  # noqa: E402
+from adainfer.traces import collect_cached, final_labels, oracle_layers, simulate, tokens_at  # noqa: E402
+
+TARGETS = (0.999, 0.99, 0.98, 0.97, 0.95, 0.9, 0.8)
+
+
+def traces_for(model, tok, task, split, shots, limit, folder, cands):
+    rows = task_prompts(task, split, shots, 0, None, limit)
+    ids = [tok.encode(p) for p, _ in rows]
+    path = Path(folder) / f"{task.name}_{shots}shot_{split}.npz"
+    traces = collect_cached(model, ids, path, also=cands, desc=f"{task.name} {split}")
+    return traces, [answer_ids(tok, e) for _, e in rows]
+
+
+def score(traces, golds, exits, L) -> dict:
+    ans = tokens_at(traces, exits)
+    out = {"accuracy": float(np.mean([a in g for a, g in zip(ans, golds)])),
+           "agreement": float((ans == traces.top1[:, -1]).mean()), "avg_layers": float(exits.mean()),
+           "pruning": float(1 - exits.mean() / L)}
+    if traces.top1_candidates is not None:
+        cand = traces.top1_candidates[np.arange(len(exits)), exits - 1]
+        out["accuracy_candidates"] = float(np.mean([a in g for a, g in zip(cand, golds)]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path)
+    p.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "mmlu", "csqa", "squad"])
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--train-limit", type=int, default=150)
+    p.add_argument("--eval-limit", type=int, default=150)
+    p.add_argument("--eval-limits", nargs="*", default=[], metavar="TASK=N",
+                   help="per-task eval limits, e.g. squad=100 (to reuse traces collected with another limit)")
+    p.add_argument("--traces", type=Path, default=Path("results/traces"))
+    p.add_argument("--out", type=Path, default=Path("results/sweep_exit.json"))
+    args = p.parse_args()
+    if args.model is None:
+        from adainfer.default_model import default_model_dir
+
+        args.model = default_model_dir(progress=False)
+    model, tok = load_model(args.model)
+    L = model.config.n_layers
+    eval_limits = {k: int(v) for k, v in (x.split("=", 1) for x in args.eval_limits)}
+    rows = []
+    for name in args.tasks:
+        task = load_task(name)
+        c = label_candidates(task)
+        cands = torch.tensor([tok.piece_id(x) for x in c]) if c else None
+        train, _ = traces_for(model, tok, task, "train", args.shots, args.train_limit, args.traces, cands)
+        evals, golds = traces_for(model, tok, task, "eval", args.shots, eval_limits.get(name, args.eval_limit),
+                                   args.traces, cands)
+        dense = score(evals, golds, np.full(len(golds), L), L)
+        oracle = score(evals, golds, oracle_layers(evals), L)
+        base = {"task": name, "dense_acc": dense["accuracy"], "dense_acc_cand": dense.get("accuracy_candidates")}
+        rows.append({**base, "method": "oracle", **_drop(oracle, dense)})
+        labels = final_labels(train)
+        variants = [("svm, paper fit", 0.0)] + [(f"svm, target {t}", t) for t in TARGETS]
+        for label, target in variants:
+            opts = SimpleNamespace(first_layer=None, target_agreement=target, classifier="svm", stride=1,
+                                   features=["gap", "top_prob"], threshold=0.8)
+            clf, tuning = tune(opts, train, labels, L)
+            res = score(evals, golds, simulate(ExitRule(clf), evals), L)
+            rows.append({**base, "method": label, "first_layer": clf.first_layer,
+                         "train_agreement": tuning["train_agreement"], **_drop(res, dense)})
+        res = score(evals, golds, simulate(ExitRule(gap_rule(0.8)), evals), L)
+        rows.append({**base, "method": "gap > 0.8", "first_layer": 1, **_drop(res, dense)})
+        print_table([r for r in rows if r["task"] == name], COLUMNS)
+    print()
+    print_table(rows, COLUMNS)
+    write_json(args.out, {"benchmark": "exit classifier trade-off from traces", "machine": machine(),
+                          "shots": args.shots, "model": str(args.model), "rows": rows})
+
+
+COLUMNS = ["task", "method", "first_layer", "train_agreement", "agreement", "accuracy", "acc_drop_pts",
+           "accuracy_candidates", "acc_cand_drop_pts", "pruning", "avg_layers"]
+
+
+def _drop(res: dict, dense: dict) -> dict:
+    out = dict(res)
+    out["acc_drop_pts"] = 100 * (dense["accuracy"] - res["accuracy"])
+    if "accuracy_candidates" in res:
+        out["acc_cand_drop_pts"] = 100 * (dense["accuracy_candidates"] - res["accuracy_candidates"])
+    return out
+
+
+if __name__ == "__main__":
+    main()
