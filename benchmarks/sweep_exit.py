@@ -26,8 +26,9 @@ from adainfer.calibrate import tune  # noqa: E402
 from adainfer.exit import ExitRule, gap_rule  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 from adainfer.tasks import answer_ids, label_candidates, load_task, task_prompts  # noqa: E402
-from adainfer.traces import collect_cached, final_labels, oracle_layers, simulate, tokens_at  # noqa: E402
+from adainfer.traces import Traces, collect_cached, final_labels, oracle_layers, simulate, tokens_at  # noqa: E402
 
+SKIP_LAST = (1, 2, 3, 5, 8)
 TARGETS = (0.999, 0.99, 0.98, 0.97, 0.95, 0.9, 0.8)
 
 
@@ -61,6 +62,12 @@ def main() -> None:
                    help="per-task eval limits, e.g. squad=100 (to reuse traces collected with another limit)")
     p.add_argument("--traces", type=Path, default=Path("results/traces"))
     p.add_argument("--out", type=Path, default=Path("results/sweep_exit.json"))
+    p.add_argument("--classifiers", type=Path,
+                   help="write each task's classifier at --keep-target here, as TASK_Kshot.json (for the eval CLI)")
+    p.add_argument("--keep-target", type=float, default=0.99)
+    p.add_argument("--inter", nargs=2, action="append", default=[], metavar=("TRAIN", "TEST"),
+                   help="inter-task generalisation: fit on the comma-separated TRAIN tasks' train traces, replay "
+                        "on each TEST task's eval traces, e.g. --inter mmlu,csqa sst2,agnews")
     args = p.parse_args()
     if args.model is None:
         from adainfer.default_model import default_model_dir
@@ -69,7 +76,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     L = model.config.n_layers
     eval_limits = {k: int(v) for k, v in (x.split("=", 1) for x in args.eval_limits)}
-    rows = []
+    rows, inter_rows, fitted = [], [], {}
     for name in args.tasks:
         task = load_task(name)
         c = label_candidates(task)
@@ -81,6 +88,9 @@ def main() -> None:
         oracle = score(evals, golds, oracle_layers(evals), L)
         base = {"task": name, "dense_acc": dense["accuracy"], "dense_acc_cand": dense.get("accuracy_candidates")}
         rows.append({**base, "method": "oracle", **_drop(oracle, dense)})
+        for n in SKIP_LAST:  # skip-last-N is exactly the traces' answer after L - N blocks
+            res = score(evals, golds, np.full(len(golds), L - n), L)
+            rows.append({**base, "method": f"skip-last-{n}", **_drop(res, dense)})
         labels = final_labels(train)
         variants = [("svm, paper fit", 0.0)] + [(f"svm, target {t}", t) for t in TARGETS]
         for label, target in variants:
@@ -90,13 +100,54 @@ def main() -> None:
             res = score(evals, golds, simulate(ExitRule(clf), evals), L)
             rows.append({**base, "method": label, "first_layer": clf.first_layer,
                          "train_agreement": tuning["train_agreement"], **_drop(res, dense)})
+            if target == args.keep_target and args.classifiers:
+                clf.model = {"fingerprint": model.fingerprint, "name": model.config.name, "n_layers": L}
+                clf.calibration = {"tasks": [name], "shots": args.shots, "n_train_prompts": len(labels),
+                                   "dtype": str(model.dtype)[6:], "features_over": "vocabulary", "tuning": tuning}
+                args.classifiers.mkdir(parents=True, exist_ok=True)
+                clf.save(args.classifiers / f"{name}_{args.shots}shot.json")
         res = score(evals, golds, simulate(ExitRule(gap_rule(0.8)), evals), L)
         rows.append({**base, "method": "gap > 0.8", "first_layer": 1, **_drop(res, dense)})
         print_table([r for r in rows if r["task"] == name], COLUMNS)
+        fitted[name] = (train, labels, evals, golds, dense)
+    for train_names, test_names in args.inter:
+        inter_rows += generalisation(fitted, train_names.split(","), test_names.split(","), L, args.keep_target)
     print()
     print_table(rows, COLUMNS)
+    if inter_rows:
+        print()
+        print_table(inter_rows, ["fitted_on", "task", "first_layer", "agreement", "accuracy", "acc_drop_pts",
+                                 "pruning", "avg_layers"])
     write_json(args.out, {"benchmark": "exit classifier trade-off from traces", "machine": machine(),
-                          "shots": args.shots, "model": str(args.model), "rows": rows})
+                          "shots": args.shots, "model": str(args.model), "rows": rows,
+                          "generalisation": inter_rows})
+
+
+def generalisation(fitted: dict, train_names: list[str], test_names: list[str], L: int, target: float) -> list:
+    """Table 5 of the paper: a classifier fitted (at `target`) on some tasks' train traces, on other tasks."""
+    missing = [n for n in train_names + test_names if n not in fitted]
+    if missing:
+        raise SystemExit(f"--inter: {', '.join(missing)} not among --tasks")
+    train = concat([fitted[n][0] for n in train_names])
+    labels = np.concatenate([fitted[n][1] for n in train_names])
+    opts = SimpleNamespace(first_layer=None, target_agreement=target, classifier="svm", stride=1,
+                           features=["gap", "top_prob"], threshold=0.8)
+    clf, _ = tune(opts, train, labels, L)
+    out = []
+    for name in test_names:
+        _, _, evals, golds, dense = fitted[name]
+        res = score(evals, golds, simulate(ExitRule(clf), evals), L)
+        res.pop("accuracy_candidates", None)
+        out.append({"fitted_on": "+".join(train_names), "task": name, "first_layer": clf.first_layer,
+                    **_drop(res, dense)})
+    return out
+
+
+def concat(traces: list) -> Traces:
+    """Several tasks' traces as one set (features and vocabulary top-1 only; candidate sets differ per task)."""
+    feats = {k: np.concatenate([t.features[k] for t in traces]) for k in traces[0].features}
+    return Traces(feats, np.concatenate([t.top1 for t in traces]), traces[0].n_layers,
+                  np.concatenate([t.prompt_tokens for t in traces]), sum(t.seconds for t in traces))
 
 
 COLUMNS = ["task", "method", "first_layer", "train_agreement", "agreement", "accuracy", "acc_drop_pts",
