@@ -22,13 +22,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
-from adainfer.calibrate import tune  # noqa: E402
+from adainfer.calibrate import fit, shifted, tune  # noqa: E402
 from adainfer.exit import ExitRule, gap_rule  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 from adainfer.tasks import answer_ids, label_candidates, load_task, task_prompts  # noqa: E402
 from adainfer.traces import Traces, collect_cached, final_labels, oracle_layers, simulate, tokens_at  # noqa: E402
 
 SKIP_LAST = (1, 2, 3, 5, 8)
+MATCHED = (1, 2, 3)
+MATCH_SHIFTS = (-4.0, -3.0, -2.0, -1.5, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
 TARGETS = (0.999, 0.99, 0.98, 0.97, 0.95, 0.9, 0.8)
 
 
@@ -108,6 +110,12 @@ def main() -> None:
                 clf.save(args.classifiers / f"{name}_{args.shots}shot.json")
         res = score(evals, golds, simulate(ExitRule(gap_rule(0.8)), evals), L)
         rows.append({**base, "method": "gap > 0.8", "first_layer": 1, **_drop(res, dense)})
+        candidates = svm_candidates(train, labels, L)
+        for n in MATCHED:  # the SVM at the average depth of skip-last-n (chosen on the train split)
+            clf = max((c for c in candidates if c[1] <= L - n), key=lambda c: c[2])[0]
+            res = score(evals, golds, simulate(ExitRule(clf), evals), L)
+            rows.append({**base, "method": f"svm, avg layers <= {L - n} on train", "first_layer": clf.first_layer,
+                         **_drop(res, dense)})
         print_table([r for r in rows if r["task"] == name], COLUMNS)
         fitted[name] = (train, labels, evals, golds, dense)
     for train_names, test_names in args.inter:
@@ -121,6 +129,23 @@ def main() -> None:
     write_json(args.out, {"benchmark": "exit classifier trade-off from traces", "machine": machine(),
                           "shots": args.shots, "model": str(args.model), "rows": rows,
                           "generalisation": inter_rows})
+
+
+def svm_candidates(train: Traces, labels: np.ndarray, L: int) -> list:
+    """(classifier, average depth, agreement with dense) on the train split, over first check layers and bias
+    shifts (eager ones included): the pool from which the SVM matching skip-last-n's depth is picked, keeping the
+    most train answers at an average depth of at most L - n."""
+    opts = SimpleNamespace(classifier="svm", features=["gap", "top_prob"])
+    dense = train.top1[:, -1]
+    out = []
+    for first in range(1, L):
+        base = fit(opts, train, labels, list(range(first, L)))
+        base.first_layer, base.stride = first, 1
+        for shift in MATCH_SHIFTS:
+            clf = shifted(base, shift)
+            exits = simulate(ExitRule(clf), train)
+            out.append((clf, float(exits.mean()), float((tokens_at(train, exits) == dense).mean())))
+    return out
 
 
 def generalisation(fitted: dict, train_names: list[str], test_names: list[str], L: int, target: float) -> list:
