@@ -9,25 +9,31 @@ from adainfer.errors import AdainferError
 
 
 class TextTokenizer:
-    def __init__(self, backend, kind: str, config: ModelConfig):
-        self.backend, self.kind = backend, kind
+    def __init__(self, backend, kind: str, config: ModelConfig, path: Path | None = None):
+        self.backend, self.kind, self.path = backend, kind, path
         self.bos_id, self.eos_id = config.bos_id, config.eos_id
         self.add_bos = config.add_bos
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """Token ids of `text`; with `bos`, the model's BOS is prepended where the model wants one."""
-        if self.kind == "tokenizers":
-            ids = self.backend.encode(text, add_special_tokens=bos).ids
-        else:
-            ids = self.backend.encode(text)
+        try:
+            if self.kind == "tokenizers":
+                ids = self.backend.encode(text, add_special_tokens=bos).ids
+            else:
+                ids = self.backend.encode(text)
+        except Exception as e:  # a malformed tokenizer can load and still fail here (e.g. an unk token not in vocab)
+            raise AdainferError(self.path or "tokenizer", f"cannot encode text: {e}") from None
         if bos and self.add_bos and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
         return list(ids)
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        if self.kind == "tokenizers":
-            return self.backend.decode(list(ids), skip_special_tokens=skip_special)
-        return self.backend.decode(list(ids))
+        try:
+            if self.kind == "tokenizers":
+                return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+            return self.backend.decode(list(ids))
+        except Exception as e:
+            raise AdainferError(self.path or "tokenizer", f"cannot decode ids: {e}") from None
 
     def piece_id(self, text: str) -> int:
         """The first token of `text` encoded on its own (a label word such as " positive" or " A")."""
@@ -48,7 +54,7 @@ def load_tokenizer(folder: Path, config: ModelConfig) -> TextTokenizer | None:
             backend = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise AdainferError(path, f"cannot load tokenizer: {e}") from None
-        return TextTokenizer(backend, "tokenizers", config)
+        return TextTokenizer(backend, "tokenizers", config, path)
     if (folder / "tokenizer.model").is_file():
         import sentencepiece as spm
 
@@ -57,5 +63,5 @@ def load_tokenizer(folder: Path, config: ModelConfig) -> TextTokenizer | None:
             backend = spm.SentencePieceProcessor(model_file=str(path))
         except Exception as e:
             raise AdainferError(path, f"cannot load tokenizer: {e}") from None
-        return TextTokenizer(backend, "sentencepiece", config)
+        return TextTokenizer(backend, "sentencepiece", config, path)
     return None

@@ -38,3 +38,21 @@ def test_tokenizer_json_round_trip(converted):
     assert tok.kind == "tokenizers"
     ids = tok.encode("héllo, wörld")
     assert ids == byte_tokenizer().encode("héllo, wörld").ids and tok.decode(ids) == "héllo, wörld"
+
+
+def test_tokenizer_that_loads_but_cannot_encode_is_a_clean_error(tmp_path):
+    # Found by the fuzz campaign: a tokenizer.json whose unk token is not in its vocabulary loads, then raises a
+    # bare Exception from `tokenizers` on the first unknown character.
+    import pytest
+    from tokenizers import Tokenizer, models
+
+    from adainfer.config import ModelConfig
+    from adainfer.errors import AdainferError
+    from adainfer.tokenizer import load_tokenizer
+
+    Tokenizer(models.BPE(vocab={"a": 0}, merges=[], unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    config = ModelConfig(arch="llama", vocab_size=4, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, hidden_dim=8,
+                         max_seq_len=8)
+    tok = load_tokenizer(tmp_path, config)
+    with pytest.raises(AdainferError, match="tokenizer.json.*cannot encode"):
+        tok.encode("ab")
