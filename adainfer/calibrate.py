@@ -21,7 +21,7 @@ import torch
 
 from adainfer.errors import AdainferError
 from adainfer.exit import FEATURES, ExitClassifier, ExitRule, gap_rule
-from adainfer.traces import Traces, collect_cached, final_labels, gold_labels, simulate, tokens_at
+from adainfer.traces import Traces, collect_cached, decisions, final_labels, gold_labels, simulate, tokens_at
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,17 +272,12 @@ def fit_crf(X: np.ndarray, y: np.ndarray, names: list[str]) -> ExitClassifier:
 def evaluate(rule: ExitRule, traces: Traces, labels: np.ndarray, golds: list, L: int) -> dict:
     """Held-out report: per-layer positive rate and exit precision/recall, then the simulated run."""
     N = len(traces.top1)
-    exit_layer = simulate(rule, traces)
+    fires = decisions(rule, traces)
+    exit_layer = simulate(rule, traces, fires)
     answer = tokens_at(traces, exit_layer)
     dense = traces.top1[:, -1]
     per_layer = []
-    state: dict = {}
-    for n in range(1, L):
-        if not rule.should_check(n):
-            continue
-        feats = {f: torch.from_numpy(traces.features[f][:, n - 1]) for f in rule.features}
-        fire, state = rule.fire(feats, state)
-        fire = fire.numpy()
+    for n, fire in fires:
         pos = labels[:, n - 1]
         tp = int((fire & pos).sum())
         per_layer.append({"layer": n, "positive_rate": float(pos.mean()), "exit_rate": float(fire.mean()),

@@ -137,18 +137,26 @@ def gold_labels(traces: Traces, golds: list[set[int]]) -> np.ndarray:
     return np.array([[t in g for t in row[:-1]] for row, g in zip(traces.top1, golds)], dtype=bool)
 
 
-def simulate(rule: ExitRule, traces: Traces) -> np.ndarray:
-    """(N,) blocks each prompt runs under `rule`: the first checked layer where it fires, else L."""
-    N, L = traces.top1.shape
-    exit_layer = np.full(N, L, dtype=np.int64)
-    alive = np.ones(N, dtype=bool)
-    state: dict = {}
-    for n in range(1, L):
+def decisions(rule: ExitRule, traces: Traces) -> list[tuple[int, np.ndarray]]:
+    """(layer, (N,) bool fire) for each layer `rule` checks, replayed on every prompt as if none had left."""
+    out, state = [], {}
+    for n in range(1, traces.n_layers):
         if not rule.should_check(n):
             continue
         feats = {f: torch.from_numpy(traces.features[f][:, n - 1]) for f in rule.features}
         fire, state = rule.fire(feats, state)
-        fire = fire.cpu().numpy() & alive
+        out.append((n, fire.cpu().numpy()))
+    return out
+
+
+def simulate(rule: ExitRule, traces: Traces, fires: list[tuple[int, np.ndarray]] | None = None) -> np.ndarray:
+    """(N,) blocks each prompt runs under `rule`: the first checked layer where it fires, else L. `fires` are
+    the rule's decisions() when the caller already has them."""
+    N, L = traces.top1.shape
+    exit_layer = np.full(N, L, dtype=np.int64)
+    alive = np.ones(N, dtype=bool)
+    for n, fire in decisions(rule, traces) if fires is None else fires:
+        fire = fire & alive
         exit_layer[fire] = n
         alive &= ~fire
     return exit_layer
