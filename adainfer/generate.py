@@ -75,7 +75,7 @@ class Sampling:
 
 def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan: Plan | None = None,
              eos_id: int | None = None, mode: str = "sequence", sampling: Sampling | None = None,
-             keep_logits: bool = False, row_seeds: list[int] | None = None) -> list[Generation]:
+             keep_logits: bool = False, row_seeds: list[int] | None = None, graph=None) -> list[Generation]:
     """Generation for one batch of prompts (lists of token ids); greedy unless `sampling` says otherwise.
 
     The plan (exit rule, layer plan, candidates) decides the first token. Later tokens, by `mode`:
@@ -84,7 +84,8 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
                 computed layers (the depth is chosen once, from the prompt's last token)
       token     each token may exit at its own layer; the blocks it skips still get K/V at its position,
                 projected from its exit hidden state (CALM's state propagation)
-    With exit, sampling draws from the exit layer's logits."""
+    With exit, sampling draws from the exit layer's logits. `graph` (adainfer.fast_decode.decode_graph) runs the decode
+    steps in which every row runs every block; the others take the block loop."""
     if mode not in MODES:
         raise AdainferError("--exit-mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
     if max_new_tokens < 1:
@@ -119,12 +120,19 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
             break
         cache.length += tokens.shape[1]
         tokens = token[:, None].to(model.device)
-        if mode == "token":
+        if graph is not None and mode != "token" and _dense(model, depth, next_plan):
+            logits = graph(tokens, cache)
+            out = Output(logits, depth.clone(), logits.argmax(-1))
+        elif mode == "token":
             out = model(tokens, cache=cache, plan=next_plan)
         else:
             out = decode_step(model, tokens, cache, depth, next_plan)
         token = _pick(out, None, sampling, gens)
     return results
+
+
+def _dense(model: Decoder, depth: torch.Tensor, plan: Plan) -> bool:
+    return plan.layers is None and not plan.skip_attn and bool((depth == model.config.n_layers).all())
 
 
 def _pick(out: Output, candidates: torch.Tensor | None, sampling: Sampling, gens) -> torch.Tensor:

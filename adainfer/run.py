@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (bfloat16 where the CPU/GPU computes it natively, else float32), float32, bfloat16, "
                         "float16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--decode", default="eager", choices=["eager", "compiled", "int4"],
+                   help="how dense decode steps run: eager (the block loop, default), compiled (one torch.compile "
+                        "graph per step; compiles on first use, ~1-2 min for the default model) or int4 (that graph "
+                        "on weights rounded to 4 bits in groups of 32, bfloat16, CPU; lossy, see README)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--exit", type=Path, help="exit classifier file (default: the one shipped for the default model)")
     p.add_argument("--dense", action="store_true", help="no early exit: run every layer")
@@ -94,7 +98,14 @@ def run(args) -> int:
         from adainfer.default_model import default_model_dir
 
         args.model = default_model_dir(progress=not args.json)
+    if args.decode == "int4" and args.dtype == "auto":
+        args.dtype = "bfloat16"  # the int4 kernel takes bfloat16 activations
     model, tok = load_model(args.model, args.dtype, args.device)
+    if args.decode != "eager" and args.device != "cpu":
+        raise AdainferError("--decode", f"{args.decode} decoding is built for the CPU (on a GPU use eager)")
+    from adainfer.fast_decode import decode_graph
+
+    graph = decode_graph(model, args.decode)
     if tok is None:
         raise AdainferError(args.model, "the model folder has no tokenizer.json or tokenizer.model")
 
@@ -123,20 +134,25 @@ def run(args) -> int:
     # Sort by length so batches carry little padding; answers come back in input order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     eos = model.config.eos_id
-    generate(model, [ids[order[0]][-8:]], 1, dense_plan)  # warm-up: first-call allocations off the clock
+    # Warm-up: first-call allocations (and the decode graph's compilation) off the clock.
+    if graph is not None and args.max_new_tokens > 1 and not args.json:
+        print(f"compiling the {args.decode} decode graph (first use in this machine: about a minute)...",
+              file=sys.stderr, flush=True)
+    generate(model, [ids[order[0]][-8:]] * min(args.batch_size, len(ids)), 2 if graph is not None else 1, dense_plan,
+             graph=graph)
     results: list[dict | None] = [None] * len(ids)
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]
         t0 = time.perf_counter()
         seeds = [args.seed + i for i in batch]
         gens = generate(model, [ids[i] for i in batch], args.max_new_tokens, plan, eos, args.exit_mode, sampling,
-                        row_seeds=seeds)
+                        row_seeds=seeds, graph=graph)
         seconds = time.perf_counter() - t0
         dense_seconds = None
         if compare:
             t0 = time.perf_counter()
             dense = generate(model, [ids[i] for i in batch], args.max_new_tokens, dense_plan, eos, "none", sampling,
-                             row_seeds=seeds)
+                             row_seeds=seeds, graph=graph)
             dense_seconds = time.perf_counter() - t0
         for j, i in enumerate(batch):
             g = gens[j]
@@ -156,8 +172,9 @@ def run(args) -> int:
         for r in results:
             print(json.dumps(r, ensure_ascii=False))
         return 0
+    weights = "int4 weights, " if args.decode == "int4" else ""
     print(f"model: {args.model} ({model.config.arch}, {model.config.n_layers} layers), {str(model.dtype)[6:]}, "
-          f"{torch.get_num_threads()} threads, exit: {describe_exit(rule, args)}")
+          f"{weights}{args.decode} decode, {torch.get_num_threads()} threads, exit: {describe_exit(rule, args)}")
     for i, r in enumerate(results):
         shown = r["prompt"] if len(r["prompt"]) <= 70 else "..." + r["prompt"][-67:]
         print(f"[{i + 1}] {shown!r}")

@@ -1,0 +1,240 @@
+"""Captured decode: one new token per row through every block as one torch.compile graph, optionally on int4 weights.
+
+Eager decoding of the default model at batch 1 spends ~15 ms a token dispatching ~60 small ops per block, and on an
+AVX2 CPU a bfloat16 GEMV reads weights at ~8 GB/s (measured: benchmarks/README.md). Two levers, both opt-in:
+
+  compiled  the dense decode step (embedding, every block, final norm, LM head) traced once by torch.compile: inductor
+            fuses the norms, rotary, attention and SwiGLU elementwise work into a few C++ loops around the matmuls,
+            and the whole step is one call. Same weights, same math; float rounding differs in the last bits.
+  int4      the same graph with every block matrix and the LM head rounded to 4 bits in groups of 32 input columns,
+            scale and offset per group (GGUF's Q4_1 scheme: on a model converted from a Q4_1 GGUF it recovers the
+            distributed weights up to the rounding of the scales to bfloat16), run by torch's int4 CPU kernel with
+            bfloat16 activations. The eager model (prefill, exit checks) is switched to the dequantized values, so
+            prefill and decode compute with the same weights. Lossy: see the tolerance in tests/test_fast_decode.py.
+
+Only dense decode steps go through the graph (every row runs all blocks); exit decisions, layer plans and per-token
+exit stay on the eager loop. Llama-family models only. The graph is compiled on first use (about a minute for the
+30-block default model on 2 cores; inductor caches it on disk) and again for a new batch size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adainfer.errors import AdainferError
+from adainfer.model import Decoder, KVCache, apply_rope, head_logits, linear, rms_norm, rope_cos_sin
+
+INT4_GROUP = 32
+DECODE_MODES = ("eager", "compiled", "int4")
+
+
+# ---------------------------------------------------------------- int4 weights
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q (N, K) int32 in 0..15, scale and low (N, K // group) float32, with w ~ scale * q + low: the
+    group's minimum maps to 0 and its maximum to 15 (as llama.cpp's Q4_1)."""
+    N, K = w.shape
+    g = w.float().view(N, K // group, group)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = (high - low) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = ((g - low[..., None]) / safe[..., None]).round().clamp(0, 15)
+    return q.to(torch.int32).view(N, K), scale, low
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The plain-torch reference: (N, K) float32 weights from quantize_int4's output."""
+    N, K = q.shape
+    g = q.float().view(N, scale.shape[1], -1)
+    return (g * scale[..., None] + low[..., None]).view(N, K)
+
+
+@dataclass
+class Int4Weight:
+    packed: torch.Tensor  # torch's int4 CPU layout of q, rows padded to a multiple of 16: (N', K / 2) uint8
+    scales_zeros: torch.Tensor  # (K / group, N', 2) bfloat16: scale, low + 8 * scale (the kernel: (q - 8) s + z)
+    n: int  # real output rows (the kernel wants N' % 16 == 0; padding rows are zero)
+
+    @staticmethod
+    def of(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> Int4Weight:
+        n = q.shape[0]
+        pad = -n % 16
+        q, scale, low = (F.pad(t, (0, 0, 0, pad)) for t in (q, scale, low))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        sz = torch.stack([scale.T, (low + 8 * scale).T], dim=-1)  # (K / group, N', 2)
+        return Int4Weight(packed, sz.to(torch.bfloat16).contiguous(), n)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
+                n: int | None = None) -> torch.Tensor:
+    """x (..., K) bfloat16 -> (..., n) bfloat16 through torch's int4 weight-only CPU kernel (group INT4_GROUP).
+    Its cost grows with the rows of x (it is compute-bound here): a decode lever for a few rows, not for prefill."""
+    lead = x.shape[:-1]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, INT4_GROUP, scales_zeros)
+    if n is not None and n != y.shape[-1]:
+        y = y[:, :n]
+    return y.view(*lead, -1)
+
+
+def quantize_model(model: Decoder) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Round every block matrix and the LM head to int4 (in place: the model's weights become the dequantized values,
+    so eager prefill computes with what the int4 kernel reads) and return quantize_int4's (q, scale, low) by name."""
+    if model.dtype != torch.bfloat16 or model.device.type != "cpu":
+        got = f"{str(model.dtype)[6:]} on {model.device.type}"
+        raise AdainferError("--decode int4", f"int4 weights run on the CPU with bfloat16 activations (got {got}; "
+                                             "use --dtype bfloat16)")
+    packed = {}
+    named = [(f"layers.{i}.{n}", m) for i, block in enumerate(model.layers)
+             for n, m in (("wqkv", block.attention.wqkv), ("wo", block.attention.wo),
+                          ("w1", block.feed_forward.w1), ("w3", block.feed_forward.w3), ("w2", block.feed_forward.w2))]
+    named.append(("head", model.output if model.output is not None else model.tok_embeddings))
+    for name, module in named:
+        w = module.weight
+        if w.shape[1] % INT4_GROUP:
+            raise AdainferError("--decode int4", f"{name} has {w.shape[1]} input columns, not a multiple of "
+                                                 f"{INT4_GROUP}")
+        q, scale, low = quantize_int4(w)
+        packed[name] = q, scale, low
+        module.weight.data = dequantize_int4(q, scale, low).to(w.dtype)  # tied: the embedding table follows
+    model.quantized = "int4"
+    return packed
+
+
+# ---------------------------------------------------------------- the decode graph
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k_new: torch.Tensor,
+                     v_new: torch.Tensor) -> torch.Tensor:
+    """One query per row, q (B, H, 1, hd), against the cached keys k, v (B, Hkv, S, hd) where mask (B, 1, 1, S) is
+    True, and its own key and value k_new, v_new (B, Hkv, 1, hd); float32. The new key is taken apart from the cache
+    so that the graph does not write the cache (inductor would copy it per block to keep the write functional).
+    Written as products and sums, which inductor turns into loops: a bfloat16 bmm of a single query costs ~80 us a
+    call on this CPU, SDPA 90-250 us."""
+    B, H, _, hd = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, 1, hd).float()  # (B, Hkv, g, 1, hd): query head h reads kv head h // g
+    scores = (qg * k[:, :, None].float()).sum(-1) * hd ** -0.5  # (B, Hkv, g, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    own = (qg * k_new[:, :, None].float()).sum(-1) * hd ** -0.5  # (B, Hkv, g, 1)
+    p = torch.cat([scores, own], dim=-1).softmax(-1)
+    y = (p[..., :-1, None] * v[:, :, None].float()).sum(-2) + p[..., -1:] * v_new.float()  # (B, Hkv, g, hd)
+    return y.to(q.dtype).reshape(B, H, 1, hd)
+
+
+class DecodeGraph:
+    """Dense decode steps of `model`, every row through every block: __call__(tokens (B, 1), cache) -> float32
+    logits (B, V), keys and values written into `cache` at cache.length (the caller advances it)."""
+
+    def __init__(self, model: Decoder, mode: str = "compiled", int4: dict | None = None, compile: bool = True):
+        c = model.config
+        if c.arch != "llama":
+            raise AdainferError("--decode", f"the {mode} decode graph supports Llama-family models, not {c.arch}")
+        if mode == "int4" and int4 is None:
+            raise AdainferError("--decode int4", "needs the packed weights from quantize_model")
+        self.model, self.mode, self.config = model, mode, c
+        L = c.n_layers
+        # Weights stacked per kind, so the graph guards a dozen tensors instead of 7 per block. The model's own
+        # parameters become views of the stacks (no second copy).
+        blocks = model.layers
+        self.attn_norm = _stack([b.attention_norm.weight for b in blocks])
+        self.ffn_norm = _stack([b.ffn_norm.weight for b in blocks])
+        if int4 is None:
+            self.wqkv = _stack([b.attention.wqkv.weight for b in blocks])
+            self.wo = _stack([b.attention.wo.weight for b in blocks])
+            self.w1 = _stack([b.feed_forward.w1.weight for b in blocks])
+            self.w3 = _stack([b.feed_forward.w3.weight for b in blocks])
+            self.w2 = _stack([b.feed_forward.w2.weight for b in blocks])
+        else:
+            def packed(*names):  # (L, N, K / 2) uint8 and (L, K / 32, N, 2) bfloat16; several names: rows concatenated
+                ws = [Int4Weight.of(*(torch.cat([int4[f"layers.{i}.{n}"][j] for n in names]) for j in range(3)))
+                      for i in range(L)]
+                return torch.stack([w.packed for w in ws]), torch.stack([w.scales_zeros for w in ws]), ws[0].n
+            self.wqkv, self.wo, self.w2 = packed("wqkv"), packed("wo"), packed("w2")
+            self.w13 = packed("w1", "w3")  # gate and up as one kernel call: one launch fewer per block, ~10% faster
+            head = Int4Weight.of(*int4["head"])
+            self.head = head.packed, head.scales_zeros, head.n
+        self.step = torch.compile(self.forward, dynamic=False) if compile else self.forward
+
+    def lin(self, x: torch.Tensor, w, i: int) -> torch.Tensor:
+        if isinstance(w, tuple):
+            return int4_linear(x, w[0][i], w[1][i], w[2])
+        return linear(x, w[i])
+
+    def forward(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache_k: torch.Tensor, cache_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (B, 1); cos, sin (B, 1, 1, hd); mask (B, 1, 1, S) the cached positions to attend to; cache_k,
+        cache_v (L, B, Hkv, S, hd) -> logits (B, V) float32, and the new keys and values (L, B, Hkv, hd)."""
+        c, model = self.config, self.model
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        B = tokens.shape[0]
+        h = model.tok_embeddings.weight[tokens]  # (B, 1, dim)
+        ks, vs = [], []
+        for i in range(c.n_layers):
+            x = rms_norm(h, self.attn_norm[i], c.norm_eps)
+            q, k, v = self.lin(x, self.wqkv, i).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+            q = apply_rope(q.view(B, 1, H, hd).transpose(1, 2), cos, sin)  # (B, H, 1, hd)
+            k = apply_rope(k.view(B, 1, Hkv, hd).transpose(1, 2), cos, sin)  # (B, Hkv, 1, hd)
+            v = v.view(B, 1, Hkv, hd).transpose(1, 2)
+            ks.append(k[:, :, 0])
+            vs.append(v[:, :, 0])
+            y = decode_attention(q, cache_k[i], cache_v[i], mask, k, v)  # (B, H, 1, hd)
+            h = h + self.lin(y.transpose(1, 2).reshape(B, 1, H * hd), self.wo, i)
+            x = rms_norm(h, self.ffn_norm[i], c.norm_eps)
+            if self.mode == "int4":
+                gate, up = self.lin(x, self.w13, i).split([c.hidden_dim, c.hidden_dim], dim=-1)
+            else:
+                gate, up = self.lin(x, self.w1, i), self.lin(x, self.w3, i)
+            h = h + self.lin(F.silu(gate) * up, self.w2, i)
+        x = model.head_input(h[:, -1])  # (B, dim)
+        logits = int4_linear(x, *self.head).float() if self.mode == "int4" else head_logits(x, model.head_weight)
+        return logits, torch.stack(ks), torch.stack(vs)
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        length = cache.length
+        if length >= cache.max_len:
+            raise AdainferError("decode", f"the KV cache holds {cache.max_len} positions, all written")
+        positions = cache.valid[:, :length].sum(-1, keepdim=True)  # (B, 1): each row's real tokens so far
+        cos, sin = rope_cos_sin(self.model.inv_freq, positions, self.model.dtype)  # (B, 1, 1, hd)
+        mask = cache.valid[:, None, None, :length]  # (B, 1, 1, S)
+        k, v = cache.k[:, :, :, :length], cache.v[:, :, :, :length]
+        if self.step is not self.forward:
+            # The cache length changes every step: one graph for every length, not a compile per step.
+            for t in (k, v, mask):
+                torch._dynamo.maybe_mark_dynamic(t, 3)
+        with torch.inference_mode():
+            logits, k_new, v_new = self.step(tokens, cos, sin, mask, k, v)
+        cache.k[:, :, :, length] = k_new
+        cache.v[:, :, :, length] = v_new
+        cache.valid[:, length] = True
+        return logits
+
+def _stack(params: list[nn.Parameter]) -> torch.Tensor:
+    stacked = torch.stack([p.data for p in params])
+    for i, p in enumerate(params):
+        p.data = stacked[i]
+    return stacked
+
+
+def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
+    """The model's decode graph for `mode` (built once, kept on the model), or None for eager decoding."""
+    if mode not in DECODE_MODES:
+        raise AdainferError("--decode", f"unknown mode {mode!r} (choose {', '.join(DECODE_MODES)})")
+    if mode == "eager":
+        return None
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise AdainferError("--decode", f"{mode} decoding compiles C++ through torch.compile and needs a C++ compiler; "
+                                        f"{cxx!r} is not on PATH (install g++, or use --decode eager)")
+    graph = getattr(model, "decode_graphs", {}).get(mode)
+    if graph is None:
+        int4 = quantize_model(model) if mode == "int4" else None
+        graph = DecodeGraph(model, mode, int4)
+        model.decode_graphs = {**getattr(model, "decode_graphs", {}), mode: graph}
+    return graph

@@ -1,0 +1,128 @@
+"""The decode graph (adainfer.fast_decode): int4 rounding and kernel against their plain-torch references, and decode
+steps through the graph (eager and compiled) against the block loop, step by step."""
+
+import json
+
+import pytest
+import torch
+from helpers import run_cli
+
+from adainfer.errors import AdainferError
+from adainfer.exit import ExitClassifier, ExitRule
+from adainfer.fast_decode import DecodeGraph, Int4Weight, decode_graph, dequantize_int4, int4_linear, quantize_int4
+from adainfer.generate import generate, left_pad
+from adainfer.loading import load_model
+from adainfer.model import KVCache, Plan
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41, 42, 43, 44, 45, 46, 47, 48]]  # left-padded together
+
+
+def test_int4_rounding_recovers_a_4bit_grid_and_bounds_the_error():
+    g = torch.Generator().manual_seed(0)
+    # Weights that already sit on a Q4_1 grid (every group spans q = 0..15) come back exactly.
+    q = torch.randint(0, 16, (64, 96), generator=g, dtype=torch.int32)
+    q[:, 0::32], q[:, 1::32] = 0, 15
+    scale, low = torch.rand(64, 3, generator=g) * 0.1 + 0.01, torch.randn(64, 3, generator=g) * 0.1
+    w = dequantize_int4(q, scale, low)
+    q2, scale2, low2 = quantize_int4(w)
+    assert torch.equal(q2, q)
+    torch.testing.assert_close(dequantize_int4(q2, scale2, low2), w, atol=1e-6, rtol=0)
+    # Any other weights move by at most half a step of their group; a constant group is kept as is.
+    w = torch.randn(64, 96, generator=g)
+    w[0, :32] = 0.25
+    q, scale, low = quantize_int4(w)
+    err = (dequantize_int4(q, scale, low) - w).abs().view(64, 3, 32)
+    assert bool((err <= scale[..., None] / 2 + 1e-6).all())
+    assert float(err[0, 0].max()) == 0.0
+
+
+@pytest.mark.parametrize("n, k", [(16, 32), (96, 64), (260, 64), (1536, 576)])
+def test_int4_kernel_matches_the_dequantized_reference(n, k):
+    g = torch.Generator().manual_seed(n)
+    q, scale, low = quantize_int4(torch.randn(n, k, generator=g))
+    w = Int4Weight.of(q, scale, low)
+    x = torch.randn(3, k, generator=g).bfloat16()
+    y = int4_linear(x, w.packed, w.scales_zeros, w.n).float()
+    ref = x.float() @ dequantize_int4(q, scale, low).T
+    assert y.shape == (3, n)
+    # The kernel reads scales and offsets rounded to bfloat16 and rounds its output to bfloat16: 1% of the range.
+    assert float((y - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+
+
+def step_logits(model, graph, n_steps):
+    """Prefill PROMPTS, then feed the block loop's greedy token to both the block loop and the graph for n_steps;
+    return the per-step logits of both, (n_steps, B, V) each."""
+    tokens, pad_mask = left_pad(PROMPTS, 0)
+    B, T = tokens.shape
+    caches = [KVCache(model.config, B, T + n_steps, model.dtype) for _ in range(2)]
+    for cache in caches:
+        out = model(tokens, pad_mask=pad_mask, cache=cache)
+        cache.length = T
+    token, ref, got = out.token[:, None], [], []
+    for _ in range(n_steps):
+        o = model(token, cache=caches[0])
+        caches[0].length += 1
+        got.append(graph(token, caches[1]))
+        caches[1].length += 1
+        ref.append(o.logits)
+        token = o.token[:, None]
+    return torch.stack(ref), torch.stack(got)
+
+
+@pytest.fixture(scope="module")
+def folder(converted):
+    return converted("llama-gqa-tied", seed=3)[1]
+
+
+def test_graph_eager_matches_the_block_loop(folder):
+    model = load_model(folder, "float32")[0]
+    ref, got = step_logits(model, DecodeGraph(model, "compiled", compile=False), 8)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_graph_matches_the_block_loop_and_generate(folder):
+    model = load_model(folder, "float32")[0]
+    graph = decode_graph(model, "compiled")
+    ref, got = step_logits(model, graph, 8)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # generate() hands dense steps to the graph: same tokens as the block loop, in sequence mode with a rule that
+    # never fires (every row at full depth) too.
+    never = Plan(exit=ExitRule(ExitClassifier("never", ["gap"], [0.0], -1.0)))
+    dense = [g.token_ids for g in generate(model, PROMPTS, 10)]
+    assert [g.token_ids for g in generate(model, PROMPTS, 10, graph=graph)] == dense
+    assert [g.token_ids for g in generate(model, PROMPTS, 10, never, graph=graph)] == dense
+
+
+@pytest.mark.slow
+def test_int4_graph_matches_the_quantized_block_loop(folder):
+    model = load_model(folder, "bfloat16")[0]
+    float_model = load_model(folder, "bfloat16")[0]
+    graph = decode_graph(model, "int4")  # rounds the model's weights in place
+    changed = [float((a - b).abs().max()) for a, b in zip(model.parameters(), float_model.parameters())]
+    assert max(changed) > 0, "int4 mode must switch the eager model to the rounded weights"
+    ref, got = step_logits(model, graph, 8)
+    # Both read the same rounded weights; the kernel takes bfloat16 scales and accumulates in its own order.
+    assert float((got - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_decode_graph_refuses_what_it_does_not_cover(converted, folder):
+    opt = load_model(converted("opt-125m-like")[1], "float32")[0]
+    with pytest.raises(AdainferError, match="Llama-family"):
+        decode_graph(opt, "compiled")
+    with pytest.raises(AdainferError, match="bfloat16"):
+        decode_graph(load_model(folder, "float32")[0], "int4")
+    with pytest.raises(AdainferError, match="unknown mode"):
+        decode_graph(load_model(folder, "float32")[0], "fast")
+
+
+@pytest.mark.slow
+def test_run_cli_int4_decode(folder, converted):
+    r = run_cli("adainfer.run", "--model", folder, "--prompt", "hello", "--max-new-tokens", "4", "--decode", "int4",
+                "--dense", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["token_ids"]) == 4 and out["layers_run"] == [3] * 4
+    r = run_cli("adainfer.run", "--model", converted("opt-125m-like")[1], "--prompt", "hello", "--decode", "compiled")
+    assert r.returncode == 2 and "Llama-family" in r.stderr and r.stdout == ""
