@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adainfer.errors import AdainferError
-from adainfer.model import Decoder, KVCache, apply_rope, head_logits, linear, rms_norm, rope_cos_sin
+from adainfer.model import Decoder, KVCache, apply_rope, default_positions, head_logits, linear, rms_norm, rope_cos_sin
 
 INT4_GROUP = 32
 DECODE_MODES = ("eager", "compiled", "int4")
@@ -200,7 +200,7 @@ class DecodeGraph:
         length = cache.length
         if length >= cache.max_len:
             raise AdainferError("decode", f"the KV cache holds {cache.max_len} positions, all written")
-        positions = cache.valid[:, :length].sum(-1, keepdim=True)  # (B, 1): each row's real tokens so far
+        positions = default_positions(None, cache, None, tokens.shape[0], 1, tokens.device)  # (B, 1)
         cos, sin = rope_cos_sin(self.model.inv_freq, positions, self.model.dtype)  # (B, 1, 1, hd)
         mask = cache.valid[:, None, None, :length]  # (B, 1, 1, S)
         k, v = cache.k[:, :, :, :length], cache.v[:, :, :, :length]
@@ -236,5 +236,7 @@ def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
     if graph is None:
         int4 = quantize_model(model) if mode == "int4" else None
         graph = DecodeGraph(model, mode, int4)
-        model.decode_graphs = {**getattr(model, "decode_graphs", {}), mode: graph}
+        # Rounding to int4 replaces the weights a compiled graph stacked: that graph would read the old ones.
+        kept = {} if mode == "int4" else getattr(model, "decode_graphs", {})
+        model.decode_graphs = {**kept, mode: graph}
     return graph
