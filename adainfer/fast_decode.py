@@ -6,22 +6,27 @@ AVX2 CPU a bfloat16 GEMV reads weights at ~8 GB/s (measured: benchmarks/README.m
   compiled  the dense decode step (embedding, every block, final norm, LM head) traced once by torch.compile: inductor
             fuses the norms, rotary, attention and SwiGLU elementwise work into a few C++ loops around the matmuls,
             and the whole step is one call. Same weights, same math; float rounding differs in the last bits.
-  int4      the same graph with every block matrix and the LM head rounded to 4 bits in groups of 32 input columns,
-            scale and offset per group (GGUF's Q4_1 scheme: on a model converted from a Q4_1 GGUF it recovers the
-            distributed weights up to the rounding of the scales to bfloat16), run by torch's int4 CPU kernel with
-            bfloat16 activations. The eager model (prefill, exit checks) is switched to the dequantized values, so
-            prefill and decode compute with the same weights. Lossy: see the tolerance in tests/test_fast_decode.py.
+  int4      the same graph with every block matrix rounded to 4 bits in groups of 32 input columns, scale and offset
+            per group (GGUF's Q4_1), and the LM head to 8 bits (Q8_0), as the default model's Q4_1 GGUF ships them
+            (on it the rounding recovers the distributed weights), run by adainfer's C++ kernels (csrc/q4q8.cpp,
+            compiled on first use): activations rounded to int8 per group of 32 and the products summed in integers
+            (AVX2), what llama.cpp runs for those files. float32 or bfloat16 models. The eager model (prefill, exit
+            checks) is switched to the dequantized values, so prefill and decode compute with the same weights.
+            Lossy (the activations' rounding, and the weights' on a model not from such a GGUF): see the tolerances
+            in tests/test_fast_decode.py.
 
 Only dense decode steps go through the graph (every row runs all blocks); exit decisions, layer plans and per-token
 exit stay on the eager loop. Llama-family models only. The graph is compiled on first use (about a minute for the
-30-block default model on 2 cores; inductor caches it on disk) and again for a new batch size.
+30-block default model on 2 cores, two with int4; inductor caches it on disk) and again for a new batch size.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,40 +61,128 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> 
     return (g * scale[..., None] + low[..., None]).view(N, K)
 
 
+def quantize_int8(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q (N, K) int8 in -127..127 and scale (N, K // group) float32 = max|w| / 127 per group, with
+    w ~ scale * q (llama.cpp's Q8_0, in which the default model's embedding table is distributed)."""
+    N, K = w.shape
+    g = w.float().view(N, K // group, group)
+    scale = g.abs().amax(-1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (g / safe[..., None]).round().clamp(-127, 127)
+    return q.to(torch.int8).view(N, K), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The plain-torch reference: (N, K) float32 weights from quantize_int8's output."""
+    N, K = q.shape
+    return (q.float().view(N, scale.shape[1], -1) * scale[..., None]).view(N, K)
+
+
+# ---------------------------------------------------------------- the int4 x int8 kernel
+
+_KERNEL_SOURCE = Path(__file__).parent / "csrc" / "q4q8.cpp"
+_kernel_loaded = False
+
+
+def load_q4q8_kernel(portable: bool | None = None) -> None:
+    """Compile adainfer/csrc/q4q8.cpp (first use: ~15 s; torch keeps the build under ~/.cache/torch_extensions) and
+    register torch.ops.adainfer.q4q8_linear. AVX2 integer dot products where torch reports an AVX2 CPU, a portable C++
+    loop otherwise (or with portable=True / ADAINFER_Q4Q8_PORTABLE=1)."""
+    global _kernel_loaded
+    if _kernel_loaded:
+        return
+    from torch.utils import cpp_extension
+
+    if portable is None:
+        portable = os.environ.get("ADAINFER_Q4Q8_PORTABLE") == "1"
+    avx2 = not portable and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    try:
+        cpp_extension.load(name="adainfer_q4q8_" + ("avx2" if avx2 else "portable"), sources=[str(_KERNEL_SOURCE)],
+                           extra_cflags=["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if avx2 else []),
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        raise AdainferError("--decode int4", f"could not build the int4 kernel {_KERNEL_SOURCE} ({e}); "
+                                             "use --decode compiled or eager") from None
+
+    @torch.library.register_fake("adainfer::q4q8_linear")
+    def _(x, qs, d, m):  # shapes for torch.compile
+        return x.new_empty(x.shape[0], qs.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("adainfer::q8q8_linear")
+    def _(x, qs, d):
+        return x.new_empty(x.shape[0], qs.shape[0], dtype=torch.float32)
+
+    _kernel_loaded = True
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) in 0..15 -> (N, K / 2) uint8, GGUF Q4_1's order: in each group of 32, byte j holds element j in its
+    low nibble and element 16 + j in its high nibble."""
+    N, K = q.shape
+    g = q.to(torch.uint8).view(N, K // INT4_GROUP, 2, INT4_GROUP // 2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
 @dataclass
 class Int4Weight:
-    packed: torch.Tensor  # torch's int4 CPU layout of q, rows padded to a multiple of 16: (N', K / 2) uint8
-    scales_zeros: torch.Tensor  # (K / group, N', 2) bfloat16: scale, low + 8 * scale (the kernel: (q - 8) s + z)
-    n: int  # real output rows (the kernel wants N' % 16 == 0; padding rows are zero)
+    """One matrix for the kernel: packed nibbles (N, K / 2) uint8; scale and low (N, K / 32) float32."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    low: torch.Tensor
 
     @staticmethod
     def of(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> Int4Weight:
-        n = q.shape[0]
-        pad = -n % 16
-        q, scale, low = (F.pad(t, (0, 0, 0, pad)) for t in (q, scale, low))
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-        sz = torch.stack([scale.T, (low + 8 * scale).T], dim=-1)  # (K / group, N', 2)
-        return Int4Weight(packed, sz.to(torch.bfloat16).contiguous(), n)
+        return Int4Weight(pack_int4(q), scale.float().contiguous(), low.float().contiguous())
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
-                n: int | None = None) -> torch.Tensor:
-    """x (..., K) bfloat16 -> (..., n) bfloat16 through torch's int4 weight-only CPU kernel (group INT4_GROUP).
-    Its cost grows with the rows of x (it is compute-bound here): a decode lever for a few rows, not for prefill."""
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """x (..., K) float32 or bfloat16 -> (..., N) float32 = x @ W.T with W = scale * q + low in groups of 32, through
+    the C++ kernel: x is rounded to int8 per group of 32 (scale max|x| / 127, GGUF's Q8_1) and the products summed in
+    integers, as llama.cpp does for Q4_1 weights. load_q4q8_kernel() first."""
     lead = x.shape[:-1]
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, INT4_GROUP, scales_zeros)
-    if n is not None and n != y.shape[-1]:
-        y = y[:, :n]
+    y = torch.ops.adainfer.q4q8_linear(x.reshape(-1, x.shape[-1]), packed, scale, low)
     return y.view(*lead, -1)
 
 
-def quantize_model(model: Decoder) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Round every block matrix and the LM head to int4 (in place: the model's weights become the dequantized values,
-    so eager prefill computes with what the int4 kernel reads) and return quantize_int4's (q, scale, low) by name."""
-    if model.dtype != torch.bfloat16 or model.device.type != "cpu":
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) float32 or bfloat16 -> (..., N) float32 = x @ W.T with W = scale * q (quantize_int8), x rounded to
+    int8 as in int4_linear. load_q4q8_kernel() first."""
+    lead = x.shape[:-1]
+    return torch.ops.adainfer.q8q8_linear(x.reshape(-1, x.shape[-1]), q, scale).view(*lead, -1)
+
+
+def _round_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' rounding of x (B, K) to int8 per group of 32, in float32 as they do it (ties fall the same way):
+    qx (B, G, 32) and dx (B, G), float64."""
+    B, K = x.shape
+    xg = x.float().view(B, K // INT4_GROUP, INT4_GROUP)
+    dx = xg.abs().amax(-1) / 127
+    inv = torch.where(dx > 0, 1 / dx, 0.0)
+    return (xg * inv[..., None]).round().double(), dx.double()
+
+
+def int4_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """int4_linear's arithmetic in plain torch, float64: x (B, K), q (N, K) in 0..15 -> (B, N)."""
+    qx, dx = _round_inputs(x)
+    dots = torch.einsum("bgj,ngj->bng", qx, q.double().view(q.shape[0], *qx.shape[1:]))  # (B, N, G)
+    return (dots * scale.double() * dx[:, None] + low.double() * (dx * qx.sum(-1))[:, None]).sum(-1)
+
+
+def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8_linear's arithmetic in plain torch, float64: x (B, K), q (N, K) int8 -> (B, N)."""
+    qx, dx = _round_inputs(x)
+    dots = torch.einsum("bgj,ngj->bng", qx, q.double().view(q.shape[0], *qx.shape[1:]))  # (B, N, G)
+    return (dots * scale.double() * dx[:, None]).sum(-1)
+
+
+def quantize_model(model: Decoder) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Round every block matrix to int4 and the LM head to int8, as llama.cpp's Q4_1 files keep them (in place: the
+    model's weights become the dequantized values, so eager prefill computes with what the kernels read). Returns
+    quantize_int4's (q, scale, low) by name, and quantize_int8's (q, scale) for "head"."""
+    if model.dtype not in (torch.float32, torch.bfloat16) or model.device.type != "cpu":
         got = f"{str(model.dtype)[6:]} on {model.device.type}"
-        raise AdainferError("--decode int4", f"int4 weights run on the CPU with bfloat16 activations (got {got}; "
-                                             "use --dtype bfloat16)")
+        raise AdainferError("--decode int4", f"int4 weights run on the CPU in float32 or bfloat16 (got {got})")
     packed = {}
     named = [(f"layers.{i}.{n}", m) for i, block in enumerate(model.layers)
              for n, m in (("wqkv", block.attention.wqkv), ("wo", block.attention.wo),
@@ -100,9 +193,12 @@ def quantize_model(model: Decoder) -> dict[str, tuple[torch.Tensor, torch.Tensor
         if w.shape[1] % INT4_GROUP:
             raise AdainferError("--decode int4", f"{name} has {w.shape[1]} input columns, not a multiple of "
                                                  f"{INT4_GROUP}")
-        q, scale, low = quantize_int4(w)
-        packed[name] = q, scale, low
-        module.weight.data = dequantize_int4(q, scale, low).to(w.dtype)  # tied: the embedding table follows
+        if name == "head":  # the head decides the token: 8 bits (tied: the embedding table follows)
+            packed[name] = quantize_int8(w)
+            module.weight.data = dequantize_int8(*packed[name]).to(w.dtype)
+        else:
+            packed[name] = quantize_int4(w)
+            module.weight.data = dequantize_int4(*packed[name]).to(w.dtype)
     model.quantized = "int4"
     return packed
 
@@ -152,19 +248,18 @@ class DecodeGraph:
             self.w3 = _stack([b.feed_forward.w3.weight for b in blocks])
             self.w2 = _stack([b.feed_forward.w2.weight for b in blocks])
         else:
-            def packed(*names):  # (L, N, K / 2) uint8 and (L, K / 32, N, 2) bfloat16; several names: rows concatenated
+            def packed(*names):  # (L, N, K / 2) uint8, scale and low (L, N, K / 32); several names: rows concatenated
                 ws = [Int4Weight.of(*(torch.cat([int4[f"layers.{i}.{n}"][j] for n in names]) for j in range(3)))
                       for i in range(L)]
-                return torch.stack([w.packed for w in ws]), torch.stack([w.scales_zeros for w in ws]), ws[0].n
+                return tuple(torch.stack([getattr(w, f) for w in ws]) for f in ("packed", "scale", "low"))
             self.wqkv, self.wo, self.w2 = packed("wqkv"), packed("wo"), packed("w2")
-            self.w13 = packed("w1", "w3")  # gate and up as one kernel call: one launch fewer per block, ~10% faster
-            head = Int4Weight.of(*int4["head"])
-            self.head = head.packed, head.scales_zeros, head.n
+            self.w13 = packed("w1", "w3")  # gate and up as one kernel call
+            self.head = int4["head"]  # int8: q (V, dim), scale (V, dim / 32)
         self.step = torch.compile(self.forward, dynamic=False) if compile else self.forward
 
     def lin(self, x: torch.Tensor, w, i: int) -> torch.Tensor:
         if isinstance(w, tuple):
-            return int4_linear(x, w[0][i], w[1][i], w[2])
+            return int4_linear(x, w[0][i], w[1][i], w[2][i]).to(x.dtype)
         return linear(x, w[i])
 
     def forward(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -193,7 +288,7 @@ class DecodeGraph:
                 gate, up = self.lin(x, self.w1, i), self.lin(x, self.w3, i)
             h = h + self.lin(F.silu(gate) * up, self.w2, i)
         x = model.head_input(h[:, -1])  # (B, dim)
-        logits = int4_linear(x, *self.head).float() if self.mode == "int4" else head_logits(x, model.head_weight)
+        logits = int8_linear(x, *self.head) if self.mode == "int4" else head_logits(x, model.head_weight)
         return logits, torch.stack(ks), torch.stack(vs)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -234,6 +329,8 @@ def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
                                         f"{cxx!r} is not on PATH (install g++, or use --decode eager)")
     graph = getattr(model, "decode_graphs", {}).get(mode)
     if graph is None:
+        if mode == "int4":
+            load_q4q8_kernel()
         int4 = quantize_model(model) if mode == "int4" else None
         graph = DecodeGraph(model, mode, int4)
         # Rounding to int4 replaces the weights a compiled graph stacked: that graph would read the old ones.

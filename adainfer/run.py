@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", default="eager", choices=["eager", "compiled", "int4"],
                    help="how dense decode steps run: eager (the block loop, default), compiled (one torch.compile "
                         "graph per step; compiles on first use, ~1-2 min for the default model) or int4 (that graph "
-                        "on weights rounded to 4 bits in groups of 32, bfloat16, CPU; lossy, see README)")
+                        "on 4-bit block weights, an 8-bit head and int8 activations, C++ kernels built on first use; "
+                        "CPU; lossy, see README)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--exit", type=Path, help="exit classifier file (default: the one shipped for the default model)")
     p.add_argument("--dense", action="store_true", help="no early exit: run every layer")
@@ -98,8 +99,6 @@ def run(args) -> int:
         from adainfer.default_model import default_model_dir
 
         args.model = default_model_dir(progress=not args.json)
-    if args.decode == "int4" and args.dtype == "auto":
-        args.dtype = "bfloat16"  # the int4 kernel takes bfloat16 activations
     model, tok = load_model(args.model, args.dtype, args.device)
     if args.decode != "eager" and args.device != "cpu":
         raise AdainferError("--decode", f"{args.decode} decoding is built for the CPU (on a GPU use eager)")

