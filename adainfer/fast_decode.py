@@ -84,10 +84,10 @@ _KERNEL_SOURCE = Path(__file__).parent / "csrc" / "q4q8.cpp"
 _kernel_loaded = False
 
 
-def load_q4q8_kernel(portable: bool | None = None) -> None:
+def load_q4q8_kernel(portable: bool | None = None, what: str = "--decode int4") -> None:
     """Compile adainfer/csrc/q4q8.cpp (first use: ~15 s; torch keeps the build under ~/.cache/torch_extensions) and
-    register torch.ops.adainfer.q4q8_linear. AVX2 integer dot products where torch reports an AVX2 CPU, a portable C++
-    loop otherwise (or with portable=True / ADAINFER_Q4Q8_PORTABLE=1)."""
+    register torch.ops.adainfer.q4q8_linear and q8q8_linear. AVX2 integer dot products where torch reports an AVX2
+    CPU, a portable C++ loop otherwise (or with portable=True / ADAINFER_Q4Q8_PORTABLE=1)."""
     global _kernel_loaded
     if _kernel_loaded:
         return
@@ -101,8 +101,7 @@ def load_q4q8_kernel(portable: bool | None = None) -> None:
                            extra_cflags=["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if avx2 else []),
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-        raise AdainferError("--decode int4", f"could not build the int4 kernel {_KERNEL_SOURCE} ({e}); "
-                                             "use --decode compiled or eager") from None
+        raise AdainferError(what, f"could not build the quantized kernels {_KERNEL_SOURCE} ({e})") from None
 
     @torch.library.register_fake("adainfer::q4q8_linear")
     def _(x, qs, d, m):  # shapes for torch.compile
@@ -201,6 +200,19 @@ def quantize_model(model: Decoder) -> dict[str, tuple[torch.Tensor, ...]]:
             module.weight.data = dequantize_int4(*packed[name]).to(w.dtype)
     model.quantized = "int4"
     return packed
+
+
+def int8_head_logits(model: Decoder, x: torch.Tensor) -> torch.Tensor:
+    """x (b, dim) head inputs -> float32 logits (b, V) from the model's LM head rounded to int8 (quantize_int8; built
+    on first use and kept on the model, ~1.1 bytes per weight): the cheap exit check's features (Plan.check_head)."""
+    if model.dtype not in (torch.float32, torch.bfloat16):
+        raise AdainferError("--check-head int8", f"needs a float32 or bfloat16 model, not {str(model.dtype)[6:]}")
+    cached = getattr(model, "int8_head", None)
+    if cached is None or cached[0] != model.head_weight.data_ptr():  # built for other weights (e.g. before int4)
+        load_q4q8_kernel(what="--check-head int8")
+        cached = model.head_weight.data_ptr(), *quantize_int8(model.head_weight)
+        model.int8_head = cached
+    return int8_linear(x, cached[1], cached[2])
 
 
 # ---------------------------------------------------------------- the decode graph

@@ -301,6 +301,7 @@ class Plan:
     hidden_states: bool = False
     sync_every: int = 1  # read exit decisions every N checks (one host sync for N layers; for GPUs)
     fill_skipped_kv: bool = False  # rows that exit get K/V for the blocks they skip, from their exit state (CALM)
+    check_head: str = "full"  # "int8": CPU exit features from an int8 copy of the head; answers at full precision
 
 
 @dataclass
@@ -354,13 +355,20 @@ class Decoder(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return linear(self.head_input(h), self.head_weight)
 
-    def probe(self, h_last: torch.Tensor, weight: torch.Tensor) -> tuple[Top2, torch.Tensor | None]:
+    def probe(self, h_last: torch.Tensor, weight: torch.Tensor, check_head: str = "full"
+              ) -> tuple[Top2, torch.Tensor | None]:
         """The exit check on last-token states (b, dim) against head rows `weight`: Top2, and on the CPU path the
-        float32 logits it computed (so that an exiting row need not run the head again)."""
+        float32 logits it computed (so that an exiting row need not run the head again). check_head "int8": the
+        features come from the full head rounded to int8 (a quarter of float32's bytes; adainfer.fast_decode's
+        kernel) and no logits are returned, so a row that exits takes its answer from the head at full precision."""
         if h_last.is_cuda:  # fused kernel, logits never written; a final RMSNorm is folded in
             if isinstance(self.norm, RMSNorm) and self.project_out is None:
                 return lm_head_top2(h_last, weight, self.norm.weight, self.config.norm_eps), None
             return lm_head_top2(self.head_input(h_last), weight), None
+        if check_head == "int8":
+            from adainfer.fast_decode import int8_head_logits
+
+            return top2_from_logits(int8_head_logits(self, self.head_input(h_last))), None
         logits = head_logits(self.head_input(h_last), weight)
         return top2_from_logits(logits), logits
 
@@ -430,7 +438,7 @@ class Decoder(nn.Module):
             if hiddens is not None:
                 hiddens.append(h)
             if rule is not None and n < n_run and rule.should_check(n):
-                top2, logits = self.probe(h[:, -1], weight)
+                top2, logits = self.probe(h[:, -1], weight, plan.check_head if plan.candidates is None else "full")
                 feats, fire, state = rule.decide(top2, h[:, -1], ctx.record, state)
                 if plan.record_features:
                     features.append({"layer": n, "rows": exits.live, "top1": top2.top1, **feats})

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beyond the first token: none (dense), sequence (every token runs the depth the prompt "
                         "chose, default) or token (each token exits on its own, skipped layers' K/V propagated)")
     p.add_argument("--min-layers", type=int, help="never exit before this many blocks")
+    p.add_argument("--check-head", default="full", choices=["full", "int8"],
+                   help="exit features from the LM head in the model's dtype (full, default) or from an int8 copy "
+                        "of it (a quarter of float32's bytes per check; CPU, full-vocabulary features; answers still "
+                        "come from the full-precision head)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -126,7 +130,11 @@ def run(args) -> int:
         candidates = torch.tensor([tok.piece_id(c) for c in candidate_texts], device=model.device)
         if len(set(candidates.tolist())) != len(candidates):
             raise AdainferError("--candidates", f"{candidate_texts} do not start with distinct tokens")
-    plan = Plan(exit=rule, candidates=candidates)
+    if args.check_head != "full" and (args.device != "cpu" or candidates is not None):
+        why = "on a GPU the fused kernel does the check" if args.device != "cpu" else \
+            "candidate features read only the candidates' head rows"
+        raise AdainferError("--check-head", f"{args.check_head} is for full-vocabulary checks on the CPU ({why})")
+    plan = Plan(exit=rule, candidates=candidates, check_head=args.check_head)
     dense_plan = Plan(candidates=candidates)
     compare = rule is not None and not args.json and not args.no_compare
 
@@ -234,7 +242,8 @@ def describe_exit(rule, args) -> str:
     if rule is None:
         return "none (dense)"
     c = rule.clf
-    return f"{c.kind} on {'+'.join(c.features)}, checks from layer {c.first_layer} every {c.stride}"
+    head = ", int8 check head" if args.check_head != "full" else ""
+    return f"{c.kind} on {'+'.join(c.features)}, checks from layer {c.first_layer} every {c.stride}{head}"
 
 
 if __name__ == "__main__":

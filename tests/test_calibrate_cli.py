@@ -74,6 +74,14 @@ def test_run_with_exit_human_output(tiny_model, tmp_path):
     proc = run_cli("adainfer.run", "--model", tiny_model, "--exit", tmp_path / "clf.json", "--prompt", "hello")
     assert proc.returncode == 0, proc.stderr
     assert "answer:" in proc.stdout and "dense" in proc.stdout and "x;" in proc.stdout
+    # the same with exit features from an int8 copy of the head
+    proc = run_cli("adainfer.run", "--model", tiny_model, "--exit", tmp_path / "clf.json", "--prompt", "hello",
+                   "--check-head", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert "answer:" in proc.stdout and "int8 check head" in proc.stdout
+    proc = run_cli("adainfer.run", "--model", tiny_model, "--dense", "--candidates", "a", "b", "--prompt", "hello",
+                   "--check-head", "int8")
+    assert proc.returncode == 2 and "full-vocabulary checks" in proc.stderr and proc.stdout == ""
 
 
 def test_calibrate_bad_arguments(tiny_model, tmp_path):

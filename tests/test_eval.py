@@ -131,7 +131,8 @@ def test_eval_cli_end_to_end(tiny_model, data_dir, tmp_path, task):
     out = tmp_path / f"{task}.json"
     proc = run_cli("adainfer.eval", "--model", tiny_model, "--task", task, "--data", data_dir, "--shots", "0", "2",
                    "--limit", "4", "--method", "dense", "skip-last-1", "shortgpt-1", "skip-attn-latter-1",
-                   "gap-rule", "oracle", "--calibration-prompts", "3", "--dtype", "float32", "--out", out)
+                   "gap-rule", "gap-rule@int8", "oracle", "--calibration-prompts", "3", "--dtype", "float32",
+                   "--out", out)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert [r["shots"] for r in res["runs"]] == [0, 2]
@@ -146,6 +147,7 @@ def test_eval_cli_end_to_end(tiny_model, data_dir, tmp_path, task):
             assert len(m["records"]) == 4 and {"prediction", "gold", "layers_run", "seconds"} <= set(m["records"][0])
             assert "speedup" in m["summary"] and 0 <= m["summary"]["pruning_ratio"] < 1
         assert len(run["per_layer"]["accuracy"]) == 3
+        assert methods["gap-rule@int8"]["info"]["check_head"] == "int8"
     assert (tmp_path / f"{task}_2shot_layers.png").stat().st_size > 1000
     assert "| dense |" in proc.stdout
 
@@ -155,3 +157,6 @@ def test_eval_cli_bad_method(tiny_model, data_dir, tmp_path):
                    "--method", "dense", "early-bird", "--out", tmp_path / "x.json")
     assert proc.returncode == 2 and "unknown method 'early-bird'" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+    proc = run_cli("adainfer.eval", "--model", tiny_model, "--task", "sst2", "--data", data_dir,
+                   "--method", "dense@int8", "--out", tmp_path / "x.json")
+    assert proc.returncode == 2 and "applies to exit methods only" in proc.stderr

@@ -8,12 +8,15 @@
     gap-rule              exit when gap = p1 - p2 > 0.8, checking after every block (AdaInfer §5.3)
     svm / crf             a calibrated exit classifier (svm:FILE, crf:FILE; plain `svm` = the shipped default)
     oracle                exit at the earliest layer from which the top-1 never changes (an upper bound)
+
+An exit method with the suffix `@int8` (svm@int8, gap-rule@int8, crf:FILE@int8) takes its full-vocabulary features
+from an int8 copy of the LM head (Plan.check_head; CPU); its answers still come from the full-precision head.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +49,27 @@ class Method:
 
 
 def parse_method(spec: str) -> tuple[str, str | None]:
+    if spec.endswith("@int8"):
+        kind, arg = parse_method(spec[:-len("@int8")])
+        if kind not in ("gap-rule", "svm", "crf"):
+            raise AdainferError("--method", f"{spec}: @int8 (an int8 check head) applies to exit methods only")
+        return kind, arg
     for kind, pattern in PATTERNS.items():
         m = re.fullmatch(pattern, spec)
         if m:
             return kind, (m.group(1) if m.groups() else None)
     raise AdainferError("--method", f"unknown method {spec!r}; known: dense, skip-last-N, shortgpt-N, "
-                                    "skip-attn-latter-N, gap-rule[-T], svm[:FILE], crf[:FILE], oracle")
+                                    "skip-attn-latter-N, gap-rule[-T], svm[:FILE], crf[:FILE], oracle "
+                                    "(exit methods: optional @int8)")
 
 
 def build_method(spec: str, model: Decoder, calibration_ids: list[list[int]] | None = None,
                  exit_file: Path | None = None, candidates: torch.Tensor | None = None) -> Method:
+    if spec.endswith("@int8"):
+        method = build_method(spec[:-len("@int8")], model, calibration_ids, exit_file, candidates)
+        if model.device.type != "cpu" or method.plan.candidates is not None:
+            raise AdainferError("--method", f"{spec}: the int8 check head is for full-vocabulary checks on the CPU")
+        return Method(spec, method.kind, replace(method.plan, check_head="int8"), {**method.info, "check_head": "int8"})
     kind, arg = parse_method(spec)
     L = model.config.n_layers
     if kind in ("skip-last", "shortgpt", "skip-attn-latter"):
