@@ -2,8 +2,9 @@
 
 For each prompt length and batch size, in one process and interleaved: the dense run (all L blocks, no check), and
 for k in L/4, L/2, 3L/4, L a run that checks after every block from --first-check on and exits after block k (a rule
-that fires exactly there), with the exit features over the full vocabulary and over --candidates. The check
-overhead is broken out by a run that stops at k without any check (exit_at=k).
+that fires exactly there), with the exit features over the full vocabulary (from the head in the model's dtype,
+`vocab`, and from its int8 copy, `vocab8`: Plan.check_head) and over --candidates. The check overhead is broken out
+by a run that stops at k without any check (exit_at=k).
 
     python benchmarks/bench_exit_e2e.py [--lengths 64 256 1024] [--batches 1 8] [--dtype auto]
 """
@@ -74,6 +75,8 @@ def main() -> None:
             for k in depths:
                 runs[f"stop{k}"] = (lambda k=k: model(ids, plan=Plan(exit_at=k)))
                 runs[f"vocab{k}"] = (lambda k=k: model(ids, plan=Plan(exit=FireAt(args.first_check, k))))
+                runs[f"vocab8{k}"] = (lambda k=k: model(ids, plan=Plan(exit=FireAt(args.first_check, k),
+                                                                        check_head="int8")))
                 runs[f"cand{k}"] = (lambda k=k: model(ids, plan=Plan(exit=FireAt(args.first_check, k),
                                                                       candidates=cands)))
             with torch.inference_mode():
@@ -82,19 +85,22 @@ def main() -> None:
                 checks = max(0, min(k, L - 1) - args.first_check + 1)
                 row = {"tokens": n, "batch": b, "exit_layer": k, "checks": checks, "ideal": L / k,
                        "dense_ms": 1000 * t["dense"], "no_check_ms": 1000 * t[f"stop{k}"],
-                       "vocab_ms": 1000 * t[f"vocab{k}"], "cand_ms": 1000 * t[f"cand{k}"]}
-                for kind in ("vocab", "cand", "no_check"):
+                       "vocab_ms": 1000 * t[f"vocab{k}"], "vocab8_ms": 1000 * t[f"vocab8{k}"],
+                       "cand_ms": 1000 * t[f"cand{k}"]}
+                for kind in ("vocab", "vocab8", "cand", "no_check"):
                     row[f"{kind}_speedup"] = t["dense"] / t[f"stop{k}" if kind == "no_check" else f"{kind}{k}"]
                     row[f"{kind}_realised/ideal"] = row[f"{kind}_speedup"] / row["ideal"]
                 saved = t["dense"] - t[f"stop{k}"]
-                for kind in ("vocab", "cand"):
+                for kind in ("vocab", "vocab8", "cand"):
                     overhead = t[f"{kind}{k}"] - t[f"stop{k}"]
                     row[f"{kind}_check_overhead/saved"] = overhead / saved if saved > 0 else None
                 rows.append(row)
                 print_table(rows[-1:], ["tokens", "batch", "exit_layer", "checks", "ideal", "dense_ms", "no_check_ms",
-                                        "vocab_ms", "cand_ms", "vocab_realised/ideal", "cand_realised/ideal"])
+                                        "vocab_ms", "vocab8_ms", "cand_ms", "vocab_realised/ideal",
+                                        "vocab8_realised/ideal", "cand_realised/ideal"])
     cols = ["tokens", "batch", "exit_layer", "ideal", "no_check_speedup", "cand_speedup", "cand_realised/ideal",
-            "vocab_speedup", "vocab_realised/ideal", "cand_check_overhead/saved", "vocab_check_overhead/saved"]
+            "vocab_speedup", "vocab_realised/ideal", "vocab8_speedup", "vocab8_realised/ideal",
+            "cand_check_overhead/saved", "vocab_check_overhead/saved", "vocab8_check_overhead/saved"]
     print()
     print_table(rows, cols)
     write_json(args.out, {"benchmark": "forced exit depths vs dense", "machine": machine(), "model": str(args.model),
