@@ -78,7 +78,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.float().view(N, scale.shape[1], -1) * scale[..., None]).view(N, K)
 
 
-# ---------------------------------------------------------------- the int4 x int8 kernel
+# ---------------------------------------------------------------- the int4 / int8 x int8 kernels
 
 _KERNEL_SOURCE = Path(__file__).parent / "csrc" / "q4q8.cpp"
 _kernel_loaded = False
