@@ -134,6 +134,10 @@ def run(args) -> int:
         why = "on a GPU the fused kernel does the check" if args.device != "cpu" else \
             "candidate features read only the candidates' head rows"
         raise AdainferError("--check-head", f"{args.check_head} is for full-vocabulary checks on the CPU ({why})")
+    if args.check_head == "int8" and rule is not None:
+        from adainfer.fast_decode import int8_head
+
+        int8_head(model)  # rounded once, off the clock
     plan = Plan(exit=rule, candidates=candidates, check_head=args.check_head)
     dense_plan = Plan(candidates=candidates)
     compare = rule is not None and not args.json and not args.no_compare
@@ -145,8 +149,11 @@ def run(args) -> int:
     if graph is not None and args.max_new_tokens > 1 and not args.json:
         print(f"compiling the {args.decode} decode graph (first use in this machine: about a minute)...",
               file=sys.stderr, flush=True)
-    generate(model, [ids[order[0]][-8:]] * min(args.batch_size, len(ids)), 2 if graph is not None else 1, dense_plan,
-             graph=graph)
+    # A decode graph compiles twice per batch size: for its first KV cache as constants, then, at a cache of another
+    # size, once for every size and length. Two warm-up runs with caches of different sizes.
+    warm = [ids[order[0]][-8:]] * min(args.batch_size, len(ids))
+    for n in ((2, 3) if graph is not None else (1,)):
+        generate(model, warm, n, dense_plan, graph=graph)
     results: list[dict | None] = [None] * len(ids)
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from helpers import run_cli
+from torch._dynamo.utils import counters
 
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule
@@ -159,14 +160,21 @@ def test_graph_eager_matches_the_block_loop(folder):
 def test_compiled_graph_matches_the_block_loop_and_generate(folder):
     model = load_model(folder, "float32")[0]
     graph = decode_graph(model, "compiled")
+    compiled = counters["stats"]["unique_graphs"]
     ref, got = step_logits(model, graph, 8)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # One compile for 8 cache lengths, one more at a cache of another size (measured), then none: a compile per step
+    # would cost seconds each, and past 8 dynamo falls back to eager.
+    generate(model, PROMPTS, 3, graph=graph)
+    assert counters["stats"]["unique_graphs"] - compiled <= 2
+    compiled = counters["stats"]["unique_graphs"]
     # generate() hands dense steps to the graph: same tokens as the block loop, in sequence mode with a rule that
     # never fires (every row at full depth) too.
     never = Plan(exit=ExitRule(ExitClassifier("never", ["gap"], [0.0], -1.0)))
     dense = [g.token_ids for g in generate(model, PROMPTS, 10)]
     assert [g.token_ids for g in generate(model, PROMPTS, 10, graph=graph)] == dense
     assert [g.token_ids for g in generate(model, PROMPTS, 10, never, graph=graph)] == dense
+    assert counters["stats"]["unique_graphs"] == compiled
 
 
 @pytest.mark.slow

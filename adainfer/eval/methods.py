@@ -69,6 +69,9 @@ def build_method(spec: str, model: Decoder, calibration_ids: list[list[int]] | N
         method = build_method(spec[:-len("@int8")], model, calibration_ids, exit_file, candidates)
         if model.device.type != "cpu" or method.plan.candidates is not None:
             raise AdainferError("--method", f"{spec}: the int8 check head is for full-vocabulary checks on the CPU")
+        from adainfer.fast_decode import int8_head
+
+        int8_head(model)  # rounded once, before any method is timed
         return Method(spec, method.kind, replace(method.plan, check_head="int8"), {**method.info, "check_head": "int8"})
     kind, arg = parse_method(spec)
     L = model.config.n_layers
