@@ -17,7 +17,8 @@ AVX2 CPU a bfloat16 GEMV reads weights at ~8 GB/s (measured: benchmarks/README.m
 
 Only dense decode steps go through the graph (every row runs all blocks); exit decisions, layer plans and per-token
 exit stay on the eager loop. Llama-family models only. The graph is compiled on first use (about a minute for the
-30-block default model on 2 cores, two with int4; inductor caches it on disk) and again for a new batch size.
+30-block default model on 2 cores, two with int4; inductor caches it on disk), a second time at the first KV cache
+of another size, and again for a new batch size.
 """
 
 from __future__ import annotations
