@@ -146,14 +146,18 @@ def run(args) -> int:
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     eos = model.config.eos_id
     # Warm-up: first-call allocations (and the decode graph's compilation) off the clock.
-    if graph is not None and args.max_new_tokens > 1 and not args.json:
-        print(f"compiling the {args.decode} decode graph (first use in this machine: about a minute)...",
-              file=sys.stderr, flush=True)
-    # A decode graph compiles twice per batch size: for its first KV cache as constants, then, at a cache of another
-    # size, once for every size and length. Two warm-up runs with caches of different sizes.
-    warm = [ids[order[0]][-8:]] * min(args.batch_size, len(ids))
-    for n in ((2, 3) if graph is not None else (1,)):
-        generate(model, warm, n, dense_plan, graph=graph)
+    warm = ids[order[0]][-8:]
+    if graph is not None and args.max_new_tokens > 1:
+        if not args.json:
+            print(f"compiling the {args.decode} decode graph (first use in this machine: about a minute)...",
+                  file=sys.stderr, flush=True)
+        # The graph compiles twice per batch size: for its first KV cache as constants, then, at a cache of another
+        # size, once for every size and length. Each batch size the run will see, with two caches of different sizes.
+        for size in {min(args.batch_size, len(ids) - start) for start in range(0, len(ids), args.batch_size)}:
+            for n in (2, 3):
+                generate(model, [warm] * size, n, dense_plan, graph=graph)
+    else:
+        generate(model, [warm] * min(args.batch_size, len(ids)), 1, dense_plan)
     results: list[dict | None] = [None] * len(ids)
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]
