@@ -162,18 +162,21 @@ def _round_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xg * inv[..., None]).round().double(), dx.double()
 
 
+def _scaled_dots(qx: torch.Tensor, dx: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """sum over groups of scale * dx * (q . qx): qx (B, G, 32), dx (B, G), q (N, K) integers -> (B, N) float64."""
+    dots = torch.einsum("bgj,ngj->bng", qx, q.double().view(q.shape[0], *qx.shape[1:]))  # (B, N, G)
+    return (dots * scale.double() * dx[:, None]).sum(-1)
+
+
 def int4_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """int4_linear's arithmetic in plain torch, float64: x (B, K), q (N, K) in 0..15 -> (B, N)."""
     qx, dx = _round_inputs(x)
-    dots = torch.einsum("bgj,ngj->bng", qx, q.double().view(q.shape[0], *qx.shape[1:]))  # (B, N, G)
-    return (dots * scale.double() * dx[:, None] + low.double() * (dx * qx.sum(-1))[:, None]).sum(-1)
+    return _scaled_dots(qx, dx, q, scale) + (low.double() * (dx * qx.sum(-1))[:, None]).sum(-1)
 
 
 def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8_linear's arithmetic in plain torch, float64: x (B, K), q (N, K) int8 -> (B, N)."""
-    qx, dx = _round_inputs(x)
-    dots = torch.einsum("bgj,ngj->bng", qx, q.double().view(q.shape[0], *qx.shape[1:]))  # (B, N, G)
-    return (dots * scale.double() * dx[:, None]).sum(-1)
+    return _scaled_dots(*_round_inputs(x), q, scale)
 
 
 def quantize_model(model: Decoder) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -215,6 +218,18 @@ def int8_head(model: Decoder) -> tuple[torch.Tensor, torch.Tensor]:
         cached = model.head_weight.data_ptr(), *quantize_int8(model.head_weight)
         model.int8_head = cached
     return cached[1], cached[2]
+
+
+def prepare_check_head(model: Decoder, check_head: str, candidates: torch.Tensor | None, where: str) -> None:
+    """Refuse a check head that does not apply (`where` names the option), and round the int8 one now, before
+    anything is timed."""
+    if check_head == "full":
+        return
+    if model.device.type != "cpu" or candidates is not None:
+        why = "on a GPU the fused kernel does the check" if model.device.type != "cpu" else \
+            "candidate features read only the candidates' head rows"
+        raise AdainferError(where, f"the {check_head} check head is for full-vocabulary checks on the CPU ({why})")
+    int8_head(model)
 
 
 def int8_head_logits(model: Decoder, x: torch.Tensor) -> torch.Tensor:

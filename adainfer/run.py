@@ -106,7 +106,7 @@ def run(args) -> int:
     model, tok = load_model(args.model, args.dtype, args.device)
     if args.decode != "eager" and args.device != "cpu":
         raise AdainferError("--decode", f"{args.decode} decoding is built for the CPU (on a GPU use eager)")
-    from adainfer.fast_decode import decode_graph
+    from adainfer.fast_decode import decode_graph, prepare_check_head
 
     graph = decode_graph(model, args.decode)
     if tok is None:
@@ -130,14 +130,7 @@ def run(args) -> int:
         candidates = torch.tensor([tok.piece_id(c) for c in candidate_texts], device=model.device)
         if len(set(candidates.tolist())) != len(candidates):
             raise AdainferError("--candidates", f"{candidate_texts} do not start with distinct tokens")
-    if args.check_head != "full" and (args.device != "cpu" or candidates is not None):
-        why = "on a GPU the fused kernel does the check" if args.device != "cpu" else \
-            "candidate features read only the candidates' head rows"
-        raise AdainferError("--check-head", f"{args.check_head} is for full-vocabulary checks on the CPU ({why})")
-    if args.check_head == "int8" and rule is not None:
-        from adainfer.fast_decode import int8_head
-
-        int8_head(model)  # rounded once, off the clock
+    prepare_check_head(model, args.check_head, candidates, "--check-head")
     plan = Plan(exit=rule, candidates=candidates, check_head=args.check_head)
     dense_plan = Plan(candidates=candidates)
     compare = rule is not None and not args.json and not args.no_compare

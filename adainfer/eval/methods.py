@@ -67,11 +67,9 @@ def build_method(spec: str, model: Decoder, calibration_ids: list[list[int]] | N
                  exit_file: Path | None = None, candidates: torch.Tensor | None = None) -> Method:
     if spec.endswith("@int8"):
         method = build_method(spec[:-len("@int8")], model, calibration_ids, exit_file, candidates)
-        if model.device.type != "cpu" or method.plan.candidates is not None:
-            raise AdainferError("--method", f"{spec}: the int8 check head is for full-vocabulary checks on the CPU")
-        from adainfer.fast_decode import int8_head
+        from adainfer.fast_decode import prepare_check_head
 
-        int8_head(model)  # rounded once, before any method is timed
+        prepare_check_head(model, "int8", method.plan.candidates, f"--method {spec}")
         return Method(spec, method.kind, replace(method.plan, check_head="int8"), {**method.info, "check_head": "int8"})
     kind, arg = parse_method(spec)
     L = model.config.n_layers
