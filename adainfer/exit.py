@@ -227,13 +227,15 @@ def load_exit_rule(path: Path, model) -> ExitRule:
 CLASSIFIER_DIR = Path(__file__).parent / "classifiers"
 
 
-def shipped_classifier(model) -> Path | None:
-    """The default classifier shipped with the package for this model (matched by fingerprint), if any."""
+def shipped_classifier(fingerprint: str | None, candidates: list[str] | None = None) -> Path | None:
+    """The classifier shipped with the package for the model of this fingerprint whose features are over
+    `candidates` (None: the full vocabulary), if there is one."""
     for path in sorted(CLASSIFIER_DIR.glob("*.json")):
         try:
             clf = ExitClassifier.load(path)
         except AdainferError:
             continue
-        if clf.model.get("fingerprint") == getattr(model, "fingerprint", None) and clf.calibration.get("default"):
+        if (fingerprint and clf.model.get("fingerprint") == fingerprint and clf.calibration.get("default")
+                and (clf.candidates or None) == (candidates or None)):
             return path
     return None

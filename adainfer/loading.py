@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -15,17 +16,18 @@ from safetensors import safe_open
 
 from adainfer.config import ModelConfig, weight_shapes
 from adainfer.errors import AdainferError
-from adainfer.model import UPCAST_ROWS, Decoder, rope_inv_freq
+from adainfer.model import CPU_PREFERS_BF16, Decoder, rope_inv_freq
 from adainfer.tokenizer import TextTokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    """'auto': bfloat16 on a GPU or a CPU with native bfloat16 matmul (AVX512-BF16 / AMX), else float32. On an
-    AVX2-only CPU a bfloat16 matmul of 64+ rows runs ~4x slower than float32 (measured: benchmarks/README.md)."""
+    """'auto': bfloat16 on a GPU or a CPU with AMX, else float32: on an AVX2-only CPU a bfloat16 matmul of 64+ rows
+    runs ~4x slower than float32, and with AVX512-BF16 alone prefill and decode still ran 1.1-1.6x slower (measured:
+    model.CPU_PREFERS_BF16, benchmarks/RESULTS.md)."""
     if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") or not UPCAST_ROWS else torch.float32
+        return torch.bfloat16 if str(device).startswith("cuda") or CPU_PREFERS_BF16 else torch.float32
     if name not in DTYPES:
         raise AdainferError("--dtype", f"unknown dtype {name!r} (choose auto, {', '.join(DTYPES)})")
     return DTYPES[name]
@@ -71,8 +73,43 @@ def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: st
     model.load_state_dict(fuse_state(disk, config, dtype, device), strict=True, assign=True)
     model.inv_freq = rope_inv_freq(config).to(device) if config.arch == "llama" else torch.zeros(0, device=device)
     model.eval().requires_grad_(False)
-    model.fingerprint = fingerprint(config, weights)
+    model.fingerprint = fingerprint(config, disk)
     return model, load_tokenizer(folder, config)
+
+
+def folder_fingerprint(folder: Path | str) -> str:
+    """The fingerprint of a converted model folder without building the model (tensors read one at a time)."""
+    from weights_convert.checks import check_safetensors
+
+    folder = Path(folder)
+    config = ModelConfig.load(folder / "config.json")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise AdainferError(weights, "model.safetensors not found")
+    names = sorted(check_safetensors(weights))
+    try:
+        with safe_open(weights, framework="pt") as f:
+            return fingerprint(config, _LazyTensors(f, names))
+    except AdainferError:
+        raise
+    except Exception as e:
+        raise AdainferError(weights, f"cannot read tensors: {e}") from None
+
+
+class _LazyTensors(Mapping):
+    """name -> tensor, read from an open safetensors file when asked for (one tensor in memory at a time)."""
+
+    def __init__(self, f, names: list[str]):
+        self.f, self.names = f, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def fuse_state(disk: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype, device) -> dict:
@@ -87,19 +124,21 @@ def fuse_state(disk: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.
     return {name: t.to(device=device, dtype=dtype).contiguous() for name, t in state.items()}
 
 
-def fingerprint(config: ModelConfig, weights: Path, samples: int = 64, chunk: int = 4096) -> str:
-    """What a classifier was fitted for: sha256 of the config, the safetensors header and 64 evenly spaced
-    4 KiB samples of the weight bytes. Cheap (no full read) and different for any two real checkpoints."""
+def fingerprint(config: ModelConfig, tensors: Mapping[str, torch.Tensor], samples: int = 256) -> str:
+    """What a classifier was fitted for: the model, not the file. sha256 of the config's numbers (not its `name`
+    or `format_version`) and, for every tensor in name order, its name, its shape and `samples` evenly spaced values
+    rounded to bfloat16. Header metadata, tensor order in the file and the library versions that wrote it do not
+    enter; a float32 and a bfloat16 conversion of the same weights share a fingerprint (they round to the same
+    bfloat16 values), so a classifier holds for both."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in config.to_dict().items() if k != "name"}
+    cfg = {k: v for k, v in config.to_dict().items() if k not in ("name", "format_version")}
     h.update(json.dumps(cfg, sort_keys=True).encode())
-    size = weights.stat().st_size
-    with open(weights, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        h.update(f.read(n))
-        start = 8 + n
-        span = max(size - start - chunk, 0)
-        for k in range(samples):
-            f.seek(start + span * k // max(samples - 1, 1))
-            h.update(f.read(chunk))
+    for name in sorted(tensors):
+        t = tensors[name].detach().reshape(-1)
+        n = t.numel()
+        k = min(samples, n)
+        idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)  # first and last element included
+        values = t[idx].float().to(torch.bfloat16).view(torch.int16).cpu().numpy()
+        h.update(f"{name}:{list(tensors[name].shape)}:".encode())
+        h.update(values.astype("<i2").tobytes())
     return h.hexdigest()[:16]

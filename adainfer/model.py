@@ -19,19 +19,23 @@ from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 # ---------------------------------------------------------------- linear layers
 
 
-def _cpu_has_native_bf16() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
 
 
+_FLAGS = _cpu_flags()
 # On a CPU without bfloat16 units (AVX2 only), a bfloat16/float16 matmul of 8+ rows runs 4-6x slower than the
 # same matmul in float32 (measured, benchmarks/README.md). There we compute it in float32 and round the output:
 # a bfloat16 product is exact in float32, so this is a bfloat16 matmul with float32 accumulation, like the native one.
-UPCAST_ROWS = 0 if _cpu_has_native_bf16() else 8
+UPCAST_ROWS = 0 if _FLAGS & {"avx512_bf16", "amx_bf16"} else 8
+# Which dtype `--dtype auto` takes on the CPU: bfloat16 only with AMX tiles. With AVX512-BF16 alone (an Intel Xeon,
+# 2 threads, torch 2.13) every bfloat16 matmul we run was slower than float32's: 256 x 576 @ 576 x 1536 2.5 ms vs
+# 1.6, a 49152 x 576 head GEMV 2.0 vs 2.0; prefill 1.4-1.6x and eager decode 1.1x slower (benchmarks/RESULTS.md).
+CPU_PREFERS_BF16 = "amx_bf16" in _FLAGS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

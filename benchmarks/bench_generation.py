@@ -86,7 +86,7 @@ def main() -> None:
     L = model.config.n_layers
     configs = {"dense": ("none", None)}
     for spec in args.exit:
-        path = shipped_classifier(model) if spec == "DEFAULT" else Path(spec)
+        path = shipped_classifier(model.fingerprint) if spec == "DEFAULT" else Path(spec)
         label = "default" if spec == "DEFAULT" else Path(spec).stem
         for mode in ("sequence", "token"):
             clf = ExitClassifier.load(path)
