@@ -29,11 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="converted model folder (default: the embedded SmolLM2-135M-Instruct)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", nargs="+", help="one or more of sst2 agnews mmlu csqa squad (their train splits)")
+    src.add_argument("--task-file", type=Path,
+                     help='your own task, a .jsonl of {"prompt", "answer"}, {"text", "label"} (with --labels) or '
+                          '{"question", "choices", "answer"} rows; calibrates on its train part: every third row, '
+                          "or --demos")
     src.add_argument("--prompts", type=Path, help='ready prompts, one {"prompt": ..., "answer": ...} a line')
-    p.add_argument("--data", type=Path, help="data folder in the layout of shared/data (default: ../shared/data)")
+    p.add_argument("--labels", nargs="+", metavar="WORD", help="label words of a {text, label} task file")
+    p.add_argument("--demos", type=Path, help="train part of --task-file: a .jsonl of the same shape")
+    p.add_argument("--data", type=Path, help="data folder in the layout of shared/data (default: $ADAINFER_DATA, "
+                                             "else ../shared/data)")
     p.add_argument("--shots", type=int, default=5, help="demonstrations per prompt (default 5)")
     p.add_argument("--template", help="prompt template: qa (the paper's, default), review, or text with {x} and {y}")
-    p.add_argument("--limit", type=int, default=400, help="prompts per task (default 400)")
+    p.add_argument("--limit", type=int, default=400, help="prompts per task, sampled with --seed (default 400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", choices=["final", "gold"], default="final")
     p.add_argument("--classifier", choices=["svm", "gap", "crf"], default="svm")
@@ -50,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of prompts held out for the report")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--check-dtype", nargs="+", default=[], metavar="DTYPE",
+                   help="also run the held-out prompts in these dtypes (e.g. bfloat16 for a classifier fitted in "
+                        "float32) and report the classifier there against that dtype's dense answers")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path, required=True, help="classifier file to write (JSON)")
     p.add_argument("--report", type=Path, help="also write the held-out report as JSON here")
@@ -70,43 +80,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_prompts(args, tok) -> tuple[list[str], list[set[int] | None], dict, list[str] | None]:
-    """(prompts, accepted answer ids per prompt, description, candidate strings)."""
+def load_prompts(args) -> tuple[list[str], list[list[str] | None], dict, list[str] | None]:
+    """(prompts, accepted answers per prompt or None, description, candidate strings), before any model loads."""
     from adainfer.prompts import read_jsonl
-    from adainfer.tasks import answer_ids, label_candidates, load_task, task_prompts
+    from adainfer.tasks import label_candidates, task_prompts, task_source
 
     candidates = args.candidates
     if args.prompts:
-        prompts, golds = [], []
+        prompts, answers = [], []
         for n, row in read_jsonl(args.prompts):
             if not isinstance(row.get("prompt"), str):
                 raise AdainferError(f"{args.prompts}:{n}", 'expected {"prompt": str, "answer": str (optional)}')
             prompts.append(row["prompt"])
             answer = row.get("answer")
-            golds.append({tok.piece_id(" " + answer.lstrip(" "))} if isinstance(answer, str) and answer else None)
+            answers.append([answer] if isinstance(answer, str) and answer.strip() else None)
         if candidates == ["auto"]:
-            raise AdainferError("--candidates", "auto needs --task (it takes the task's label words)")
-        return prompts, golds, {"prompts": str(args.prompts)}, candidates
-    if not args.task:
-        raise AdainferError("--task", "give --task NAME ... or --prompts FILE")
-    prompts, golds, auto = [], [], []
-    for name in args.task:
-        task = load_task(name, args.data)
+            raise AdainferError("--candidates", "auto needs --task or --task-file (it takes the task's label words)")
+        return prompts, answers, {"prompts": str(args.prompts)}, candidates
+    if not args.task and args.task_file is None:
+        raise AdainferError("--task", "give --task NAME ..., --task-file FILE or --prompts FILE")
+    tasks = [task_source(None, None, args.task_file, args.labels, args.demos)] if args.task_file else \
+        [task_source(name, args.data, labels=args.labels, demos=args.demos) for name in args.task]
+    prompts, answers, auto = [], [], []
+    for task in tasks:
         auto.append(label_candidates(task))
         for prompt, ex in task_prompts(task, "train", args.shots, args.seed, args.template, args.limit):
             prompts.append(prompt)
-            golds.append(answer_ids(tok, ex))
+            answers.append(ex.answers)
     if candidates == ["auto"]:
-        if len(args.task) != 1 or auto[0] is None:
-            raise AdainferError("--candidates", "auto needs exactly one task with label words (not squad)")
+        if len(tasks) != 1 or auto[0] is None:
+            raise AdainferError("--candidates", "auto needs exactly one task with label words or options (not a "
+                                                "free-answer task)")
         candidates = auto[0]
-    desc = {"tasks": args.task, "shots": args.shots, "template": args.template or "qa", "split": "train",
+    names = [str(args.task_file)] if args.task_file else args.task
+    desc = {"tasks": names, "shots": args.shots, "template": args.template or "qa", "split": "train",
             "limit_per_task": args.limit, "seed": args.seed}
-    return prompts, golds, desc, candidates
+    return prompts, answers, desc, candidates
 
 
 def calibrate(args) -> ExitClassifier:
-    from adainfer.loading import load_model
+    from adainfer.loading import load_model, resolve_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,6 +135,14 @@ def calibrate(args) -> ExitClassifier:
             import sklearn_crfsuite  # noqa: F401
         except ImportError:
             raise AdainferError("--classifier", "crf needs sklearn-crfsuite (pip install 'adainfer[crf]')") from None
+    for name in args.check_dtype:
+        try:
+            resolve_dtype(name)
+        except AdainferError as e:
+            raise AdainferError("--check-dtype", e.problem) from None
+    prompts, answers, desc, candidates = load_prompts(args)  # bad data is refused before the model loads
+    if args.label == "gold" and any(a is None for a in answers):
+        raise AdainferError("--label", "gold labels need an answer for every prompt")
     if args.model is None:
         from adainfer.default_model import default_model_dir
 
@@ -129,9 +150,7 @@ def calibrate(args) -> ExitClassifier:
     model, tok = load_model(args.model, args.dtype)
     if tok is None:
         raise AdainferError(args.model, "the model folder has no tokenizer")
-    prompts, golds, desc, candidates = load_prompts(args, tok)
-    if args.label == "gold" and any(g is None for g in golds):
-        raise AdainferError("--label", "gold labels need an answer for every prompt")
+    golds = [None if a is None else {tok.piece_id(" " + x.lstrip(" ")) for x in a} for a in answers]
     ids = [tok.encode(p) for p in prompts]
     from adainfer.generate import check_prompts
 
@@ -139,6 +158,9 @@ def calibrate(args) -> ExitClassifier:
     cand_ids = None
     if candidates:
         cand_ids = torch.tensor([tok.piece_id(c) for c in candidates], device=model.device)
+        if len(set(cand_ids.tolist())) != len(cand_ids):
+            raise AdainferError("--candidates", f"{candidates} do not start with distinct tokens, so one token "
+                                                "cannot tell them apart")
 
     traces = collect_cached(model, ids, args.traces, args.features, cand_ids, args.batch_size, desc="calibrating")
     labels = final_labels(traces) if args.label == "final" else gold_labels(traces, golds)
@@ -155,13 +177,24 @@ def calibrate(args) -> ExitClassifier:
     clf, tuning = tune(args, traces.select(train), labels[train], L)
     clf.candidates = candidates
     clf.model = {"fingerprint": model.fingerprint, "name": model.config.name or str(args.model), "n_layers": L}
-    report = evaluate(ExitRule(clf), traces.select(held), labels[held], [golds[i] for i in held], L)
+    held_golds = [golds[i] for i in held]
+    report = evaluate(ExitRule(clf), traces.select(held), labels[held], held_golds, L)
     clf.calibration = {**desc, "label": args.label, "features_over": "candidates" if candidates else "vocabulary",
                        "dtype": str(model.dtype)[6:], "n_train_prompts": int(len(train)),
                        "n_heldout_prompts": int(len(held)),
                        "tuning": tuning, "heldout": report["summary"], "default": bool(args.default)}
     clf.validate(args.out)
     print_report(clf, report)
+    for name in args.check_dtype:  # the same held-out prompts, features and dense answers in another dtype
+        other = load_model(args.model, name)[0]
+        t = collect_cached(other, [ids[i] for i in held], None, args.features, cand_ids, args.batch_size,
+                           desc=f"held-out in {name}")
+        lab = final_labels(t) if args.label == "final" else gold_labels(t, held_golds)
+        s = evaluate(ExitRule(clf), t, lab, held_golds, L)["summary"]
+        clf.calibration[f"heldout_{str(other.dtype)[6:]}"] = s
+        print(f"held-out in {str(other.dtype)[6:]}: avg layers {s['avg_layers']:.2f}, pruning ratio "
+              f"{100 * s['pruning_ratio']:.1f}%, agreement with its own dense answers "
+              f"{100 * s['agreement_with_dense']:.1f}%")
     clf.save(args.out)
     if args.report:
         args.report.write_text(json.dumps(report, indent=1) + "\n")

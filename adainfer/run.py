@@ -24,6 +24,9 @@ DEFAULT_PROMPT = (
     "Q: a smart, funny and moving story\nA: positive\n\n"
     "Q: an utterly charming movie that made me laugh out loud\nA:"
 )
+# The default prompt's answer is one of its label words: it runs in candidate mode with the classifier shipped for
+# them (fitted on SST-2's train split), which can exit where full-vocabulary features on this model rarely do.
+DEFAULT_CANDIDATES = [" negative", " positive"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=1, help="tokens to generate per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per forward (default 1)")
     p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 where the CPU/GPU computes it natively, else float32), float32, bfloat16, "
+                   help="auto (bfloat16 on a GPU or a CPU with AMX, else float32: the faster one), float32, bfloat16, "
                         "float16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--decode", default="eager", choices=["eager", "compiled", "int4"],
@@ -98,8 +101,7 @@ def run(args) -> int:
     else:
         prompts = [("--prompt", args.prompt if args.prompt is not None else DEFAULT_PROMPT)]
 
-    default = args.model is None
-    if default:
+    if args.model is None:
         from adainfer.default_model import default_model_dir
 
         args.model = default_model_dir(progress=not args.json)
@@ -121,7 +123,8 @@ def run(args) -> int:
         check_prompts([row], model, args.max_new_tokens, where)
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    rule, candidate_texts = resolve_exit(args, model, default)
+    default_prompt = args.prompt is None and args.prompts is None
+    rule, candidate_texts, why_dense = resolve_exit(args, model, default_prompt)
     if rule is not None and args.exit_mode == "token" and rule.clf.candidates and args.max_new_tokens > 1:
         raise AdainferError("--exit-mode", "token mode checks every generated token over the full vocabulary; this "
                                            "classifier was calibrated on candidate features (use sequence mode)")
@@ -185,7 +188,8 @@ def run(args) -> int:
         return 0
     weights = "int4 weights, " if args.decode == "int4" else ""
     print(f"model: {args.model} ({model.config.arch}, {model.config.n_layers} layers), {str(model.dtype)[6:]}, "
-          f"{weights}{args.decode} decode, {torch.get_num_threads()} threads, exit: {describe_exit(rule, args)}")
+          f"{weights}{args.decode} decode, {torch.get_num_threads()} threads")
+    print(f"exit: {describe_exit(rule, args, why_dense)}")
     for i, r in enumerate(results):
         shown = r["prompt"] if len(r["prompt"]) <= 70 else "..." + r["prompt"][-67:]
         print(f"[{i + 1}] {shown!r}")
@@ -215,39 +219,50 @@ def truncate(ids: list[list[int]], limit: int, tok) -> tuple[list[list[int]], li
     return out, dropped
 
 
-def resolve_exit(args, model, default_model: bool):
-    """(exit rule or None, candidate strings or None) from --exit / --dense / --candidates and the shipped default."""
+def resolve_exit(args, model, default_prompt: bool):
+    """(exit rule or None, candidate strings or None, why there is no rule) from --exit / --dense / --candidates
+    and the classifiers shipped for the model."""
     from adainfer.exit import ExitClassifier, ExitRule, shipped_classifier
 
     if args.dense:
         if args.exit:
             raise AdainferError("--exit", "cannot be combined with --dense")
-        return None, args.candidates
-    path = args.exit
+        return None, args.candidates, "--dense"
+    if args.min_layers is not None and not 1 <= args.min_layers <= model.config.n_layers:
+        raise AdainferError("--min-layers", f"must be between 1 and {model.config.n_layers}")
+    path, candidates = args.exit, args.candidates
     if path is None:
-        path = shipped_classifier(model) if default_model or args.model else None
+        if default_prompt and candidates is None and args.max_new_tokens == 1:
+            candidates = DEFAULT_CANDIDATES
+        path = shipped_classifier(model.fingerprint, candidates)
+        if path is None and candidates is DEFAULT_CANDIDATES:
+            candidates = None
+            path = shipped_classifier(model.fingerprint)
         if path is None:
-            return None, args.candidates
+            over = f"features over {candidates}" if candidates else "this model"
+            return None, candidates, (f"no exit classifier is shipped for {over}; calibrate one with "
+                                      "python -m adainfer.calibrate and pass --exit FILE")
     clf = ExitClassifier.load(path)
     clf.check_model(model, path)
-    candidates = args.candidates
     if clf.candidates is not None and candidates is None:
         candidates = clf.candidates  # the classifier's features are over these tokens; its answers are too
     if (clf.candidates or None) != (candidates or None):
         space = f"candidates {clf.candidates}" if clf.candidates else "the full vocabulary"
         raise AdainferError(path, f"this classifier was calibrated on features over {space}, not over "
                                   f"{candidates}; calibrate one with the same --candidates")
-    if args.min_layers is not None and not 1 <= args.min_layers <= model.config.n_layers:
-        raise AdainferError("--min-layers", f"must be between 1 and {model.config.n_layers}")
-    return ExitRule(clf, model.device, args.min_layers), candidates
+    return ExitRule(clf, model.device, args.min_layers), candidates, None
 
 
-def describe_exit(rule, args) -> str:
+def describe_exit(rule, args, why_dense: str | None = None) -> str:
     if rule is None:
-        return "none (dense)"
+        return f"none, dense ({why_dense})" if why_dense else "none (dense)"
     c = rule.clf
+    over = f"the candidates {c.candidates}" if c.candidates else "the full vocabulary"
+    fitted = c.calibration.get("tasks") or c.calibration.get("prompts")
+    fitted = f", fitted on {'+'.join(fitted) if isinstance(fitted, list) else fitted}" if fitted else ""
     head = ", int8 check head" if args.check_head != "full" else ""
-    return f"{c.kind} on {'+'.join(c.features)}, checks from layer {c.first_layer} every {c.stride}{head}"
+    return (f"{c.kind} on {'+'.join(c.features)} over {over}{fitted}, checks from layer {rule.first} every "
+            f"{c.stride}{head}")
 
 
 if __name__ == "__main__":
