@@ -27,14 +27,22 @@ DEFAULT_METHODS = ["dense", "skip-last-3", "shortgpt-3", "skip-attn-latter-3", "
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adainfer.eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="converted model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--task", required=True, help="sst2, agnews, mmlu, csqa or squad")
-    p.add_argument("--data", type=Path, help="data folder in the layout of shared/data (default: ../shared/data)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="a built-in task: sst2, agnews, mmlu, csqa or squad (data from --data)")
+    src.add_argument("--task-file", type=Path,
+                     help='your own task, a .jsonl of {"prompt", "answer"}, {"text", "label"} (with --labels) or '
+                          '{"question", "choices", "answer"} rows; every third row is the demonstration pool unless '
+                          "--demos is given")
+    p.add_argument("--labels", nargs="+", metavar="WORD", help="label words of a {text, label} task file")
+    p.add_argument("--demos", type=Path, help="demonstrations for --task-file: a .jsonl of the same shape")
+    p.add_argument("--data", type=Path, help="data folder in the layout of shared/data (default: $ADAINFER_DATA, "
+                                             "else ../shared/data)")
     p.add_argument("--shots", type=int, nargs="+", default=[5], help="demonstrations (the paper: 0 5 10 15 20)")
     p.add_argument("--method", nargs="+", default=DEFAULT_METHODS, help=f"default: {' '.join(DEFAULT_METHODS)}")
     p.add_argument("--exit", type=Path, help="classifier for `svm`/`crf` (default: the shipped one)")
-    p.add_argument("--limit", type=int, help="evaluate the first N rows of the eval split")
+    p.add_argument("--limit", type=int, help="evaluate N rows of the eval split, sampled with --seed")
     p.add_argument("--template", help="qa (the paper's, default), review, or a template with {x} and {y}")
-    p.add_argument("--seed", type=int, default=0, help="demonstration sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demonstrations and of the --limit sample")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int)
@@ -57,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args) -> dict:
-    from adainfer.eval.methods import build_method, parse_method
+    from adainfer.eval.methods import build_method, check_classifiers, parse_method
     from adainfer.loading import load_model
-    from adainfer.tasks import answer_ids, label_candidates, load_task, task_prompts
+    from adainfer.tasks import answer_ids, label_candidates, task_prompts, task_source
 
     for spec in args.method:
         parse_method(spec)  # refuse a bad method name before any work
@@ -69,11 +77,12 @@ def evaluate(args) -> dict:
         raise AdainferError("--shots", "must be 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = load_task(args.task, args.data)
+    task = task_source(args.task, args.data, args.task_file, args.labels, args.demos)
     if args.model is None:
         from adainfer.default_model import default_model_dir
 
         args.model = default_model_dir()
+    check_classifiers(args.method, args.model, args.exit)  # before the model loads and ShortGPT calibrates
     model, tok = load_model(args.model, args.dtype)
     if tok is None:
         raise AdainferError(args.model, "the model folder has no tokenizer")
@@ -84,7 +93,8 @@ def evaluate(args) -> dict:
         if len(set(cands.tolist())) != len(cands):
             cands = None  # label words that share a first token cannot be told apart by one token
 
-    results = {"task": args.task, "model": str(args.model), "model_name": model.config.name,
+    results = {"task": task.name, "task_file": str(args.task_file) if args.task_file else None,
+               "model": str(args.model), "model_name": model.config.name,
                "n_layers": model.config.n_layers, "dtype": str(model.dtype)[6:], "limit": args.limit,
                "seed": args.seed, "template": args.template or "qa", "machine": machine(),
                "candidates": cand_texts if cands is not None else None, "runs": []}
@@ -99,7 +109,7 @@ def evaluate(args) -> dict:
         run = evaluate_shots(model, tok, ids, golds, cands, methods, args.batch_size, traces_path)
         run["shots"] = shots
         results["runs"].append(run)
-        print_summary(args.task, shots, run)
+        print_summary(task.name, shots, run)
     write_results(args.out, results)
     if not args.no_figures:
         from adainfer.eval.figures import write_figures
@@ -161,10 +171,12 @@ def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records) -> fl
         out = model(tokens, pad_mask=mask, plan=plan)
         dt = time.perf_counter() - t0
         total += dt
+        order = list(range(model.config.n_layers)) if plan.layers is None else plan.layers
         for j, i in enumerate(rows):
-            token = int(out.token[j])
+            token, ran = int(out.token[j]), int(out.layers_run[j])
             rec = {"row": i, "prediction": token, "prediction_text": tok.decode([token]),
-                   "gold": sorted(golds[i]), "correct": token in golds[i], "layers_run": int(out.layers_run[j]),
+                   "gold": sorted(golds[i]), "correct": token in golds[i], "layers_run": ran,
+                   "attn_skipped": sum(b in plan.skip_attn for b in order[:ran]),
                    "prompt_tokens": len(ids[i]), "seconds": dt / len(rows)}
             if cands is not None:
                 logits = out.logits[j]

@@ -96,7 +96,7 @@ def build_method(spec: str, model: Decoder, calibration_ids: list[list[int]] | N
         return Method(spec, kind, Plan(exit=ExitRule(gap_rule(threshold), model.device)),
                       {"rule": f"gap > {threshold}, every layer"})
     if kind in ("svm", "crf"):
-        path = Path(arg) if arg else (exit_file or shipped_classifier(model))
+        path = Path(arg) if arg else (exit_file or shipped_classifier(model.fingerprint))
         if path is None:
             raise AdainferError("--method", f"{spec}: give a classifier file ({kind}:FILE or --exit FILE)")
         clf = ExitClassifier.load(path)
@@ -109,6 +109,21 @@ def build_method(spec: str, model: Decoder, calibration_ids: list[list[int]] | N
                        "features_over": "candidates" if clf.candidates else "vocabulary",
                        "calibration": {k: v for k, v in clf.calibration.items() if k != "heldout"}})
     return Method(spec, kind, None)
+
+
+def check_classifiers(specs: list[str], model_folder: Path, exit_file: Path | None) -> None:
+    """Refuse, before any model loads, an svm/crf method that names no classifier when none is shipped for the
+    model (read by fingerprint from its folder)."""
+    from adainfer.loading import folder_fingerprint
+
+    for spec in specs:
+        kind, arg = parse_method(spec[:-len("@int8")] if spec.endswith("@int8") else spec)
+        if kind not in ("svm", "crf") or arg or exit_file:
+            continue
+        if kind == "crf" or shipped_classifier(folder_fingerprint(model_folder)) is None:
+            what = "no CRF classifier is shipped" if kind == "crf" else f"no classifier is shipped for {model_folder}"
+            raise AdainferError("--method", f"{spec}: {what}; give one as {kind}:FILE or --exit FILE (fit it with "
+                                            "python -m adainfer.calibrate)")
 
 
 def candidates_of(clf: ExitClassifier, candidates: torch.Tensor | None, device, path) -> torch.Tensor | None:

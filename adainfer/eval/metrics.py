@@ -10,13 +10,18 @@ def pruning_ratio(layers: np.ndarray, n_layers: int) -> float:
     return float(1 - np.mean(layers) / n_layers)
 
 
-def flops_ratio(layers: np.ndarray, prompt_tokens: np.ndarray, n_layers: int, hidden: int, vocab: int) -> float:
+def flops_ratio(layers: np.ndarray, prompt_tokens: np.ndarray, n_layers: int, hidden: int, vocab: int,
+                attn_skipped: np.ndarray | None = None) -> float:
     """The paper's eq. (2), (2 l'(6h + s) + V) / (2 l (6h + s) + V), per prompt with its real length s, averaged.
 
-    It counts the blocks and one LM head; the per-layer exit checks (a last-token head each) are not in it."""
+    A block's 6h + s splits into its sublayers as in the paper's count (per token, in units of 4h FLOPs): attention
+    2h + s (q, k, v, o projections and the scores), MLP 4h. So a block whose attention sublayer is skipped counts
+    4h, and a row with `attn_skipped` such blocks among its l' counts 2 (l'(6h + s) - a(2h + s)) + V. The blocks
+    and one LM head are counted; the per-layer exit checks (a last-token head each) are not."""
     s = np.asarray(prompt_tokens, dtype=np.float64)
     lp = np.asarray(layers, dtype=np.float64)
-    ratio = (2 * lp * (6 * hidden + s) + vocab) / (2 * n_layers * (6 * hidden + s) + vocab)
+    a = np.zeros_like(lp) if attn_skipped is None else np.asarray(attn_skipped, dtype=np.float64)
+    ratio = (2 * (lp * (6 * hidden + s) - a * (2 * hidden + s)) + vocab) / (2 * n_layers * (6 * hidden + s) + vocab)
     return float(ratio.mean())
 
 
@@ -30,7 +35,8 @@ def summarize(records: list[dict], n_layers: int, hidden: int, vocab: int, secon
         "pruning_ratio": pruning_ratio(layers, n_layers),
         "avg_layers": float(layers.mean()),
         "var_layers": float(layers.var()),
-        "flops_ratio": flops_ratio(layers, tokens, n_layers, hidden, vocab),
+        "flops_ratio": flops_ratio(layers, tokens, n_layers, hidden, vocab,
+                                   np.array([r.get("attn_skipped", 0) for r in records])),
         "seconds": seconds,
     }
     if records and "correct_candidates" in records[0]:
