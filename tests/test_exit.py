@@ -2,6 +2,7 @@
 their references, candidate mode equals an argmax over the candidates' logits."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -168,7 +169,14 @@ def test_classifier_file_round_trip_and_refusals(tmp_path, deep):
     good = json.loads(clf.to_json())
     refused({**good, "model": {"fingerprint": "0123456789abcdef"}}, "fitted for model")
     refused(clf.to_json().replace('"bias": -0.5', '"bias": NaN'), "NaN")
-    refused({**good, "weight": [float("inf")]} if False else clf.to_json().replace("1.0", "Infinity", 1), "Infinity")
+    # JSON has no infinity; Python's json writes the token Infinity anyway, and the loader refuses it as it parses
+    text = json.dumps({**good, "weight": [float("inf")]})
+    assert '"weight": [Infinity]' in text
+    refused(text, "malformed classifier JSON: Infinity is not a number")
+    refused(json.dumps({**good, "bias": float("-inf")}), "-Infinity is not a number")
+    # an infinite weight that reaches validation without the parser (a dict built in Python) is refused there too
+    with pytest.raises(AdainferError, match="weight holds a non-finite"):
+        ExitClassifier.from_dict({**good, "weight": [float("inf")]}, path)
     refused({**good, "kind": "forest"}, "unknown classifier kind")
     refused({**good, "features": ["gap", "logits"]}, "features")
     refused({**good, "weight": [1.0, 2.0]}, "one per feature")
@@ -190,9 +198,18 @@ def test_int8_check_head_gives_close_features_and_full_precision_answers(deep):
     full = deep(tokens, pad_mask=mask, plan=Plan(exit=never, record_features=True))
     cheap = deep(tokens, pad_mask=mask, plan=Plan(exit=never, record_features=True, check_head="int8"))
     assert torch.equal(full.logits, cheap.logits)  # nobody exits: the dense answer, untouched
+    # Rounding the head (and the kernel's rounding of its input) to int8 moves a logit by at most eps: measured 0.030
+    # on this model (0.032 over 5 model seeds; the worst case, sum of |x| scale_w / 2 + |w| scale_x / 2 over a row,
+    # is 0.16). Every softmax ratio then moves by at most e^(2 eps), so p1 (top_prob) moves by at most
+    # p1 (e^(2 eps) - 1) and gap = p1 - p2 by (p1 + p2)(e^(2 eps) - 1), checked per row with eps = 0.035.
+    # Measured: at most 5.1e-4 apart on this batch, 1.3e-3 over 5 model seeds x 6 prompt sets (p1 <= 0.15 there):
+    # hence the flat 2e-3; and every row within 28% of its softmax bound.
+    grow = math.expm1(2 * 0.035)
     for a, b in zip(full.features, cheap.features):
-        for name in ("gap", "top_prob"):  # measured: at most 0.0005 apart on this model
-            assert float((a[name] - b[name]).abs().max()) <= 0.02, (a["layer"], name)
+        p1, p2 = a["top_prob"], a["top_prob"] - a["gap"]
+        for name, bound in (("gap", (p1 + p2) * grow), ("top_prob", p1 * grow)):
+            diff = (a[name] - b[name]).abs()
+            assert float(diff.max()) <= 2e-3 and bool((diff <= bound + 1e-6).all()), (a["layer"], name)
     traces = collect(deep, batch, progress=False)
     rule = ExitRule(gap_rule(float(np.median(traces.features["gap"][:, :3]))))
     out = deep(tokens, pad_mask=mask, plan=Plan(exit=rule, check_head="int8"))

@@ -218,6 +218,7 @@ def test_run_cli_int4_decode(folder, converted):
     assert r.returncode == 2 and "Llama-family" in r.stderr and r.stdout == ""
 
 
+@pytest.mark.realmodel
 @pytest.mark.slow
 def test_int4_graph_on_the_default_model(default_model_dir):
     model = load_model(default_model_dir, "float32")[0]

@@ -1,5 +1,9 @@
-"""GGUF conversion: tiny Llama GGUFs written like llama.cpp's converter (q/k rows permuted, quantized blocks),
-converted by us and loaded by transformers with gguf_file=. Both dequantize independently; logits agree <= 1e-4."""
+"""GGUF conversion: tiny Llama GGUFs written like llama.cpp's converter (q/k rows permuted, quantized blocks).
+
+Two checks. The converter's tensors equal, exactly, a dequantization written here from the GGML block layouts and
+the file's raw bytes: the converter and transformers (gguf_file=) both dequantize with the gguf package, so their
+agreement alone could not catch a mistake there. And the converted model's logits agree with transformers' on the
+same file (<= 1e-4): the header, the tokenizer, the q/k un-permutation and the forward pass."""
 
 import numpy as np
 import pytest
@@ -78,6 +82,72 @@ def write_gguf(hf, path, qtype_name: str):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# GGML's block layouts (ggml-common.h): 32 elements a block, little-endian, an f16 scale d first.
+BLOCKS = {
+    "Q8_0": np.dtype([("d", "<f2"), ("qs", "i1", 32)]),  # x = d * q
+    "Q4_0": np.dtype([("d", "<f2"), ("qs", "u1", 16)]),  # x = d * (q - 8)
+    "Q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),  # x = d * q + m
+}
+
+GGUF_TO_OURS = {  # our names, written out here rather than taken from the converter's map
+    "token_embd": "tok_embeddings",
+    "output_norm": "norm",
+    "output": "output",
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+}
+
+
+def dequantize_raw(raw: bytes, qtype: str, shape: tuple) -> np.ndarray:
+    """Float32 values of a tensor's raw bytes, read from the block layouts (not with gguf.quants)."""
+    if qtype in ("F32", "F16"):
+        return np.frombuffer(raw, "<f4" if qtype == "F32" else "<f2").astype(np.float32).reshape(shape)
+    blocks = np.frombuffer(raw, BLOCKS[qtype])
+    d = blocks["d"].astype(np.float32)[:, None]
+    if qtype == "Q8_0":
+        return (d * blocks["qs"].astype(np.float32)).reshape(shape)
+    # byte j of a block holds element j in its low nibble and element j + 16 in its high nibble
+    q = np.concatenate([blocks["qs"] & 0x0F, blocks["qs"] >> 4], axis=1).astype(np.float32)  # (blocks, 32)
+    x = d * (q - 8) if qtype == "Q4_0" else d * q + blocks["m"].astype(np.float32)[:, None]
+    return x.reshape(shape)
+
+
+@pytest.mark.parametrize("preset", ["llama-mha", "llama-gqa-tied"])  # 4 kv heads, then 2 (k permuted per kv head)
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_converted_tensors_equal_an_independent_dequantization(tmp_path, preset, qtype):
+    import gguf
+    from safetensors.numpy import load_file
+
+    hf = hf_model(preset, seed=11)
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_gguf(hf, path, qtype)
+    convert(path, tmp_path / "ours", progress=False)
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    heads = {"attn_q": hf.config.num_attention_heads, "attn_k": hf.config.num_key_value_heads}
+    seen = set()
+    for t in gguf.GGUFReader(path).tensors:
+        stored = "F32" if len(t.shape) == 1 else qtype  # write_gguf keeps the norms in F32
+        assert t.tensor_type.name == stored, t.name
+        raw = np.fromfile(path, np.uint8, count=t.n_bytes, offset=t.data_offset).tobytes()
+        want = dequantize_raw(raw, stored, tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims innermost first
+        parts = t.name.split(".")  # blk.{i}.{kind}.weight or {kind}.weight
+        kind = parts[-2]
+        name = f"{GGUF_TO_OURS[kind]}.weight" if parts[0] != "blk" else f"layers.{parts[1]}.{GGUF_TO_OURS[kind]}.weight"
+        got = ours[name]
+        if kind in heads:  # the converter un-permuted llama.cpp's interleaved q/k rows: permute them back
+            got = llama_cpp_permute(got, heads[kind])
+        assert got.dtype == np.float32 and np.array_equal(got, want), t.name
+        seen.add(name)
+    assert seen == set(ours)
 
 
 @pytest.fixture(scope="module")

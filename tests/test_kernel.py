@@ -3,9 +3,12 @@
 The kernel multiplies in float32 whatever the input dtype, so it is compared with the reference run on the same
 values upcast to float32: p1, p2 within 1e-5, and the same top-1 unless the reference's p1 - p2 < 1e-3 (a near tie
 may break either way). The CPU reference in the model's own dtype is checked against that too, looser for bf16/fp16
-(its logits are rounded to the dtype)."""
+(its logits are rounded to the dtype). Shapes are odd on purpose: partial vocabulary tiles (333, 1000, 4097 rows
+against 64-row tiles), a partial feature block (37 against 32) and a row count off the 16-row blocks (3 rows); one row
+takes the GEMV branch, several the tl.dot one."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,11 +35,12 @@ def check(h, w, nw=None, eps=1e-5):
     return got, want
 
 
-@pytest.mark.parametrize("V, d", [(1000, 64), (4097, 96)])
+@pytest.mark.parametrize("V, d", [(333, 37), (1000, 64), (4097, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_reference(V, d, dtype):
+@pytest.mark.parametrize("B", [1, 3])
+def test_kernel_matches_reference(V, d, dtype, B):
     g = torch.Generator().manual_seed(V + d)
-    h = torch.randn(2, d, generator=g).to(dtype)
+    h = torch.randn(B, d, generator=g).to(dtype)
     w = (torch.randn(V, d, generator=g) * 0.5).to(dtype)
     nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype)
     got, want = check(h, w, nw)
@@ -69,10 +73,37 @@ def test_very_large_logits_do_not_overflow():
     assert (got.p1 > 0.99).all()
 
 
-def test_dispatch_uses_reference_on_cpu():
-    h, w = torch.randn(1, 16), torch.randn(50, 16)
-    a, b = lm_head_top2(h, w), lm_head_top2_reference(h, w)
-    assert torch.equal(a.top1, b.top1) and torch.equal(a.p1, b.p1)
+def test_dispatch_sends_cpu_to_the_reference_and_cuda_to_triton(monkeypatch):
+    """lm_head_top2 is a dispatch: spies in place of both paths record which one it called, and with what."""
+    import kernels.top2 as top2
+
+    calls = []
+
+    def spy(name):
+        return lambda *args: calls.append((name, args)) or name
+
+    monkeypatch.setattr(top2, "lm_head_top2_reference", spy("reference"))
+    monkeypatch.setattr(top2, "lm_head_top2_triton", spy("triton"))
+    w, nw = torch.randn(50, 16), torch.ones(16)
+    cpu_h = torch.randn(1, 16)
+    cuda_h = SimpleNamespace(is_cuda=True)  # stands for a CUDA tensor: the dispatch reads .is_cuda only
+
+    def called(h, *rest):
+        calls.clear()
+        out = lm_head_top2(h, *rest)
+        assert len(calls) == 1 and calls[0][0] == out
+        args = calls[0][1]
+        assert args[0] is h and args[1] is w and args[2] is (rest[1] if len(rest) > 1 else None)
+        assert args[3] == (rest[2] if len(rest) > 2 else 1e-5)
+        return out
+
+    monkeypatch.setattr(top2, "_triton_ok", True)  # triton imports
+    assert called(cpu_h, w, nw, 1e-6) == "reference"
+    assert called(cuda_h, w, nw, 1e-6) == "triton"
+    assert called(cuda_h, w) == "triton"
+    monkeypatch.setattr(top2, "_triton_ok", False)  # triton missing or broken: the reference serves CUDA too
+    assert called(cuda_h, w, nw, 1e-6) == "reference"
+    assert called(cpu_h, w) == "reference"
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")

@@ -152,6 +152,11 @@ def seed_task(folder: Path) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
+def seed_task_file(folder: Path) -> bytes:
+    rows = [{"text": "a warm film", "label": "good"}, {"text": "dull", "label": 0}, {"text": "fine", "label": 1}]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
 # ---------------------------------------------------------------- loaders: the production code paths
 
 
@@ -242,6 +247,12 @@ def load_task_rows(path: Path, work: Path):
     _choices(path)
 
 
+def load_task_file(path: Path, work: Path):
+    from adainfer.tasks import load_task_file as load
+
+    load(path, ["bad", "good"])
+
+
 LOADERS = {  # name: (seed maker, loader, structure: "json" | "jsonl" | "binary")
     "gguf": (seed_gguf, load_gguf, "binary"),
     "safetensors": (seed_safetensors, load_safetensors_model, "binary"),
@@ -254,6 +265,7 @@ LOADERS = {  # name: (seed maker, loader, structure: "json" | "jsonl" | "binary"
     "classifier_crf": (seed_crf, load_classifier, "json"),
     "prompts": (seed_prompts, load_prompts, "jsonl"),
     "task_rows": (seed_task, load_task_rows, "jsonl"),
+    "task_file": (seed_task_file, load_task_file, "jsonl"),
 }
 
 
