@@ -90,8 +90,6 @@ def folder_fingerprint(folder: Path | str) -> str:
     try:
         with safe_open(weights, framework="pt") as f:
             return fingerprint(config, _LazyTensors(f, names))
-    except AdainferError:
-        raise
     except Exception as e:
         raise AdainferError(weights, f"cannot read tensors: {e}") from None
 

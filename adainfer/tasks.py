@@ -106,9 +106,9 @@ def _thirds(rows: list[Example]) -> tuple[list[Example], list[Example]]:
     return rows[0::3], [r for i, r in enumerate(rows) if i % 3]
 
 
-def option_letters(rows: list[Example]) -> list[str]:
+def option_letters(rows: list[Example]) -> list[str] | None:
     """The candidate letters of a multiple-choice task: as many as its longest row has choices."""
-    return list(LETTERS[:max(len(e.choices) for e in rows)]) if rows else []
+    return list(LETTERS[:max(len(e.choices) for e in rows)]) if rows else None
 
 
 SHAPES = {

@@ -116,11 +116,14 @@ def check_classifiers(specs: list[str], model_folder: Path, exit_file: Path | No
     model (read by fingerprint from its folder)."""
     from adainfer.loading import folder_fingerprint
 
+    shipped = None
     for spec in specs:
-        kind, arg = parse_method(spec[:-len("@int8")] if spec.endswith("@int8") else spec)
+        kind, arg = parse_method(spec)
         if kind not in ("svm", "crf") or arg or exit_file:
             continue
-        if kind == "crf" or shipped_classifier(folder_fingerprint(model_folder)) is None:
+        if kind == "svm" and shipped is None:
+            shipped = shipped_classifier(folder_fingerprint(model_folder)) or False
+        if kind == "crf" or not shipped:
             what = "no CRF classifier is shipped" if kind == "crf" else f"no classifier is shipped for {model_folder}"
             raise AdainferError("--method", f"{spec}: {what}; give one as {kind}:FILE or --exit FILE (fit it with "
                                             "python -m adainfer.calibrate)")
