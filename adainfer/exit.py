@@ -1,4 +1,5 @@
-"""Exit features, the exit-classifier file, and the inline decision the block loop calls after a block.
+"""Exit features, the exit-classifier file, the inline decision the block loop calls after a block, and the loop's
+bookkeeping: the Plan of a run, the Exits of its rows and its Output.
 
 Features of the last token after block n (AdaInfer §4.1): gap = p1 - p2 and top_prob = p1 of the softmax over the
 LM head (or over the candidate tokens only); optionally the cosine similarity of the block's attention output, MLP
@@ -216,6 +217,116 @@ class ExitRule:
         if not self.needs_record:
             return state
         return {**state, "hidden": h_last, **(record or {})}
+
+
+# ---------------------------------------------------------------- what a run asks of the loop, and its answers
+
+
+@dataclass
+class Plan:
+    """Which blocks run, which sublayers are skipped, and where the loop may stop.
+
+    layers: block indices in the order they run (None = all). skip_attn: blocks whose attention is skipped.
+    exit: an exit rule (adainfer.exit) or None. exit_at: force every row to stop after this many blocks.
+    candidates: token ids the answer and the exit features are restricted to. record_features: keep every
+    checked layer's features (for calibration and analysis). hidden_states: keep every block's output.
+    """
+
+    layers: list[int] | None = None
+    skip_attn: frozenset[int] = frozenset()
+    exit: object | None = None
+    exit_at: int | None = None
+    candidates: torch.Tensor | None = None
+    record_features: bool = False
+    record_logits: bool = False  # with record_features: also keep each check's float32 logits
+    hidden_states: bool = False
+    sync_every: int = 1  # read exit decisions every N checks (one host sync for N layers; for GPUs)
+    fill_skipped_kv: bool = False  # rows that exit get K/V for the blocks they skip, from their exit state (CALM)
+    check_head: str = "full"  # "int8": CPU exit features from an int8 copy of the head; answers at full precision
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # (B, V) or (B, n_candidates), float32: the last token at each row's exit layer
+    layers_run: torch.Tensor  # (B,) int64: blocks each row ran
+    token: torch.Tensor  # (B,) int64: argmax of logits, mapped back to vocabulary ids in candidate mode
+    features: list = field(default_factory=list)  # with record_features: one dict per checked layer
+    hidden_states: list | None = None  # with hidden_states: embeddings, then each block's output (B, T, dim)
+
+
+
+
+
+@dataclass
+class Window:
+    """Decisions kept on the device until they are read together (Plan.sync_every > 1)."""
+
+    fired: torch.Tensor  # (b,) bool: the rows whose rule fired inside the window
+    at: torch.Tensor  # (b,) int64: the layer where each fired first
+    value: torch.Tensor  # (b, V) logits at that layer, or (b, dim) last-token states when the head has not run
+    is_logits: bool
+    checks: int = 1
+
+
+class Exits:
+    """The answers of one forward, row by row: logits at each row's exit layer and the blocks it ran.
+
+    A row whose rule fires leaves the batch (the others are compacted). With `window` > 1 the decisions stay on the
+    device and are read once every `window` checks, one host synchronisation for several layers: a row that fired
+    inside a window runs on to its end, but answers with the logits of the layer where it fired."""
+
+    def __init__(self, head, B: int, n_run: int, window: int = 1):
+        self.head = head  # (b, dim) last-token states -> (b, V) float32 logits
+        self.logits: list = [None] * B
+        self.layers = torch.full((B,), n_run, dtype=torch.int64)
+        self.live = torch.arange(B)  # input rows the (compacted) batch still holds
+        self.window = max(1, window)
+        self.open: Window | None = None
+
+    def check(self, fire: torch.Tensor, n: int, logits: torch.Tensor | None, h_last: torch.Tensor):
+        """Note one check's decisions; return the keep-mask once rows have left the batch, else None."""
+        value, is_logits = (logits, True) if logits is not None else (h_last, False)  # GPU: the head later
+        at = None
+        if self.window > 1:
+            w = self._note(fire, n, value, is_logits)
+            if w.checks < self.window:
+                return None
+            self.open = None
+            fire, at, value = w.fired, w.at, w.value
+        if not bool(fire.any()):  # the one host synchronisation of a check (or of a window)
+            return None
+        out = value[fire] if is_logits else self.head(value[fire])
+        layers = [n] * int(fire.sum()) if at is None else at[fire].tolist()
+        fired = fire.cpu()
+        for j, r in enumerate(self.live[fired].tolist()):
+            self.logits[r], self.layers[r] = out[j], layers[j]
+        self.live = self.live[~fired]
+        return ~fire
+
+    def _note(self, fire, n, value, is_logits) -> Window:
+        w = self.open
+        if w is None:
+            self.open = Window(fire, torch.full(fire.shape, n, dtype=torch.int64, device=fire.device), value, is_logits)
+        else:
+            new = fire & ~w.fired
+            self.open = Window(w.fired | fire, torch.where(new, n, w.at), torch.where(new[:, None], value, w.value),
+                               is_logits, w.checks + 1)
+        return self.open
+
+    def finish(self, h_last: torch.Tensor) -> None:
+        """After the last block: rows that fired in an open window keep that answer, the rest take this one."""
+        final = self.head(h_last)
+        w = self.open
+        if w is not None:
+            final = torch.where(w.fired[:, None], w.value if w.is_logits else self.head(w.value), final)
+        for j, r in enumerate(self.live.tolist()):
+            self.logits[r] = final[j]
+            if w is not None and bool(w.fired[j]):
+                self.layers[r] = int(w.at[j])
+
+    def answers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, V) float32 logits at each row's exit layer, (B,) blocks each ran."""
+        return torch.stack(self.logits), self.layers
 
 
 def load_exit_rule(path: Path, model) -> ExitRule:

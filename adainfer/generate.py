@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from adainfer.errors import AdainferError
-from adainfer.model import Decoder, KVCache, Output, Plan
+from adainfer.exit import Output, Plan
+from adainfer.model import Decoder, KVCache
 
 
 @dataclass

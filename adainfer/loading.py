@@ -1,7 +1,8 @@
 """Load a converted model folder: build the decoder on the meta device, check and assign the weights.
 
-Tensors on disk keep one name per projection (see adainfer.config.weight_shapes); the decoder fuses q/k/v into one
-matrix, so loading concatenates them.
+Our model.safetensors keeps q, k and v as three tensors, as checkpoints do; the decoder holds them as one matrix.
+FUSED is the one place where the file's names and the modules' names differ: `file_shapes` (the file format, derived
+from the decoder itself) splits by it, loading concatenates by it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from adainfer.config import ModelConfig, weight_shapes
+from adainfer.checks import check_safetensors
+from adainfer.config import ModelConfig
 from adainfer.errors import AdainferError
-from adainfer.model import CPU_PREFERS_BF16, Decoder, rope_inv_freq
+from adainfer.model import Decoder, rope_inv_freq
+from adainfer.quant import CPU_PREFERS_BF16
 from adainfer.tokenizer import TextTokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     """'auto': bfloat16 on a GPU or a CPU with AMX, else float32: on an AVX2-only CPU a bfloat16 matmul of 64+ rows
     runs ~4x slower than float32, and with AVX512-BF16 alone prefill and decode still ran 1.1-1.6x slower (measured:
-    model.CPU_PREFERS_BF16, benchmarks/RESULTS.md)."""
+    quant.CPU_PREFERS_BF16, benchmarks/RESULTS.md)."""
     if name == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") or CPU_PREFERS_BF16 else torch.float32
     if name not in DTYPES:
@@ -36,8 +39,6 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
 def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu",
                ) -> tuple[Decoder, TextTokenizer | None]:
     """(decoder in eval mode, tokenizer or None) from a folder written by weights_convert."""
-    from weights_convert.checks import check_safetensors
-
     folder = Path(folder)
     if not folder.is_dir():
         raise AdainferError(folder, "no such model folder")
@@ -46,7 +47,7 @@ def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: st
     if not weights.is_file():
         raise AdainferError(weights, "model.safetensors not found")
     infos = check_safetensors(weights)
-    expected = weight_shapes(config)
+    expected = file_shapes(config)
     for name, shape in expected.items():
         if name not in infos:
             raise AdainferError(weights, f"tensor {name} is missing")
@@ -79,8 +80,6 @@ def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: st
 
 def folder_fingerprint(folder: Path | str) -> str:
     """The fingerprint of a converted model folder without building the model (tensors read one at a time)."""
-    from weights_convert.checks import check_safetensors
-
     folder = Path(folder)
     config = ModelConfig.load(folder / "config.json")
     weights = folder / "model.safetensors"
@@ -110,15 +109,36 @@ class _LazyTensors(Mapping):
         return len(self.names)
 
 
+# The one place where the file's names and the modules' names differ: the file keeps q, k and v apart, as checkpoints
+# do (suffixes .weight and .bias alike); each Attention holds them as the row blocks of wqkv, in this order.
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv")}
+
+
+def file_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of our model.safetensors, by name, with its shape: the decoder's own state dict (built on the
+    meta device), its fused matrices split by FUSED."""
+    with torch.device("meta"):
+        model = Decoder(config)
+    shapes = {}
+    for name, t in model.state_dict().items():
+        fused = next((f for f in FUSED if f".{f}." in f".{name}"), None)
+        if fused is None:
+            shapes[name] = tuple(t.shape)
+            continue
+        prefix, suffix = name.split(fused)
+        attn = model.get_submodule(prefix + fused.rsplit(".", 1)[0])
+        for part, rows in zip(FUSED[fused], (attn.q_size, attn.kv_size, attn.kv_size)):
+            shapes[prefix + part + suffix] = (rows, *t.shape[1:])
+    return shapes
+
+
 def fuse_state(disk: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype, device) -> dict:
-    """Our on-disk names -> the decoder's state dict (q/k/v fused), cast to dtype."""
+    """Our file's tensors -> the decoder's state dict (FUSED's parts concatenated), cast to dtype."""
     state = dict(disk)
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        for suffix in ("weight", "bias"):
-            parts = [state.pop(f"{p}attention.w{x}.{suffix}", None) for x in "qkv"]
-            if parts[0] is not None:
-                state[f"{p}attention.wqkv.{suffix}"] = torch.cat(parts)
+    for fused, parts in FUSED.items():
+        for name in [n for n in disk if f".{parts[0]}." in f".{n}"]:
+            prefix, suffix = name.split(parts[0])
+            state[prefix + fused + suffix] = torch.cat([state.pop(prefix + p + suffix) for p in parts])
     return {name: t.to(device=device, dtype=dtype).contiguous() for name, t in state.items()}
 
 

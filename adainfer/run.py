@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    from adainfer.exit import Plan
     from adainfer.generate import Sampling, check_prompts, generate
     from adainfer.loading import load_model
-    from adainfer.model import Plan
 
     for name in ("max_new_tokens", "batch_size", "threads"):
         value = getattr(args, name)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adainfer.exit import ExitClassifier, ExitRule
+from adainfer.exit import ExitClassifier, ExitRule, Plan
 from adainfer.generate import left_pad
-from adainfer.model import Decoder, Plan
+from adainfer.model import Decoder
 
 
 @dataclass

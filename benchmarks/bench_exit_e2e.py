@@ -20,9 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved, machine, print_table, write_json  # noqa: E402
 
-from adainfer.exit import compute_features  # noqa: E402
+from adainfer.exit import (
+    Plan,  # noqa: E402
+    compute_features,  # noqa: E402
+)
 from adainfer.loading import load_model  # noqa: E402
-from adainfer.model import Plan  # noqa: E402
 
 
 class FireAt:

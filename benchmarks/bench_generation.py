@@ -28,10 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
-from adainfer.exit import ExitClassifier, ExitRule, shipped_classifier  # noqa: E402
+from adainfer.exit import (  # noqa: E402
+    ExitClassifier,
+    ExitRule,
+    Plan,  # noqa: E402
+    shipped_classifier,
+)
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
-from adainfer.model import Plan  # noqa: E402
 from adainfer.tasks import load_task, task_prompts  # noqa: E402
 
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 from helpers import run_cli
 
-from adainfer.exit import ExitClassifier, ExitRule
+from adainfer.exit import ExitClassifier, ExitRule, Plan
 from adainfer.loading import load_model
-from adainfer.model import Plan
 
 SST2_ROWS = [("a warm, funny film", 1), ("dull and lifeless", 0), ("a triumph", 1), ("tedious mess", 0),
              ("charming", 1), ("boring", 0), ("moving and wise", 1), ("a waste of time", 0)] * 3

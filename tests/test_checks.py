@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from adainfer.checks import check_safetensors, read_gguf_header
 from adainfer.errors import AdainferError
-from weights_convert.checks import check_safetensors, read_gguf_header
 
 
 def crafted_gguf_huge_array() -> bytes:

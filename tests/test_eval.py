@@ -14,9 +14,9 @@ from tiny import truncated_copy
 
 from adainfer.eval.methods import block_influence, build_method
 from adainfer.eval.metrics import flops_ratio, pruning_ratio, summarize
+from adainfer.exit import Plan
 from adainfer.generate import left_pad
 from adainfer.loading import load_model
-from adainfer.model import Plan
 from adainfer.tasks import Example, Task, demonstrations, label_candidates, load_task, load_task_file, task_prompts
 
 

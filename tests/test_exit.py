@@ -11,10 +11,9 @@ from tiny import make_converted, truncated_copy
 
 from adainfer.calibrate import fit_svm, fold_scaler
 from adainfer.errors import AdainferError
-from adainfer.exit import ExitClassifier, ExitRule, gap_rule, never_rule
+from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule, never_rule
 from adainfer.generate import left_pad
 from adainfer.loading import load_model
-from adainfer.model import Plan
 from adainfer.traces import collect, simulate
 
 

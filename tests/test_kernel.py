@@ -111,10 +111,9 @@ def test_exit_loop_on_gpu_matches_cpu(converted):
     """The whole loop on CUDA (Triton probe, deferred reads) exits where the CPU reference path does."""
     import numpy as np
 
-    from adainfer.exit import ExitRule, gap_rule
+    from adainfer.exit import ExitRule, Plan, gap_rule
     from adainfer.generate import left_pad
     from adainfer.loading import load_model
-    from adainfer.model import Plan
     from adainfer.traces import collect
 
     folder = converted("llama-gqa-tied")[1]

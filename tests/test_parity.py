@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny import PRESETS, VOCAB, hf_model, make_converted, save_hf
 
+from adainfer.exit import Plan
 from adainfer.loading import load_model
-from adainfer.model import Plan
 from weights_convert import convert
 
 PROMPTS = [torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(n)) for n in (1, 7, 33, 90)]

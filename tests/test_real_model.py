@@ -5,9 +5,9 @@ file with gguf_file=. Tolerance: every hidden state and the final logits max abs
 import pytest
 import torch
 
+from adainfer.exit import Plan
 from adainfer.generate import generate
 from adainfer.loading import load_model
-from adainfer.model import Plan
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adainfer.config import ModelConfig, weight_shapes
+from adainfer.config import ModelConfig
 from adainfer.errors import AdainferError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,7 +100,7 @@ def _from_hf(src: Path, allow_pickle: bool):
 def _from_gguf(src: Path, progress: bool):
     from tqdm import tqdm
 
-    from weights_convert.checks import read_gguf_header
+    from adainfer.checks import read_gguf_header
     from weights_convert.gguf_file import config_from_gguf, read_gguf_tensors, tokenizer_from_gguf
 
     g = read_gguf_header(src)
@@ -131,7 +131,9 @@ def _byte_level_from_vocab_merges(src: Path):
 
 
 def _check_tensors(config: ModelConfig, tensors: dict, src: Path) -> None:
-    expected = weight_shapes(config)
+    from adainfer.loading import file_shapes
+
+    expected = file_shapes(config)
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise AdainferError(src, f"missing tensors for this config: {missing[:5]}"

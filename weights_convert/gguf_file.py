@@ -1,6 +1,6 @@
 """GGUF (llama.cpp) files -> adainfer config, tensors and a `tokenizers` tokenizer.
 
-The header is parsed and bounded by weights_convert.checks first; tensors are read from the validated offsets and
+The header is parsed and bounded by adainfer.checks first; tensors are read from the validated offsets and
 dequantized with the gguf package. llama.cpp stores q and k rows interleaved for its rotary kernel; we undo that.
 """
 
@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import torch
 
+from adainfer.checks import GGUFFile
 from adainfer.config import ModelConfig
 from adainfer.errors import AdainferError
-from weights_convert.checks import GGUFFile
 
 GGUF_WEIGHT_MAP = {
     "token_embd.weight": "tok_embeddings.weight",

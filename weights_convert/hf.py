@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from adainfer.checks import check_safetensors
 from adainfer.config import ModelConfig, check_rope_scaling
 from adainfer.errors import AdainferError
-from weights_convert.checks import check_safetensors
 
 LLAMA_WEIGHT_MAP = {
     "model.embed_tokens.weight": "tok_embeddings.weight",

@@ -155,8 +155,8 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
 def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records) -> float:
     """Run one batch with `plan`, or with forced exits at per-row `depths` (the oracle: rows grouped by depth);
     fill the rows' records; return the seconds spent in the model."""
+    from adainfer.exit import Plan
     from adainfer.generate import left_pad
-    from adainfer.model import Plan
 
     pad = model.config.pad_id if model.config.pad_id is not None else 0
     if depths is None:

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from adainfer.errors import AdainferError
-from adainfer.exit import ExitClassifier, ExitRule, gap_rule, shipped_classifier
+from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule, shipped_classifier
 from adainfer.generate import left_pad
-from adainfer.model import Decoder, Plan
+from adainfer.model import Decoder
 
 PATTERNS = {
     "dense": r"dense",

@@ -58,10 +58,10 @@ def seed_safetensors(folder: Path) -> bytes:
     import torch
     from safetensors.torch import save
 
-    from adainfer.config import weight_shapes
+    from adainfer.loading import file_shapes
 
     g = torch.Generator().manual_seed(0)
-    return save({n: torch.randn(s, generator=g) * 0.1 for n, s in weight_shapes(tiny_config()).items()})
+    return save({n: torch.randn(s, generator=g) * 0.1 for n, s in file_shapes(tiny_config()).items()})
 
 
 def seed_gguf(folder: Path) -> bytes:
@@ -161,7 +161,7 @@ def seed_task_file(folder: Path) -> bytes:
 
 
 def load_gguf(path: Path, work: Path):
-    from weights_convert.checks import read_gguf_header
+    from adainfer.checks import read_gguf_header
     from weights_convert.gguf_file import config_from_gguf, read_gguf_tensors, tokenizer_from_gguf
 
     g = read_gguf_header(path)
