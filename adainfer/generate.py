@@ -18,15 +18,18 @@ class Generation:
     logits: torch.Tensor | None = None  # the first generated token's logits (float32), when asked for
 
 
-def check_prompts(ids: list[list[int]], model: Decoder, max_new_tokens: int, where: str = "prompt") -> None:
-    """Refuse empty prompts and prompts that do not fit the model's context with the tokens to generate."""
+def check_prompts(ids: list[list[int]], model: Decoder, max_new_tokens: int, where: str | list[str] = "prompt"
+                  ) -> None:
+    """Refuse empty prompts and prompts that do not fit the model's context with the tokens to generate. `where`:
+    each prompt's name for the message (a list), or a word numbered per prompt."""
     limit = model.config.max_seq_len
     for i, p in enumerate(ids):
+        name = where[i] if isinstance(where, list) else f"{where} {i + 1}"
         if not p:
-            raise AdainferError(f"{where} {i + 1}", "empty prompt (it encodes to no tokens)")
+            raise AdainferError(name, "empty prompt (it encodes to no tokens)")
         if len(p) + max_new_tokens - 1 > limit:
-            raise AdainferError(f"{where} {i + 1}", f"{len(p)} tokens + {max_new_tokens} new exceed the model's "
-                                                    f"context of {limit} tokens")
+            raise AdainferError(name, f"{len(p)} tokens + {max_new_tokens} new exceed the model's context of {limit} "
+                                      "tokens")
 
 
 def left_pad(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:

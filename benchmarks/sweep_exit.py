@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
-from adainfer.calibrate import fit, shifted, tune  # noqa: E402
+from adainfer.calibration import FitOptions, fit, shifted, tune  # noqa: E402
 from adainfer.exit import ExitRule, gap_rule  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 from adainfer.tasks import answer_ids, label_candidates, load_task, task_prompts  # noqa: E402
@@ -96,8 +95,7 @@ def main() -> None:
         labels = final_labels(train)
         variants = [("svm, paper fit", 0.0)] + [(f"svm, target {t}", t) for t in TARGETS]
         for label, target in variants:
-            opts = SimpleNamespace(first_layer=None, target_agreement=target, classifier="svm", stride=1,
-                                   features=["gap", "top_prob"], threshold=0.8)
+            opts = FitOptions(target_agreement=target)
             clf, tuning = tune(opts, train, labels, L)
             res = score(evals, golds, simulate(ExitRule(clf), evals), L)
             rows.append({**base, "method": label, "first_layer": clf.first_layer,
@@ -135,7 +133,7 @@ def svm_candidates(train: Traces, labels: np.ndarray, L: int) -> list:
     """(classifier, average depth, agreement with dense) on the train split, over first check layers and bias
     shifts (eager ones included): the pool from which the SVM matching skip-last-n's depth is picked, keeping the
     most train answers at an average depth of at most L - n."""
-    opts = SimpleNamespace(classifier="svm", features=["gap", "top_prob"])
+    opts = FitOptions()
     dense = train.top1[:, -1]
     out = []
     for first in range(1, L):
@@ -155,8 +153,7 @@ def generalisation(fitted: dict, train_names: list[str], test_names: list[str], 
         raise SystemExit(f"--inter: {', '.join(missing)} not among --tasks")
     train = concat([fitted[n][0] for n in train_names])
     labels = np.concatenate([fitted[n][1] for n in train_names])
-    opts = SimpleNamespace(first_layer=None, target_agreement=target, classifier="svm", stride=1,
-                           features=["gap", "top_prob"], threshold=0.8)
+    opts = FitOptions(target_agreement=target)
     clf, _ = tune(opts, train, labels, L)
     out = []
     for name in test_names:

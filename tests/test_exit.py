@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import make_converted, truncated_copy
 
-from adainfer.calibrate import fit_svm, fold_scaler
+from adainfer.calibration import fit_svm, fold_scaler
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule, never_rule
 from adainfer.generate import left_pad
