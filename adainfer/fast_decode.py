@@ -91,11 +91,11 @@ def prepare_check_head(model: Decoder, check_head: str, candidates: torch.Tensor
 # ---------------------------------------------------------------- the decode step
 
 
-def decode_one_token(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cos, sin, mask: torch.Tensor,
+def decode_one_token(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cos, sin, valid: torch.Tensor,
                      write_pos: torch.Tensor, cache: KVCache, quantized: bool) -> torch.Tensor:
     """tokens (B, 1) at positions (B, 1) through every block -> float32 logits (B, V); the keys and values go into
-    `cache` at write_pos (1,), and attention reads the whole cache under mask (B, 1, 1, S)."""
-    ctx = Context(cos, sin, mask, False, cache, write_pos=write_pos, quantized=quantized)
+    `cache` at write_pos (1,), and attention reads the whole cache where valid (B, S) is set."""
+    ctx = Context(cos, sin, valid[:, None, None, :], False, cache, write_pos=write_pos, quantized=quantized)
     h = model.embed(tokens, positions)  # (B, 1, dim)
     for i, block in enumerate(model.layers):
         h = block(h, ctx, i)
@@ -111,7 +111,9 @@ class DecodeGraph:
         self.model, self.quantized = model, mode == "int4"
         # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each
         # call; the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph).
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        # Inductor would also assert the size and stride of each of those inputs and of every kernel's output at each
+        # call (~600 Python calls a step, 0.4 ms of it): the shapes are fixed by the modules.
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
         self.step = torch.compile(decode_one_token, dynamic=False, options=options) if compile else decode_one_token
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -126,13 +128,13 @@ class DecodeGraph:
             if model.config.arch == "llama":
                 cos, sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # (B, 1, 1, hd)
             cache.valid[:, length] = True
-            mask = cache.valid[:, None, None, :]  # (B, 1, 1, S): what is written, this position included
-            if self.step is not decode_one_token:  # one graph for every cache size (the batch size stays static)
-                for t in cache.k + cache.v:
-                    torch._dynamo.mark_dynamic(t, 2)
-                torch._dynamo.mark_dynamic(mask, 3)
+            if self.step is not decode_one_token and not getattr(cache, "dynamic", False):
+                # One graph for every cache size (the batch size stays static); marked once per cache.
+                for t in [*cache.k, *cache.v, cache.valid]:
+                    torch._dynamo.mark_dynamic(t, t.dim() - 2 if t is not cache.valid else 1)
+                cache.dynamic = True
             write_pos = torch.tensor([length], device=tokens.device)
-            return self.step(model, tokens, positions, cos, sin, mask, write_pos, cache, self.quantized)
+            return self.step(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, self.quantized)
 
 
 def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
