@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from adainfer.errors import AdainferError
+from adainfer.quant import head_logits
+from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
 FEATURES = ("gap", "top_prob", "cos_attn", "cos_mlp", "cos_hidden")
 KINDS = ("svm", "gap", "crf", "never")
@@ -169,6 +171,22 @@ def compute_features(names, top2, h_last: torch.Tensor | None, record: dict | No
             else:
                 out[name] = F.cosine_similarity(now.float(), before.float(), dim=-1)
     return out
+
+
+def probe(model, h_last: torch.Tensor, weight: torch.Tensor, check_head: str = "full"
+          ) -> tuple[Top2, torch.Tensor | None]:
+    """The exit check on last-token states (b, dim) against head rows `weight` of `model` (an adainfer Decoder):
+    Top2, and on the CPU path the float32 logits it computed (so that an exiting row need not run the head again).
+    check_head "int8": the features come from the model's int8 head (a quarter of float32's bytes) and no logits are
+    returned, so a row that exits takes its answer from the head at full precision."""
+    if h_last.is_cuda:  # fused kernel, logits never written; Llama's final RMSNorm is folded in
+        if model.config.arch == "llama" and model.norm is not None:
+            return lm_head_top2(h_last, weight, model.norm.weight, model.config.norm_eps), None
+        return lm_head_top2(model.head_input(h_last), weight), None
+    if check_head == "int8":
+        return top2_from_logits(model.int8_head()(model.head_input(h_last))), None
+    logits = head_logits(model.head_input(h_last), weight)
+    return top2_from_logits(logits), logits
 
 
 class ExitRule:

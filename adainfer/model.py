@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adainfer.config import ModelConfig
-from adainfer.exit import Exits, Output, Plan
+from adainfer.exit import Exits, Output, Plan, probe
 from adainfer.quant import QuantWeight, head_logits, linear, load_q4q8_kernel, quantize_int8
-from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
 
 class Linear(nn.Linear):
@@ -332,21 +331,6 @@ class Decoder(nn.Module):
             self.head_q8.built_from = self.head_weight.data_ptr()
         return self.head_q8
 
-    def probe(self, h_last: torch.Tensor, weight: torch.Tensor, check_head: str = "full"
-              ) -> tuple[Top2, torch.Tensor | None]:
-        """The exit check on last-token states (b, dim) against head rows `weight`: Top2, and on the CPU path the
-        float32 logits it computed (so that an exiting row need not run the head again). check_head "int8": the
-        features come from the int8 head (a quarter of float32's bytes) and no logits are returned, so a row that
-        exits takes its answer from the head at full precision."""
-        if h_last.is_cuda:  # fused kernel, logits never written; a final RMSNorm is folded in
-            if isinstance(self.norm, RMSNorm) and self.project_out is None:
-                return lm_head_top2(h_last, weight, self.norm.weight, self.config.norm_eps), None
-            return lm_head_top2(self.head_input(h_last), weight), None
-        if check_head == "int8":
-            return top2_from_logits(self.int8_head()(self.head_input(h_last))), None
-        logits = head_logits(self.head_input(h_last), weight)
-        return top2_from_logits(logits), logits
-
     def context(self, positions: torch.Tensor, pad_mask: torch.Tensor | None, cache: KVCache | None,
                 rows: torch.Tensor | None = None) -> Context:
         """Masks and rotary tables for one forward over tokens at `positions` (B, T), on cache rows `rows`."""
@@ -412,7 +396,7 @@ class Decoder(nn.Module):
             if hiddens is not None:
                 hiddens.append(h)
             if rule is not None and n < n_run and rule.should_check(n):
-                top2, logits = self.probe(h[:, -1], weight, plan.check_head if plan.candidates is None else "full")
+                top2, logits = probe(self, h[:, -1], weight, plan.check_head if plan.candidates is None else "full")
                 feats, fire, state = rule.decide(top2, h[:, -1], ctx.record, state)
                 if plan.record_features:
                     features.append({"layer": n, "rows": exits.live, "top1": top2.top1, **feats})
