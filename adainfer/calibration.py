@@ -115,10 +115,7 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
     check_prompts(ids, model, 1, "prompt")
     cand_ids = None
     if data.candidates:
-        cand_ids = torch.tensor([tok.piece_id(c) for c in data.candidates], device=model.device)
-        if len(set(cand_ids.tolist())) != len(cand_ids):
-            raise AdainferError("--candidates", f"{data.candidates} do not start with distinct tokens, so one token "
-                                                "cannot tell them apart")
+        cand_ids = torch.tensor(tok.candidate_ids(data.candidates), device=model.device)
     L = model.config.n_layers
     if first_layer is not None and not 1 <= first_layer < L:
         raise AdainferError("--first-layer", f"must be between 1 and {L - 1}, got {first_layer}")

@@ -142,9 +142,7 @@ class Engine:
         check_prompts(ids, model, max_new_tokens, sources or "prompt")
         cand_ids = None
         if choice.candidates:
-            cand_ids = torch.tensor([tok.piece_id(c) for c in choice.candidates], device=model.device)
-            if len(set(cand_ids.tolist())) != len(cand_ids):
-                raise AdainferError("--candidates", f"{choice.candidates} do not start with distinct tokens")
+            cand_ids = torch.tensor(tok.candidate_ids(choice.candidates), device=model.device)
         prepare_check_head(model, check_head, cand_ids, "--check-head")
         plan = Plan(exit=choice.rule, candidates=cand_ids, check_head=check_head)
         dense_plan = Plan(candidates=cand_ids)

@@ -347,12 +347,6 @@ class Exits:
         return torch.stack(self.logits), self.layers
 
 
-def load_exit_rule(path: Path, model) -> ExitRule:
-    clf = ExitClassifier.load(path)
-    clf.check_model(model, path)
-    return ExitRule(clf, model.device)
-
-
 CLASSIFIER_DIR = Path(__file__).parent / "classifiers"
 
 

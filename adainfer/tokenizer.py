@@ -42,6 +42,15 @@ class TextTokenizer:
             raise AdainferError("--candidates", f"{text!r} encodes to no token")
         return ids[0]
 
+    def candidate_ids(self, texts: list[str]) -> list[int]:
+        """piece_id of each candidate string; refused when two share their first token (one token could not tell
+        them apart)."""
+        ids = [self.piece_id(t) for t in texts]
+        if len(set(ids)) != len(ids):
+            raise AdainferError("--candidates", f"{texts} do not start with distinct tokens, so one token cannot tell "
+                                                "them apart")
+        return ids
+
 
 def load_tokenizer(folder: Path, config: ModelConfig) -> TextTokenizer | None:
     """The tokenizer of a converted model folder, or None if it has none."""

@@ -194,14 +194,18 @@ def write_results(path: Path, results: dict) -> None:
 
 
 def machine() -> dict:
+    """The machine a figure came from: CPU model and capability, cores, threads, torch, Python, GPU if any."""
     import os
     import platform
 
-    cpu = ""
+    cpu = platform.processor() or ""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
