@@ -105,6 +105,8 @@ class Engine:
         fitted = clf.calibration.get("tasks") or clf.calibration.get("prompts")
         fitted = f", fitted on {'+'.join(fitted) if isinstance(fitted, list) else fitted}" if fitted else ""
         head = ", int8 check head" if check_head != "full" else ""
+        if clf.translator is not None:
+            head += f", layers read through its {clf.translator.describe()}"
         return ExitChoice(rule, candidates, f"{clf.kind} on {'+'.join(clf.features)} over {over}{fitted}, checks from "
                                             f"layer {rule.first} every {clf.stride}{head}")
 

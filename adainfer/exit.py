@@ -7,14 +7,16 @@ output and hidden state with the previous block's (the paper's factor study), co
 
 A classifier file is JSON: its kind, feature names, weights and bias (any scaler folded in), where checking starts
 and its stride, the model it was fitted for and how it was calibrated. At run time the decision is one dot
-product in torch, `w . x + b > 0`; for the CRF, one step of prefix Viterbi over the checked layers.
+product in torch, `w . x + b > 0`; for the CRF, one step of prefix Viterbi over the checked layers. A classifier
+calibrated with a translator (adainfer.translator) names its file, saved beside it; its features, and the answer of
+a row that exits, come from the translated reading of the exit layer.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from adainfer.errors import AdainferError
 from adainfer.quant import head_logits
+from adainfer.translator import Translator, sha256
 from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
 FEATURES = ("gap", "top_prob", "cos_attn", "cos_mlp", "cos_hidden")
@@ -43,15 +46,24 @@ class ExitClassifier:
     model: dict = field(default_factory=dict)  # {"fingerprint", "name", "n_layers"}
     calibration: dict = field(default_factory=dict)  # task, shots, label mode, sizes, held-out report
     crf: dict | None = None  # {"state_weight": [[w per feature] per label], "state_bias": [b0, b1], "transitions"}
+    translator: Translator | None = field(default=None, repr=False)  # in the file: {"file", "sha256", ...}
 
-    def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "version": VERSION, **asdict(self)}, indent=1, allow_nan=False) + "\n"
+    def to_json(self, translator_ref: dict | None = None) -> str:
+        body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "translator"}
+        return json.dumps({"format": FORMAT, "version": VERSION, **body, "translator": translator_ref}, indent=1,
+                          allow_nan=False) + "\n"
 
     def save(self, path: Path) -> None:
-        """Write atomically (temp file + rename)."""
+        """Write atomically (temp file + rename); a translator goes beside it as <stem>.translator.safetensors."""
         path = Path(path)
+        ref = None
+        if self.translator is not None:
+            t_path = path.with_name(f"{path.stem}.translator.safetensors")
+            ref = {"file": t_path.name, "sha256": self.translator.save(t_path), "kind": self.translator.kind,
+                   "rank": self.translator.rank, "layers": self.translator.layers,
+                   "bytes": t_path.stat().st_size}
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json())
+        tmp.write_text(self.to_json(ref))
         tmp.replace(path)
 
     @classmethod
@@ -66,7 +78,18 @@ class ExitClassifier:
             data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
             raise AdainferError(path, f"malformed classifier JSON: {e}") from None
-        return cls.from_dict(data, path)
+        ref = data.pop("translator", None) if isinstance(data, dict) else None
+        clf = cls.from_dict(data, path)
+        if ref is not None:
+            if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or "/" in ref["file"]:
+                raise AdainferError(path, 'translator must be null or {"file": a name beside the classifier, ...}')
+            t_path = path.with_name(ref["file"])
+            if not t_path.is_file():
+                raise AdainferError(path, f"its translator {t_path} is missing (it is saved beside the classifier)")
+            if ref.get("sha256") and sha256(t_path) != ref["sha256"]:
+                raise AdainferError(t_path, f"is not the translator {path.name} was calibrated with (sha256 differs)")
+            clf.translator = Translator.load(t_path)
+        return clf
 
     @classmethod
     def from_dict(cls, data: object, where: object) -> ExitClassifier:
@@ -74,7 +97,7 @@ class ExitClassifier:
             raise AdainferError(where, f"not an adainfer exit classifier (format must be {FORMAT!r})")
         if data.get("version") != VERSION:
             raise AdainferError(where, f"classifier version {data.get('version')!r} is not {VERSION}")
-        body = {k: v for k, v in data.items() if k not in ("format", "version")}
+        body = {k: v for k, v in data.items() if k not in ("format", "version", "translator")}
         try:
             clf = cls(**body)
         except TypeError as e:
@@ -124,6 +147,12 @@ class ExitClassifier:
         if self.first_layer > model.config.n_layers:
             raise AdainferError(where, f"first_layer={self.first_layer} is beyond the model's "
                                        f"{model.config.n_layers} layers")
+        if self.translator is not None:
+            self.translator.check_model(model, where)
+            missing = [n for n in range(self.first_layer, model.config.n_layers, self.stride)
+                       if n not in self.translator.maps]
+            if missing:
+                raise AdainferError(where, f"its translator has no map for the checked layers {missing}")
 
 
 def _reject_constant(name: str):
@@ -194,6 +223,7 @@ class ExitRule:
 
     def __init__(self, clf: ExitClassifier, device="cpu", min_layers: int | None = None):
         self.clf = clf
+        self.translator = None if clf.translator is None else clf.translator.to(device)
         self.features = list(clf.features)
         self.first, self.stride = clf.first_layer, clf.stride
         if min_layers is not None and min_layers > self.first:  # a floor: the first check moves up, on the stride
@@ -261,6 +291,12 @@ class Plan:
     sync_every: int = 1  # read exit decisions every N checks (one host sync for N layers; for GPUs)
     fill_skipped_kv: bool = False  # rows that exit get K/V for the blocks they skip, from their exit state (CALM)
     check_head: str = "full"  # "int8": CPU exit features from an int8 copy of the head; answers at full precision
+    translator: object | None = None  # adainfer.translator.Translator: checks, and rows that stop before the last
+    #                                   block (exits, exit_at), read the layer through its map
+
+    def __post_init__(self):
+        if self.translator is None and self.exit is not None:
+            self.translator = getattr(self.exit, "translator", None)
 
 
 @dataclass
@@ -350,15 +386,22 @@ class Exits:
 CLASSIFIER_DIR = Path(__file__).parent / "classifiers"
 
 
-def shipped_classifier(fingerprint: str | None, candidates: list[str] | None = None) -> Path | None:
+def shipped_classifier(fingerprint: str | None, candidates: list[str] | None = None,
+                       translator: bool | None = None) -> Path | None:
     """The classifier shipped with the package for the model of this fingerprint whose features are over
-    `candidates` (None: the full vocabulary), if there is one."""
+    `candidates` (None: the full vocabulary), if there is one. translator: True / False: only one that reads the
+    layers through a translator / the plain reading; None: either, the translated one first."""
+    found = []
     for path in sorted(CLASSIFIER_DIR.glob("*.json")):
         try:
-            clf = ExitClassifier.load(path)
-        except AdainferError:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
             continue
-        if (fingerprint and clf.model.get("fingerprint") == fingerprint and clf.calibration.get("default")
-                and (clf.candidates or None) == (candidates or None)):
-            return path
-    return None
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            continue
+        has = data.get("translator") is not None
+        if (fingerprint and data["model"].get("fingerprint") == fingerprint
+                and (data.get("calibration") or {}).get("default") and (data.get("candidates") or None) == (
+                    candidates or None) and translator in (None, has)):
+            found.append((not has, path))
+    return min(found)[1] if found else None

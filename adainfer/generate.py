@@ -151,12 +151,12 @@ def decode_step(model: Decoder, tokens: torch.Tensor, cache: KVCache, depth: tor
     B = tokens.shape[0]
     groups = sorted(set(depth.tolist()))
     if len(groups) == 1:
-        sub = Plan(layers=plan.layers, skip_attn=plan.skip_attn, exit_at=groups[0])
+        sub = Plan(layers=plan.layers, skip_attn=plan.skip_attn, exit_at=groups[0], translator=plan.translator)
         return model(tokens, cache=cache, plan=sub)
     logits, token = [None] * B, torch.zeros(B, dtype=torch.long, device=tokens.device)
     for d in groups:
         rows = (depth == d).nonzero()[:, 0]
-        sub = Plan(layers=plan.layers, skip_attn=plan.skip_attn, exit_at=d)
+        sub = Plan(layers=plan.layers, skip_attn=plan.skip_attn, exit_at=d, translator=plan.translator)
         o = model(tokens[rows.to(tokens.device)], cache=cache, plan=sub, rows=rows.to(tokens.device))
         for j, r in enumerate(rows.tolist()):
             logits[r], token[r] = o.logits[j], o.token[j]

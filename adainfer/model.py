@@ -381,7 +381,7 @@ class Decoder(nn.Module):
         h = self.embed(tokens, positions)
         order = list(range(self.config.n_layers)) if plan.layers is None else list(plan.layers)
         n_run = len(order) if plan.exit_at is None else min(plan.exit_at, len(order))
-        rule = plan.exit
+        rule, reader = plan.exit, plan.translator
         weight = self.head_weight if plan.candidates is None else self.head_weight[plan.candidates]
         exits = Exits(lambda x: head_logits(self.head_input(x), weight), B, n_run, plan.sync_every)
         features, hiddens = [], ([h] if plan.hidden_states else None)
@@ -396,14 +396,15 @@ class Decoder(nn.Module):
             if hiddens is not None:
                 hiddens.append(h)
             if rule is not None and n < n_run and rule.should_check(n):
-                top2, logits = probe(self, h[:, -1], weight, plan.check_head if plan.candidates is None else "full")
+                read = h[:, -1] if reader is None else reader.read(n, h[:, -1])  # what the check reads
+                top2, logits = probe(self, read, weight, plan.check_head if plan.candidates is None else "full")
                 feats, fire, state = rule.decide(top2, h[:, -1], ctx.record, state)
                 if plan.record_features:
                     features.append({"layer": n, "rows": exits.live, "top1": top2.top1, **feats})
                     if plan.record_logits:
-                        features[-1]["logits"] = exits.head(h[:, -1]) if logits is None else logits
+                        features[-1]["logits"] = exits.head(read) if logits is None else logits
                 live = exits.live
-                keep = exits.check(fire, n, logits, h[:, -1])  # rows that stay, once some have left
+                keep = exits.check(fire, n, logits, read)  # rows that stay, once some have left
                 if keep is not None:
                     if plan.fill_skipped_kv and cache is not None:
                         gone = live[~keep.cpu()] if rows is None else rows[live[~keep.cpu()]]
@@ -415,8 +416,9 @@ class Decoder(nn.Module):
                                                                         rows[exits.live]))
             if rule is not None:
                 state = rule.remember(h[:, -1], ctx.record, state)
-        else:
-            exits.finish(h[:, -1])
+        else:  # a run stopped before the model's last block (exit_at, a layer subset) reads through its map too
+            read = reader is not None and n_run in reader.maps and n_run < self.config.n_layers
+            exits.finish(reader.read(n_run, h[:, -1]) if read else h[:, -1])
         logits, layers = exits.answers()
         token = logits.argmax(-1)
         return Output(logits, layers, token if plan.candidates is None else plan.candidates[token], features, hiddens)

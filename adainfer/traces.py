@@ -29,52 +29,70 @@ class Traces:
     seconds: float  # wall-clock of the collection (every layer plus a check after each)
     top1_candidates: np.ndarray | None = None  # (N, L) argmax over `also` candidates (vocabulary ids), if asked
     also: np.ndarray | None = None  # those candidates' token ids
+    hidden: np.ndarray | None = None  # (N, L, dim) float32: the last token's state after blocks 1 .. L, if asked
+    samples: np.ndarray | None = None  # (M, L, dim) float16: states at other sampled positions (translator fits)
+    sample_rows: np.ndarray | None = None  # (M,) the prompt each sample comes from
 
     def save(self, path: Path, key: str) -> None:
         """Write to an .npz, tagged with `key` (what the traces were collected from; see `load`)."""
         arrays = {f"feature_{k}": v for k, v in self.features.items()}
-        if self.top1_candidates is not None:
-            arrays["top1_candidates"] = self.top1_candidates
-            arrays["also"] = self.also
+        for name in ("top1_candidates", "also", "hidden", "samples", "sample_rows"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(path).with_name(f".{Path(path).name}.tmp.npz")
-        np.savez_compressed(tmp, top1=self.top1, prompt_tokens=self.prompt_tokens, key=np.array(key),
+        save = np.savez if self.hidden is not None else np.savez_compressed  # states hardly compress
+        save(tmp, top1=self.top1, prompt_tokens=self.prompt_tokens, key=np.array(key),
                             meta=np.array([self.n_layers, self.seconds]), **arrays)
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, key: str, also: np.ndarray | None = None) -> Traces | None:
-        """The traces saved at `path` if they were collected for `key` (and hold the argmax over `also`)."""
+    def load(cls, path: Path, key: str, also: np.ndarray | None = None, hidden: bool = False) -> Traces | None:
+        """The traces saved at `path` if they were collected for `key` (and hold the argmax over `also`, and the
+        hidden states when asked)."""
         try:
             z = np.load(path, allow_pickle=False)
-            if str(z["key"]) != key:
+            if str(z["key"]) != key or (hidden and "hidden" not in z.files):
                 return None
             if also is not None and ("also" not in z.files or not np.array_equal(z["also"], also)):
                 return None
             feats = {k[len("feature_"):]: z[k] for k in z.files if k.startswith("feature_")}
-            cand = z["top1_candidates"] if "top1_candidates" in z.files else None
-            out = cls(feats, z["top1"], int(z["meta"][0]), z["prompt_tokens"], float(z["meta"][1]), cand)
-            out.also = z["also"] if "also" in z.files else None
-            return out
+            opt = {k: z[k] if k in z.files else None for k in ("top1_candidates", "also", "hidden", "samples",
+                                                               "sample_rows")}
+            return cls(feats, z["top1"], int(z["meta"][0]), z["prompt_tokens"], float(z["meta"][1]), **opt)
         except (OSError, ValueError, KeyError):
             return None
 
     def select(self, idx) -> Traces:
+        """The traces of prompts `idx` (an index array), their samples renumbered."""
+        idx = np.asarray(idx)
         cand = None if self.top1_candidates is None else self.top1_candidates[idx]
+        hidden = None if self.hidden is None else self.hidden[idx]
+        samples = rows = None
+        if self.samples is not None:
+            new = np.full(len(self.top1), -1)
+            new[idx] = np.arange(len(idx))
+            keep = new[self.sample_rows] >= 0
+            samples, rows = self.samples[keep], new[self.sample_rows[keep]]
         return Traces({k: v[idx] for k, v in self.features.items()}, self.top1[idx], self.n_layers,
-                      self.prompt_tokens[idx], self.seconds, cand, self.also)
+                      self.prompt_tokens[idx], self.seconds, cand, self.also, hidden, samples, rows)
 
 
 def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), candidates: torch.Tensor | None = None,
             batch_size: int = 8, progress: bool = True, desc: str = "prompts",
-            also: torch.Tensor | None = None) -> Traces:
+            also: torch.Tensor | None = None, hidden: int | None = None, seed: int = 0) -> Traces:
     """Dense runs of every prompt, recording the features after every block but the last. With `also` (token ids,
-    features staying over the full vocabulary), each layer's argmax over those tokens is kept too."""
+    features staying over the full vocabulary), each layer's argmax over those tokens is kept too. With `hidden`
+    (a count), the last token's states after every block are kept, and those of up to `hidden` other positions
+    per prompt drawn with `seed` (not its first two tokens, where some models keep outsized states)."""
     from tqdm import tqdm
 
     L = model.config.n_layers
     clf = ExitClassifier("never", list(features), [0.0] * len(features), -1.0, 1, 1)
     plan = Plan(exit=ExitRule(clf, model.device), candidates=candidates, record_features=True,
-                record_logits=also is not None)
+                record_logits=also is not None, hidden_states=hidden is not None)
+    states = np.zeros((len(ids), L, model.config.dim), dtype=np.float32) if hidden is not None else None
+    samples, sample_rows = [], []
     feats = {f: np.zeros((len(ids), L - 1), dtype=np.float32) for f in features}
     top1 = np.zeros((len(ids), L), dtype=np.int64)
     top1_also = np.zeros((len(ids), L), dtype=np.int64) if also is not None else None
@@ -97,15 +115,30 @@ def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), 
             top1[rows, L - 1] = out.token.cpu().numpy()
             if also is not None:
                 top1_also[rows, L - 1] = also[out.logits[:, also].argmax(-1).cpu()].numpy()
+            if hidden is not None:
+                hs = torch.stack(out.hidden_states[1:], 1)  # (B, L, T, dim): after blocks 1 .. L
+                states[rows] = hs[:, :, -1].float().cpu().numpy()
+                T = tokens.shape[1]
+                for j, i in enumerate(rows):
+                    n = len(ids[i])  # left-padded: the prompt holds the last n positions
+                    pick = np.random.default_rng([seed, i]).permutation(np.arange(2, n - 1))[:hidden]
+                    if len(pick):
+                        samples.append(hs[j, :, T - n + np.sort(pick)].transpose(0, 1).half().cpu().numpy())
+                        sample_rows += [i] * len(pick)
             bar.update(len(rows))
+    if hidden is not None:
+        samples = np.concatenate(samples) if samples else np.zeros((0, L, model.config.dim), np.float16)
     return Traces(feats, top1, L, np.array([len(p) for p in ids]), time.perf_counter() - t0, top1_also,
-                  None if also is None else also.cpu().numpy())
+                  None if also is None else also.cpu().numpy(), states, samples if hidden is not None else None,
+                  None if hidden is None else np.array(sample_rows, dtype=np.int64))
 
 
-def traces_key(model: Decoder, ids: list[list[int]], features, candidates, dtype) -> str:
-    """What identifies a collection: the model, its dtype, the exact prompts, the features and candidate set."""
+def traces_key(model: Decoder, ids: list[list[int]], features, candidates, dtype, hidden=None, seed=0) -> str:
+    """What identifies a collection: the model, its dtype, the exact prompts, the features and candidate set, the
+    sampled positions."""
     h = hashlib.sha256()
-    for part in (model.fingerprint, str(dtype), list(features), None if candidates is None else candidates.tolist()):
+    for part in (model.fingerprint, str(dtype), list(features), None if candidates is None else candidates.tolist(),
+                 *([] if hidden is None else [hidden, seed])):
         h.update(repr(part).encode())
     for p in ids:
         h.update(np.asarray(p, dtype=np.int64).tobytes() + b"|")
@@ -114,14 +147,14 @@ def traces_key(model: Decoder, ids: list[list[int]], features, candidates, dtype
 
 def collect_cached(model: Decoder, ids: list[list[int]], path: Path | None, features=("gap", "top_prob"),
                    candidates=None, batch_size: int = 8, progress: bool = True, desc: str = "prompts",
-                   also=None) -> Traces:
+                   also=None, hidden: int | None = None, seed: int = 0) -> Traces:
     """collect(), reusing the traces saved at `path` when they came from the same model, prompts and settings."""
-    key = traces_key(model, ids, features, candidates, model.dtype)
+    key = traces_key(model, ids, features, candidates, model.dtype, hidden, seed)
     if path is not None and Path(path).is_file():
-        cached = Traces.load(path, key, None if also is None else also.cpu().numpy())
+        cached = Traces.load(path, key, None if also is None else also.cpu().numpy(), hidden is not None)
         if cached is not None:
             return cached
-    traces = collect(model, ids, features, candidates, batch_size, progress, desc, also)
+    traces = collect(model, ids, features, candidates, batch_size, progress, desc, also, hidden, seed)
     if path is not None:
         traces.save(path, key)
     return traces
@@ -174,3 +207,88 @@ def oracle_layers(traces: Traces, candidates: bool = False) -> np.ndarray:
     # from the back, the run of layers that all agree with the last one
     stable = np.flip(np.cumprod(np.flip(same, 1), 1), 1).astype(bool)
     return traces.n_layers - stable.sum(1) + 1
+
+
+@torch.inference_mode()
+def translated(traces: Traces, model: Decoder, translator, candidates: torch.Tensor | None = None,
+               batch_size: int = 512) -> Traces:
+    """The traces as the exit check reads them through `translator` (adainfer.translator): after each block n < L
+    that has a map, gap, top_prob, top-1 (and the argmax over `also`) of translator.read(n, state) through the
+    final norm and head, the loop's own exit.probe on the saved last-token states. The last layer's answers and the
+    cosine features (which compare untranslated states) stay as they were."""
+    from adainfer.exit import probe
+
+    if traces.hidden is None:
+        raise ValueError("translated() needs traces collected with hidden=...")
+    feats = {k: v.copy() for k, v in traces.features.items()}
+    top1 = traces.top1.copy()
+    cand = None if traces.top1_candidates is None else traces.top1_candidates.copy()
+    weight = model.head_weight if candidates is None else model.head_weight[candidates]
+    also = None if traces.also is None else torch.from_numpy(traces.also).to(model.device)
+    for n in translator.layers:
+        if n >= traces.n_layers:
+            continue
+        for s in range(0, len(top1), batch_size):
+            h = torch.from_numpy(traces.hidden[s:s + batch_size, n - 1]).to(model.device, model.dtype)
+            top2, logits = probe(model, translator.read(n, h), weight)
+            t = top2.top1 if candidates is None else candidates[top2.top1]
+            top1[s:s + batch_size, n - 1] = t.cpu().numpy()
+            if "gap" in feats:
+                feats["gap"][s:s + batch_size, n - 1] = (top2.p1 - top2.p2).float().cpu().numpy()
+            if "top_prob" in feats:
+                feats["top_prob"][s:s + batch_size, n - 1] = top2.p1.float().cpu().numpy()
+            if cand is not None:
+                if logits is None:
+                    logits = head_of(model, translator.read(n, h))
+                cand[s:s + batch_size, n - 1] = also[logits[:, also].argmax(-1)].cpu().numpy()
+    return Traces(feats, top1, traces.n_layers, traces.prompt_tokens, traces.seconds, cand, traces.also,
+                  traces.hidden, traces.samples, traces.sample_rows)
+
+
+def head_of(model: Decoder, h: torch.Tensor) -> torch.Tensor:
+    from adainfer.quant import head_logits
+
+    return head_logits(model.head_input(h), model.head_weight)
+
+
+def fit_translator_on(traces: Traces, kind: str, rank: int | None = None, layers=None, progress: bool = False,
+                      folds: int = 5, seed: int = 0, penalties: dict[int, float] | None = None):
+    """A translator (adainfer.translator) fitted on every sampled state of `traces`, last tokens included: for each
+    block n in `layers` (default 1 .. L-1), the final block's output regressed on the state after block n."""
+    from adainfer.translator import fit_translator
+
+    if traces.hidden is None:
+        raise ValueError("fit_translator_on() needs traces collected with hidden=...")
+    states = traces.hidden if traces.samples is None or not len(traces.samples) else \
+        np.concatenate([traces.hidden, traces.samples.astype(np.float32)])
+    layers = range(1, traces.n_layers) if layers is None else layers
+    return fit_translator(states, states[:, -1], layers, kind, rank, folds, seed, progress, penalties)
+
+
+def translated_out_of_fold(traces: Traces, model: Decoder, fitted, candidates: torch.Tensor | None = None,
+                           folds: int = 5, seed: int = 0) -> Traces:
+    """`traces` read through translators that never saw their prompt: the prompts fall in `folds` groups, and each
+    group is read through maps fitted on the other groups' states (with the penalties `fitted`, the translator fitted
+    on all of them, chose). Reading the prompts a translator was fitted on flatters it (a dim x dim map fitted on a
+    few thousand states partly memorises them); a classifier tuned on these readings expects what unseen prompts
+    will show."""
+    N = len(traces.top1)
+    groups = np.array_split(np.random.default_rng(seed).permutation(N), min(folds, N))
+    penalties = {int(n): f["penalty"] for n, f in fitted.fit["layers"].items()}
+    out = None
+    for group in groups:
+        rest = np.setdiff1d(np.arange(N), group)
+        reader = fit_translator_on(traces.select(rest), fitted.kind, fitted.rank, fitted.layers, penalties=penalties)
+        part = translated(traces.select(np.sort(group)), model, reader, candidates)
+        if out is None:
+            out = Traces({k: v.copy() for k, v in traces.features.items()}, traces.top1.copy(), traces.n_layers,
+                         traces.prompt_tokens, traces.seconds,
+                         None if traces.top1_candidates is None else traces.top1_candidates.copy(), traces.also,
+                         traces.hidden, traces.samples, traces.sample_rows)
+        idx = np.sort(group)
+        for k in out.features:
+            out.features[k][idx] = part.features[k]
+        out.top1[idx] = part.top1
+        if out.top1_candidates is not None:
+            out.top1_candidates[idx] = part.top1_candidates
+    return out
