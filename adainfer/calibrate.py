@@ -43,7 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pick the first layer and a bias shift that keep at least this fraction of the train part's "
                         "answers equal to the dense ones, pruning the most layers (default 0.99; 0 = the paper's "
                         "plain fit, checking from the first layer where an exit was ever right)")
+    p.add_argument("--check-cost", type=float, metavar="BLOCKS",
+                   help="one exit check's time in blocks, weighed against the blocks an exit saves when the first "
+                        "layer and bias are tuned (default: measured on this machine, a timing, so two fits can "
+                        "differ; give a number for a reproducible fit; 0: checks are free)")
     p.add_argument("--stride", type=int, default=1, help="check every N layers (default 1)")
+    p.add_argument("--translator", default="none", metavar="KIND",
+                   help="read each checked layer through a fitted map before the exit check: affine (dim x dim per "
+                        "layer), lowrank:R (identity + rank R) or none (default); written beside --out as "
+                        "<stem>.translator.safetensors")
+    p.add_argument("--translator-positions", type=int, default=8, metavar="N",
+                   help="states per train prompt the translator is fitted on besides the last token's (default 8)")
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of prompts held out for the report")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto")
@@ -67,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from adainfer.calibration import FitOptions, calibrate, calibration_set, check_fit, print_report
     from adainfer.engine import load
+    from adainfer.translator import parse_kind
 
     # Options and prompts first: bad input is refused before the model loads.
     check_fit(FitOptions(args.classifier, tuple(args.features), args.threshold, args.first_layer,
                          args.target_agreement, args.stride), args.label, args.holdout, args.batch_size,
               args.check_dtype)
+    parse_kind(args.translator)
     data = calibration_set(tasks=args.task, task_file=args.task_file, prompts_file=args.prompts, labels=args.labels,
                            demos=args.demos, data=args.data, shots=args.shots, template=args.template,
                            limit=args.limit, seed=args.seed, candidates=args.candidates)
@@ -79,13 +91,16 @@ def run(args: argparse.Namespace) -> int:
     clf = calibrate(engine, data, label=args.label, classifier=args.classifier, features=args.features,
                     threshold=args.threshold, first_layer=args.first_layer, target_agreement=args.target_agreement,
                     stride=args.stride, holdout=args.holdout, seed=args.seed, batch_size=args.batch_size,
-                    check_dtypes=args.check_dtype, traces=args.traces, default=args.default)
+                    check_dtypes=args.check_dtype, traces=args.traces, default=args.default,
+                    translator=args.translator, translator_positions=args.translator_positions,
+                    check_cost=args.check_cost)
     print_report(clf)
     clf.save(args.out)
     if args.report:
         report = {"summary": clf.calibration["heldout"], "per_layer": clf.calibration["heldout_per_layer"]}
         args.report.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + ("" if clf.translator is None else
+                                 f" and {args.out.with_name(args.out.stem + '.translator.safetensors')}"))
     return 0
 
 

@@ -24,7 +24,19 @@ import torch
 
 from adainfer.errors import AdainferError
 from adainfer.exit import FEATURES, ExitClassifier, ExitRule, gap_rule
-from adainfer.traces import Traces, collect_cached, decisions, final_labels, gold_labels, simulate, tokens_at
+from adainfer.traces import (
+    Traces,
+    collect_cached,
+    decisions,
+    final_labels,
+    fit_translator_on,
+    gold_labels,
+    simulate,
+    tokens_at,
+    translated,
+    translated_out_of_fold,
+)
+from adainfer.translator import parse_kind
 
 
 @dataclass
@@ -90,19 +102,30 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
               first_layer: int | None = None, target_agreement: float = 0.99, stride: int = 1,
               holdout: float = 0.25, seed: int = 0, batch_size: int = 8, check_dtypes: tuple[str, ...] = (),
               traces: Path | None = None, default: bool = False, progress: bool = True,
-              **prompts) -> ExitClassifier:
+              translator: str | None = None, translator_positions: int = 8, check_cost: float | None = None,
+              check_head: str = "full", **prompts) -> ExitClassifier:
     """Fit an exit classifier for `engine`'s model on `data` (a CalibrationSet) or on the prompts that
     calibration_set(**prompts) makes (tasks=[...], task_file=..., candidates=..., limit=..., shots=...). The fit:
     `classifier` (svm | gap | crf) over `features`, label "final" or "gold", the first check layer and a bias shift
     tuned so that at least `target_agreement` of the train part keeps its dense answer (0: the paper's plain fit),
     a `holdout` fraction held out (shuffled with `seed`) and reported in clf.calibration; `check_dtypes`: the
     held-out prompts run again in those dtypes (e.g. bfloat16 for a float32 fit). `traces`: an .npz cache of the
-    per-layer traces, reused when model, prompts and settings match. Returns the classifier (save it with .save)."""
+    per-layer traces, reused when model, prompts and settings match. `translator` ("affine", "lowrank:R"; None:
+    the plain reading): a translator per layer (adainfer.translator) fitted on the train part's states (the last
+    token and up to `translator_positions` other positions per prompt), then the features, labels, first layer and
+    classifier from the translated reading; the plain classifier's held-out figures are reported beside it.
+    `check_cost`: one exit check's time in blocks, which the tuning weighs against the blocks an exit saves (None:
+    measured here on the median prompt at batch 1 with `check_head`; 0: checks are free).
+    Returns the classifier (save it with .save; its translator is written beside it)."""
     from adainfer.generate import check_prompts
     from adainfer.loading import load_model
 
-    opts = FitOptions(classifier, tuple(features), threshold, first_layer, target_agreement, stride)
+    opts = FitOptions(classifier, tuple(features), threshold, first_layer, target_agreement, stride,
+                      0.0 if check_cost is None else check_cost)
     check_fit(opts, label, holdout, batch_size, check_dtypes)
+    kind, rank = parse_kind(translator)
+    if isinstance(translator_positions, bool) or not isinstance(translator_positions, int) or translator_positions < 0:
+        raise AdainferError("--translator-positions", "must be 0 or more")
     if data is None:
         data = calibration_set(seed=seed, **prompts)
     elif prompts:
@@ -120,32 +143,99 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
     if first_layer is not None and not 1 <= first_layer < L:
         raise AdainferError("--first-layer", f"must be between 1 and {L - 1}, got {first_layer}")
 
-    found = collect_cached(model, ids, traces, opts.features, cand_ids, batch_size, progress, desc="calibrating")
-    labels = final_labels(found) if label == "final" else gold_labels(found, golds)
+    if check_cost is None:
+        opts.check_cost = measure_check_cost(model, ids, cand_ids, check_head, L // 2 if kind else None)
+    elif not check_cost >= 0:
+        raise AdainferError("--check-cost", f"must be 0 or more, got {check_cost}")
+    hidden = translator_positions if kind else None
+    found = collect_cached(model, ids, traces, opts.features, cand_ids, batch_size, progress, desc="calibrating",
+                           hidden=hidden, seed=seed)
     order = list(range(len(ids)))
     random.Random(seed).shuffle(order)
     n_held = max(1, int(round(len(order) * holdout)))
     held, train = np.array(sorted(order[:n_held])), np.array(sorted(order[n_held:]))
     if len(train) == 0:
         raise AdainferError("--holdout", "leaves no prompts to fit on")
-    clf, tuning = tune(opts, found.select(train), labels[train], L)
+    model_info = {"fingerprint": model.fingerprint, "name": model.config.name or str(engine.path), "n_layers": L}
+    train_golds, held_golds = [golds[i] for i in train], [golds[i] for i in held]
+
+    def labelled(t: Traces, g: list) -> np.ndarray:
+        return final_labels(t) if label == "final" else gold_labels(t, g)
+
+    fit_on, check_on = found.select(train), found.select(held)
+    plain = None
+    if kind:  # the plain reading's classifier first, for comparison; then the translated readings replace it
+        plain_clf, _ = tune(opts, fit_on, labelled(fit_on, train_golds), L, quiet=True)
+        plain = heldout_report(ExitRule(plain_clf), check_on, labelled(check_on, held_golds), held_golds, L)
+        plain = {**plain["summary"], "first_layer": plain_clf.first_layer}
+        fitted = fit_translator_on(fit_on, kind, rank, progress=progress, seed=seed)
+        fitted.model = model_info
+        fit_on = translated_out_of_fold(fit_on, model, fitted, cand_ids, seed=seed)
+        check_on = translated(check_on, model, fitted, cand_ids)
+    clf, tuning = tune(opts, fit_on, labelled(fit_on, train_golds), L)
     clf.candidates = data.candidates
-    clf.model = {"fingerprint": model.fingerprint, "name": model.config.name or str(engine.path), "n_layers": L}
-    held_golds = [golds[i] for i in held]
-    report = heldout_report(ExitRule(clf), found.select(held), labels[held], held_golds, L)
+    clf.model = model_info
+    if kind:
+        clf.translator = fitted.keep(range(clf.first_layer, L, clf.stride))
+    report = heldout_report(ExitRule(clf), check_on, labelled(check_on, held_golds), held_golds, L)
     clf.calibration = {**data.description, "label": label,
                        "features_over": "candidates" if data.candidates else "vocabulary",
                        "dtype": str(model.dtype)[6:], "n_train_prompts": int(len(train)),
                        "n_heldout_prompts": int(len(held)), "tuning": tuning, "heldout": report["summary"],
                        "heldout_per_layer": report["per_layer"], "default": bool(default)}
+    if kind:
+        clf.calibration["translator"] = {
+            "kind": translator, "positions_per_prompt": translator_positions,
+            "samples": fitted.fit["samples"], "parameters": clf.translator.parameters,
+            "bytes_float32": 4 * clf.translator.parameters,
+            "penalty": {n: round(f["penalty"], 4) for n, f in fitted.fit["layers"].items()}}
+        clf.calibration["heldout_without_translator"] = plain
     for name in check_dtypes:  # the same held-out prompts, features and dense answers in another dtype
         other = load_model(engine.path, name)[0]
         t = collect_cached(other, [ids[i] for i in held], None, opts.features, cand_ids, batch_size, progress,
-                           desc=f"held-out in {name}")
+                           desc=f"held-out in {name}", hidden=0 if kind else None)
+        if kind:
+            t = translated(t, other, clf.translator, cand_ids)
         lab = final_labels(t) if label == "final" else gold_labels(t, held_golds)
         summary = heldout_report(ExitRule(clf), t, lab, held_golds, L)["summary"]
         clf.calibration[f"heldout_{str(other.dtype)[6:]}"] = summary
     return clf.validate("calibrated classifier")
+
+
+@torch.inference_mode()
+def measure_check_cost(model, ids: list[list[int]], candidates: torch.Tensor | None = None, check_head: str = "full",
+                       translated_layer: int | None = None, repeats: int = 7) -> float:
+    """One exit check's time over one block's, on the median-length prompt at batch 1 (median of `repeats`): what a
+    check costs in blocks it has to save. `translated_layer`: the check reads through a random affine map."""
+    import time
+
+    from adainfer.exit import probe
+    from adainfer.fast_decode import prepare_check_head
+    from adainfer.translator import identity
+
+    prompt = sorted(ids, key=len)[len(ids) // 2]
+    tokens = torch.tensor([prompt], device=model.device)
+    weight = model.head_weight if candidates is None else model.head_weight[candidates]
+    check_head = check_head if candidates is None else "full"
+    prepare_check_head(model, check_head, candidates, "--check-head")
+    reader = None if translated_layer is None else identity(model.config.dim, [translated_layer]).to(model.device)
+    h = torch.randn(1, model.config.dim, device=model.device).to(model.dtype)
+
+    def check():
+        read = h if reader is None else reader.read(translated_layer, h)
+        probe(model, read, weight, check_head)
+
+    def timed(fn) -> float:
+        fn()
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return float(np.median(out))
+
+    block = timed(lambda: model(tokens)) / model.config.n_layers
+    return round(timed(check) / block, 4)
 
 
 def check_fit(opts: FitOptions, label: str = "final", holdout: float = 0.25, batch_size: int = 8,
@@ -189,11 +279,14 @@ class FitOptions:
     first_layer: int | None = None  # None: tuned
     target_agreement: float = 0.99  # 0: the paper's plain fit
     stride: int = 1
+    check_cost: float = 0.0  # one exit check's time in blocks: the tuning minimises blocks + check_cost x checks
 
 
-def tune(opts: FitOptions, traces: Traces, labels: np.ndarray, L: int) -> tuple[ExitClassifier, dict]:
-    """Fit with checks from each candidate first layer and each bias shift; keep the classifier that prunes the
-    most layers on the train part while its answers agree with the dense ones at least `target` of the time."""
+def tune(opts: FitOptions, traces: Traces, labels: np.ndarray, L: int, quiet: bool = False
+         ) -> tuple[ExitClassifier, dict]:
+    """Fit with checks from each candidate first layer and each bias shift; keep the classifier with the least cost
+    on the train part (blocks run + opts.check_cost x checks made, per prompt) while its answers agree with the
+    dense ones at least `target` of the time."""
     lowest = opts.first_layer or first_exit_layer(labels)
     firsts = [lowest] if opts.first_layer or opts.target_agreement <= 0 else range(lowest, L)
     shifts = (0.0,) if opts.target_agreement <= 0 or opts.classifier == "gap" else SHIFTS
@@ -207,14 +300,17 @@ def tune(opts: FitOptions, traces: Traces, labels: np.ndarray, L: int) -> tuple[
             clf = shifted(base, shift)
             exits = simulate(ExitRule(clf), traces)
             agree = float((tokens_at(traces, exits) == dense).mean())
-            key = (agree >= opts.target_agreement, -exits.mean() if agree >= opts.target_agreement else agree)
+            checks = np.clip((np.minimum(exits, L - 1) - first) // opts.stride + 1, 0, None)
+            cost = float(exits.mean() + opts.check_cost * checks.mean())
+            key = (agree >= opts.target_agreement, -cost if agree >= opts.target_agreement else agree)
             tried += 1
             if best_key is None or key > best_key:
                 best, best_key = clf, key
                 best_stats = {"first_layer": first, "bias_shift": shift, "train_agreement": agree,
-                              "train_avg_layers": float(exits.mean())}
+                              "train_avg_layers": float(exits.mean()), "train_avg_checks": float(checks.mean()),
+                              "check_cost_blocks": opts.check_cost, "train_cost_blocks": cost}
     met = bool(best_key[0])
-    if not met:
+    if not met and not quiet:
         print(f"warning: no first layer / bias shift kept {opts.target_agreement:.0%} of the train part's answers; "
               f"using the most faithful one ({best_stats['train_agreement']:.1%})", file=sys.stderr)
     return best, {"target_agreement": opts.target_agreement, "met": met, "candidates_tried": tried, **best_stats}
@@ -316,16 +412,28 @@ def print_report(clf: ExitClassifier) -> None:
     s = cal["heldout"]
     print(f"classifier: {clf.kind} on {'+'.join(clf.features)}, checks from layer {clf.first_layer} "
           f"every {clf.stride}; w={[round(w, 4) for w in clf.weight]} b={clf.bias:.4f}")
+    t = cal.get("tuning", {})
+    if t.get("check_cost_blocks"):
+        print(f"one check costs {t['check_cost_blocks']:.2f} blocks (tuned for the least blocks + checks)")
     print(f"held-out ({s['prompts']} prompts): avg layers {s['avg_layers']:.2f} (var {s['var_layers']:.2f}), "
           f"pruning ratio {100 * s['pruning_ratio']:.1f}%, agreement with dense {100 * s['agreement_with_dense']:.1f}%"
           + (f", accuracy {100 * s['accuracy']:.1f}% (dense {100 * s['dense_accuracy']:.1f}%)" if "accuracy" in s
              else ""))
+    if clf.translator is not None:
+        t, p = cal.get("translator", {}), cal.get("heldout_without_translator")
+        print(f"translator: {clf.translator.describe()} ({4 * clf.translator.parameters / 1e6:.1f} MB in float32), "
+              f"fitted on {t.get('samples', '?')} states")
+        if p:
+            print(f"without it (plain reading, checks from {p['first_layer']}): avg layers {p['avg_layers']:.2f}, "
+                  f"pruning ratio {100 * p['pruning_ratio']:.1f}%, agreement with dense "
+                  f"{100 * p['agreement_with_dense']:.1f}%")
     print("layer  positive  exit-rate  precision  recall")
     for r in cal["heldout_per_layer"]:
         fmt = (lambda v: "  -  " if v is None else f"{v:.3f}")
         print(f"{r['layer']:5d}  {r['positive_rate']:8.3f}  {r['exit_rate']:9.3f}  {fmt(r['precision']):>9}  "
               f"{fmt(r['recall']):>6}")
-    for key in [k for k in cal if k.startswith("heldout_") and k != "heldout_per_layer"]:
+    for key in [k for k in cal if k.startswith("heldout_") and k not in ("heldout_per_layer",
+                                                                          "heldout_without_translator")]:
         o = cal[key]
         print(f"held-out in {key[len('heldout_'):]}: avg layers {o['avg_layers']:.2f}, pruning ratio "
               f"{100 * o['pruning_ratio']:.1f}%, agreement with its own dense answers "
