@@ -30,6 +30,10 @@ def write_figures(results: dict, out: Path) -> list[Path]:
         if "accuracy_candidates" in pl:
             a.plot(layers, pl["accuracy_candidates"], marker=".", label="accuracy (candidates)")
         a.plot(layers, pl["agreement_with_final"], ls="--", label="top-1 = last layer's")
+        tr = run.get("per_layer_translated")
+        if tr:
+            a.plot(layers, tr["accuracy"], marker=".", label="accuracy, read through the translator")
+            a.plot(layers, tr["agreement_with_final"], ls="--", label="top-1 = last layer's, translated")
         a.set(xlabel="exit layer", ylabel="fraction of rows", title=f"{results['task']} {k}-shot: exit at each layer")
         a.legend()
         for f in ("gap", "top_prob"):

@@ -57,7 +57,7 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
     for the model); shortgpt computes Block Influence on `calibration_prompts` train prompts. With `out`, the
     results JSON is written there (atomically), the per-layer traces beside it (reused by a rerun) and, with
     `figures`, the PNGs."""
-    from adainfer.eval.methods import build_method, parse_method
+    from adainfer.eval.methods import build_method, oracle_translators, parse_method
     from adainfer.tasks import answer_ids, label_candidates, task_prompts, task_source
 
     methods = list(methods or DEFAULT_METHODS)
@@ -87,6 +87,7 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
         golds = [answer_ids(tok, ex) for _, ex in rows]
         calib = [tok.encode(p) for p, _ in task_prompts(task, "train", k, seed + 1, template, calibration_prompts)]
         built = [build_method(spec, model, calib, exit, cands) for spec in methods]
+        oracle_translators(built, model)
         traces = None if out is None else Path(out).with_name(f"{Path(out).stem}_{k}shot_traces.npz")
         run = evaluate_shots(model, tok, ids, golds, cands, built, batch_size, traces, progress)
         results.runs.append({"shots": k, **run})
@@ -105,28 +106,35 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
     method), so that a slow spell of a shared machine, or the first run on a new shape, hits them all alike."""
     from tqdm import tqdm
 
-    from adainfer.traces import collect_cached, oracle_layers
+    from adainfer.traces import collect_cached, oracle_layers, translated
 
     L = model.config.n_layers
+    # With a translator among the methods, the traces keep the last token's states, to be read through it too.
+    reader = next((m.translator for m in methods if m.kind == "translated-oracle"), None) or \
+        next((m.plan.translator for m in methods if m.plan is not None and m.plan.translator is not None), None)
     traces = collect_cached(model, ids, traces_path, batch_size=batch_size, progress=progress, desc="traces",
-                            also=cands)
+                            also=cands, hidden=None if reader is None else 0)
+    read = None if reader is None else translated(traces, model, reader)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     methods = sorted(methods, key=lambda m: m.kind != "dense")
     depths = {}
     for m in methods:
-        if m.kind == "oracle":
-            depths[m.name] = oracle_layers(traces)
+        if m.kind in ("oracle", "translated-oracle"):
+            t = traces if m.kind == "oracle" else translated(traces, model, m.translator)
+            depths[m.name] = oracle_layers(t)
             m.info["pruning_ratio_candidates"] = (
-                None if traces.top1_candidates is None else float(1 - oracle_layers(traces, True).mean() / L))
+                None if t.top1_candidates is None else float(1 - oracle_layers(t, True).mean() / L))
     records = {m.name: [None] * len(ids) for m in methods}
     seconds = dict.fromkeys(records, 0.0)
     for b, batch in enumerate(tqdm(batches, desc="methods", unit="batch", file=sys.stderr, disable=not progress)):
         # The first run on a new batch shape pays for allocations the others reuse: rotate who goes first.
         for m in methods[b % len(methods):] + methods[:b % len(methods)]:
             seconds[m.name] += run_batch(model, tok, ids, golds, cands, batch, m.plan, depths.get(m.name),
-                                         records[m.name])
+                                         records[m.name], m.translator)
     run = {"rows": len(ids), "per_layer": per_layer_stats(traces, golds), "methods": {}}
+    if read is not None:  # the same curves with each layer read through the translator
+        run["per_layer_translated"] = {**per_layer_stats(read, golds), "translator": reader.describe()}
     for m in methods:
         summary = summarize(records[m.name], L, model.config.dim, model.config.vocab_size, seconds[m.name],
                             seconds[methods[0].name] if methods[0].kind == "dense" else None)
@@ -134,9 +142,9 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
     return run
 
 
-def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records) -> float:
-    """Run one batch with `plan`, or with forced exits at per-row `depths` (the oracle: rows grouped by depth);
-    fill the rows' records; return the seconds spent in the model."""
+def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records, translator=None) -> float:
+    """Run one batch with `plan`, or with forced exits at per-row `depths` (the oracles: rows grouped by depth, each
+    layer read through `translator` when given); fill the rows' records; return the seconds spent in the model."""
     from adainfer.exit import Plan
     from adainfer.generate import left_pad
 
@@ -145,7 +153,7 @@ def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records) -> fl
         groups = [(batch, plan)]
     else:
         levels = sorted({int(depths[i]) for i in batch})
-        groups = [([i for i in batch if depths[i] == k], Plan(exit_at=k)) for k in levels]
+        groups = [([i for i in batch if depths[i] == k], Plan(exit_at=k, translator=translator)) for k in levels]
     total = 0.0
     for rows, plan in groups:
         tokens, mask = left_pad([ids[i] for i in rows], pad, model.device)
