@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of prompts held out for the report")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--check-dtype", nargs="+", default=[], metavar="DTYPE",
                    help="also run the held-out prompts in these dtypes (e.g. bfloat16 for a classifier fitted in "
                         "float32) and report the classifier there against that dtype's dense answers")
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     data = calibration_set(tasks=args.task, task_file=args.task_file, prompts_file=args.prompts, labels=args.labels,
                            demos=args.demos, data=args.data, shots=args.shots, template=args.template,
                            limit=args.limit, seed=args.seed, candidates=args.candidates)
-    engine = load(args.model, args.dtype, threads=args.threads)
+    engine = load(args.model, args.dtype, args.device, threads=args.threads)
     clf = calibrate(engine, data, label=args.label, classifier=args.classifier, features=args.features,
                     threshold=args.threshold, first_layer=args.first_layer, target_agreement=args.target_agreement,
                     stride=args.stride, holdout=args.holdout, seed=args.seed, batch_size=args.batch_size,

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from helpers import run_cli
 from tiny import hf_model, save_hf
 
@@ -62,3 +63,16 @@ def test_run_default_no_arguments(default_model_dir):
     assert proc.returncode == 0, proc.stderr
     assert "answer: ' positive'" in proc.stdout, proc.stdout
     assert "exit at layer" in proc.stdout and "same answer" in proc.stdout and " ms" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_every_cli_refuses_cuda_where_there_is_none(tiny_model, tmp_path):
+    rows = tmp_path / "t.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"item {i}", "answer": "x"}) + "\n" for i in range(6)))
+    for args in (("adainfer.run", "--prompt", "hi"),
+                 ("adainfer.calibrate", "--prompts", rows, "--out", tmp_path / "c.json"),
+                 ("adainfer.eval", "--task-file", rows, "--method", "dense", "--out", tmp_path / "e.json")):
+        proc = run_cli(*args, "--model", tiny_model, "--device", "cuda")
+        assert proc.returncode == 2 and "--device: 'cuda' is not available here" in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "e.json").exists()

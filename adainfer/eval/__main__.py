@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the demonstrations and of the --limit sample")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int)
     p.add_argument("--calibration-prompts", type=int, default=32,
                    help="train-split prompts for ShortGPT's Block Influence (default 32)")
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
         model = default_model_dir()
     check_classifiers(args.method, model, args.exit)  # before the model loads and ShortGPT calibrates
-    engine = load(model, args.dtype, threads=args.threads)
+    engine = load(model, args.dtype, args.device, threads=args.threads)
     results = evaluate(engine, task, args.method, shots=args.shots, task_file=args.task_file, exit=args.exit,
                        limit=args.limit, template=args.template, seed=args.seed, batch_size=args.batch_size,
                        calibration_prompts=args.calibration_prompts, out=args.out, figures=not args.no_figures)
