@@ -196,8 +196,7 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
                            desc=f"held-out in {name}", hidden=0 if kind else None)
         if kind:
             t = translated(t, other, clf.translator, cand_ids)
-        lab = final_labels(t) if label == "final" else gold_labels(t, held_golds)
-        summary = heldout_report(ExitRule(clf), t, lab, held_golds, L)["summary"]
+        summary = heldout_report(ExitRule(clf), t, labelled(t, held_golds), held_golds, L)["summary"]
         clf.calibration[f"heldout_{str(other.dtype)[6:]}"] = summary
     return clf.validate("calibrated classifier")
 
@@ -206,7 +205,8 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
 def measure_check_cost(model, ids: list[list[int]], candidates: torch.Tensor | None = None, check_head: str = "full",
                        translated_layer: int | None = None, repeats: int = 7) -> float:
     """One exit check's time over one block's, on the median-length prompt at batch 1 (median of `repeats`): what a
-    check costs in blocks it has to save. `translated_layer`: the check reads through a random affine map."""
+    check costs in blocks it has to save. `translated_layer`: the check reads through an affine map first (zeros:
+    the same arithmetic as a fitted one)."""
     import time
 
     from adainfer.exit import probe
@@ -300,7 +300,7 @@ def tune(opts: FitOptions, traces: Traces, labels: np.ndarray, L: int, quiet: bo
             clf = shifted(base, shift)
             exits = simulate(ExitRule(clf), traces)
             agree = float((tokens_at(traces, exits) == dense).mean())
-            checks = np.clip((np.minimum(exits, L - 1) - first) // opts.stride + 1, 0, None)
+            checks = checks_made(exits, first, opts.stride, L)
             cost = float(exits.mean() + opts.check_cost * checks.mean())
             key = (agree >= opts.target_agreement, -cost if agree >= opts.target_agreement else agree)
             tried += 1
@@ -314,6 +314,11 @@ def tune(opts: FitOptions, traces: Traces, labels: np.ndarray, L: int, quiet: bo
         print(f"warning: no first layer / bias shift kept {opts.target_agreement:.0%} of the train part's answers; "
               f"using the most faithful one ({best_stats['train_agreement']:.1%})", file=sys.stderr)
     return best, {"target_agreement": opts.target_agreement, "met": met, "candidates_tried": tried, **best_stats}
+
+
+def checks_made(exits: np.ndarray, first: int, stride: int, L: int) -> np.ndarray:
+    """Exit checks each prompt made before stopping after `exits` blocks, checking from `first` every `stride`."""
+    return np.clip((np.minimum(exits, L - 1) - first) // stride + 1, 0, None)
 
 
 def shifted(clf: ExitClassifier, shift: float) -> ExitClassifier:

@@ -417,8 +417,8 @@ class Decoder(nn.Module):
             if rule is not None:
                 state = rule.remember(h[:, -1], ctx.record, state)
         else:  # a run stopped before the model's last block (exit_at, a layer subset) reads through its map too
-            read = reader is not None and n_run in reader.maps and n_run < self.config.n_layers
-            exits.finish(reader.read(n_run, h[:, -1]) if read else h[:, -1])
+            through = reader is not None and n_run in reader.maps and n_run < self.config.n_layers
+            exits.finish(reader.read(n_run, h[:, -1]) if through else h[:, -1])
         logits, layers = exits.answers()
         token = logits.argmax(-1)
         return Output(logits, layers, token if plan.candidates is None else plan.candidates[token], features, hiddens)

@@ -217,12 +217,12 @@ def translated(traces: Traces, model: Decoder, translator, candidates: torch.Ten
     final norm and head, the loop's own exit.probe on the saved last-token states. The last layer's answers and the
     cosine features (which compare untranslated states) stay as they were."""
     from adainfer.exit import probe
+    from adainfer.quant import head_logits
 
     if traces.hidden is None:
         raise ValueError("translated() needs traces collected with hidden=...")
-    feats = {k: v.copy() for k, v in traces.features.items()}
-    top1 = traces.top1.copy()
-    cand = None if traces.top1_candidates is None else traces.top1_candidates.copy()
+    out = copy_readings(traces)
+    feats, top1, cand = out.features, out.top1, out.top1_candidates
     weight = model.head_weight if candidates is None else model.head_weight[candidates]
     also = None if traces.also is None else torch.from_numpy(traces.also).to(model.device)
     for n in translator.layers:
@@ -230,7 +230,8 @@ def translated(traces: Traces, model: Decoder, translator, candidates: torch.Ten
             continue
         for s in range(0, len(top1), batch_size):
             h = torch.from_numpy(traces.hidden[s:s + batch_size, n - 1]).to(model.device, model.dtype)
-            top2, logits = probe(model, translator.read(n, h), weight)
+            read = translator.read(n, h)
+            top2, logits = probe(model, read, weight)
             t = top2.top1 if candidates is None else candidates[top2.top1]
             top1[s:s + batch_size, n - 1] = t.cpu().numpy()
             if "gap" in feats:
@@ -238,17 +239,18 @@ def translated(traces: Traces, model: Decoder, translator, candidates: torch.Ten
             if "top_prob" in feats:
                 feats["top_prob"][s:s + batch_size, n - 1] = top2.p1.float().cpu().numpy()
             if cand is not None:
-                if logits is None:
-                    logits = head_of(model, translator.read(n, h))
+                if logits is None:  # the CUDA check writes no logits
+                    logits = head_logits(model.head_input(read), model.head_weight)  # as the loop's answers
                 cand[s:s + batch_size, n - 1] = also[logits[:, also].argmax(-1)].cpu().numpy()
-    return Traces(feats, top1, traces.n_layers, traces.prompt_tokens, traces.seconds, cand, traces.also,
+    return out
+
+
+def copy_readings(traces: Traces) -> Traces:
+    """The traces with their own copies of what a reading changes (features, top-1s); the states are shared."""
+    return Traces({k: v.copy() for k, v in traces.features.items()}, traces.top1.copy(), traces.n_layers,
+                  traces.prompt_tokens, traces.seconds,
+                  None if traces.top1_candidates is None else traces.top1_candidates.copy(), traces.also,
                   traces.hidden, traces.samples, traces.sample_rows)
-
-
-def head_of(model: Decoder, h: torch.Tensor) -> torch.Tensor:
-    from adainfer.quant import head_logits
-
-    return head_logits(model.head_input(h), model.head_weight)
 
 
 def fit_translator_on(traces: Traces, kind: str, rank: int | None = None, layers=None, progress: bool = False,
@@ -275,17 +277,12 @@ def translated_out_of_fold(traces: Traces, model: Decoder, fitted, candidates: t
     N = len(traces.top1)
     groups = np.array_split(np.random.default_rng(seed).permutation(N), min(folds, N))
     penalties = {int(n): f["penalty"] for n, f in fitted.fit["layers"].items()}
-    out = None
+    out = copy_readings(traces)
     for group in groups:
-        rest = np.setdiff1d(np.arange(N), group)
-        reader = fit_translator_on(traces.select(rest), fitted.kind, fitted.rank, fitted.layers, penalties=penalties)
-        part = translated(traces.select(np.sort(group)), model, reader, candidates)
-        if out is None:
-            out = Traces({k: v.copy() for k, v in traces.features.items()}, traces.top1.copy(), traces.n_layers,
-                         traces.prompt_tokens, traces.seconds,
-                         None if traces.top1_candidates is None else traces.top1_candidates.copy(), traces.also,
-                         traces.hidden, traces.samples, traces.sample_rows)
         idx = np.sort(group)
+        rest = np.setdiff1d(np.arange(N), idx)
+        reader = fit_translator_on(traces.select(rest), fitted.kind, fitted.rank, fitted.layers, penalties=penalties)
+        part = translated(traces.select(idx), model, reader, candidates)
         for k in out.features:
             out.features[k][idx] = part.features[k]
         out.top1[idx] = part.top1

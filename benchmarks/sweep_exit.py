@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
-from adainfer.calibration import FitOptions, fit, measure_check_cost, shifted, tune  # noqa: E402
+from adainfer.calibration import FitOptions, checks_made, fit, measure_check_cost, shifted, tune  # noqa: E402
 from adainfer.exit import ExitRule, gap_rule  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 from adainfer.tasks import answer_ids, label_candidates, load_task, task_prompts  # noqa: E402
@@ -140,7 +140,7 @@ def main() -> None:
                 clf, tuning = tune(opts, tr_train, labels, L, quiet=True)
                 exits = simulate(ExitRule(clf), tr_evals)
                 res = score(tr_evals, golds, exits, L)
-                checks = np.clip(np.minimum(exits, L - 1) - clf.first_layer + 1, 0, None)
+                checks = checks_made(exits, clf.first_layer, clf.stride, L)
                 rows.append({**base, "method": label, "first_layer": clf.first_layer,
                              "train_agreement": tuning["train_agreement"], "avg_checks": float(checks.mean()),
                              **_drop(res, dense)})

@@ -121,7 +121,9 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
     depths = {}
     for m in methods:
         if m.kind in ("oracle", "translated-oracle"):
-            t = traces if m.kind == "oracle" else translated(traces, model, m.translator)
+            t = traces
+            if m.kind == "translated-oracle":  # the per-layer reading above when it is the same translator
+                t = read if m.translator is reader else translated(traces, model, m.translator)
             depths[m.name] = oracle_layers(t)
             m.info["pruning_ratio_candidates"] = (
                 None if t.top1_candidates is None else float(1 - oracle_layers(t, True).mean() / L))
