@@ -98,7 +98,8 @@ def test_identity_translator_is_bit_identical_to_none(deep):
             assert torch.equal(plain.logits, read.logits) and torch.equal(plain.layers_run, read.layers_run)
             for a, b in zip(plain.features, read.features):
                 assert torch.equal(a["gap"], b["gap"]) and torch.equal(a["top1"], b["top1"])
-        assert len(set(plain.layers_run.tolist())) > 1 or clf.kind == "never"
+            if clf.kind == "gap":  # the comparison covers rows that exit at different layers
+                assert len(set(plain.layers_run.tolist())) > 1
     # generation too (sequence and token modes)
     clf = gap_rule(threshold)
     base = generate(deep, batch[:3], 5, Plan(exit=ExitRule(clf)))
