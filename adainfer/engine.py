@@ -130,8 +130,6 @@ class Engine:
             raise AdainferError("prompts", "no prompts given")
         if mode not in MODES:
             raise AdainferError("--exit-mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
-        if decode != "eager" and model.device.type != "cpu":
-            raise AdainferError("--decode", f"{decode} decoding is built for the CPU (on a GPU use eager)")
         choice = exit if isinstance(exit, ExitChoice) else self.resolve_exit(exit, candidates, min_layers, check_head)
         if choice.rule is not None and mode == "token" and choice.rule.clf.candidates and max_new_tokens > 1:
             raise AdainferError("--exit-mode", "token mode checks every generated token over the full vocabulary; this "

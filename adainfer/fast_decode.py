@@ -20,6 +20,13 @@ decode_one_token), the KV cache written at a position tensor, so one graph serve
 compiles once per batch size (on first use about a minute for the 30-block default model on 2 cores; inductor caches
 it on disk). Only dense decode steps go through it (every row runs all blocks); exit decisions, layer plans and
 per-token exit stay on the eager loop. Llama and OPT.
+
+On a GPU, `compiled` means CUDA graphs instead (`Captured`): the same decode step, run eagerly once and captured,
+then replayed with one launch per token (gpt-fast's lever against a host-bound loop, without inductor). A graph is
+captured per batch size, depth and KV cache; the cache comes from the graph's pool (`DecodeGraph.cache`, one per
+batch size, its capacity rounded up to a power of two) so the same graph serves every later prompt and length.
+Sequence-mode exits stay in the graph world: a step in which every row runs the same first n blocks replays a graph
+of depth n (captured on first use, the row's translator reading included); rows at different depths take the loop.
 """
 
 from __future__ import annotations
@@ -92,49 +99,140 @@ def prepare_check_head(model: Decoder, check_head: str, candidates: torch.Tensor
 
 
 def decode_one_token(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cos, sin, valid: torch.Tensor,
-                     write_pos: torch.Tensor, cache: KVCache, quantized: bool) -> torch.Tensor:
-    """tokens (B, 1) at positions (B, 1) through every block -> float32 logits (B, V); the keys and values go into
-    `cache` at write_pos (1,), and attention reads the whole cache where valid (B, S) is set."""
+                     write_pos: torch.Tensor, cache: KVCache, quantized: bool, depth: int | None = None,
+                     reader=None) -> torch.Tensor:
+    """tokens (B, 1) at positions (B, 1) through the first `depth` blocks (None: all) -> float32 logits (B, V); the
+    keys and values go into `cache` at write_pos (1,), and attention reads the whole cache where valid (B, S) is set.
+    A run stopped early reads its last state through `reader` (a Translator) where it has a map for that depth, as
+    the block loop's exit_at does."""
     ctx = Context(cos, sin, valid[:, None, None, :], False, cache, write_pos=write_pos, quantized=quantized)
+    n = model.config.n_layers if depth is None else depth
     h = model.embed(tokens, positions)  # (B, 1, dim)
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(model.layers[:n]):
         h = block(h, ctx, i)
-    x = model.head_input(h[:, -1])  # (B, dim)
+    x = h[:, -1]  # (B, dim)
+    if reader is not None and n in reader.maps and n < model.config.n_layers:
+        x = reader.read(n, x)
+    x = model.head_input(x)
     return model.head_q8(x) if quantized else head_logits(x, model.head_weight)
 
 
-class DecodeGraph:
-    """Dense decode steps of `model`, every row through every block: __call__(tokens (B, 1), cache) -> float32
-    logits (B, V), keys and values written into `cache` at cache.length (the caller advances it)."""
+class Captured:
+    """One function of fixed-shape tensors replayed as a CUDA graph: its inputs are copied into static buffers, the
+    graph replays, the output is cloned out. `fn` must be a pure step of its inputs plus state it writes the same way
+    every time (the KV cache at the input position), so the warm-up runs before capture may write it too.
+    graph=False runs the same static-buffer path without capture (how the CPU tests exercise it)."""
 
-    def __init__(self, model: Decoder, mode: str = "compiled", compile: bool = True):
+    def __init__(self, fn, inputs: list[torch.Tensor], graph: bool = True):
+        self.fn, self.inputs, self.graph = fn, [t.clone() for t in inputs], None
+        if not graph:
+            return
+        stream = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graphs asks
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for static, t in zip(self.inputs, inputs):
+            static.copy_(t)
+        if self.graph is None:
+            return self.fn(*self.inputs)
+        self.graph.replay()
+        return self.output.clone()
+
+
+class DecodeGraph:
+    """Decode steps of `model` with every row through the same first blocks: __call__(tokens (B, 1), cache, depth,
+    reader) -> float32 logits (B, V), keys and values written into `cache` at cache.length (the caller advances it).
+
+    On the CPU one torch.compile graph of the full depth (`serves` says which steps it takes); on CUDA one captured
+    graph per batch size, depth and cache (`Captured`), any depth. compile=False runs the step eagerly (tests)."""
+
+    def __init__(self, model: Decoder, mode: str = "compiled", compile: bool = True, capture: bool | None = None):
         self.model, self.quantized = model, mode == "int4"
+        # capture=True on the CPU runs the captured path's static buffers without a CUDA graph (tests).
+        self.capture = (compile and model.device.type == "cuda") if capture is None else capture
+        self.graphs: dict[tuple, Captured] = {}
+        self.pool: dict[int, KVCache] = {}
+        if self.capture or not compile:
+            self.step = decode_one_token
+            return
         # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each
         # call; the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph).
         # Inductor would also assert the size and stride of each of those inputs and of every kernel's output at each
         # call (~600 Python calls a step, 0.4 ms of it): the shapes are fixed by the modules.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
-        self.step = torch.compile(decode_one_token, dynamic=False, options=options) if compile else decode_one_token
+        self.step = torch.compile(decode_one_token, dynamic=False, options=options)
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def serves(self, depth: int) -> bool:
+        """Whether a step in which every row runs the first `depth` blocks goes through the graph (the compiled CPU
+        graph is built for the full depth only: a compile per depth would cost about a minute each)."""
+        return self.capture or self.step is decode_one_token or depth == self.model.config.n_layers
+
+    def cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache for `batch` rows and `max_len` positions, emptied. On CUDA the graph's own (captured graphs
+        hold its addresses): one per batch size, replaced (with its graphs) by a larger one when it is outgrown."""
+        model = self.model
+        if not self.capture:
+            return KVCache(model.config, batch, max_len, model.dtype, model.device)
+        cache = self.pool.get(batch)
+        if cache is None or cache.max_len < max_len:
+            size = max(64, 1 << (max_len - 1).bit_length())
+            cache = self.pool[batch] = KVCache(model.config, batch, size, model.dtype, model.device)
+            self.graphs = {k: g for k, g in self.graphs.items() if k[0] != batch}
+        cache.valid.zero_()
+        cache.length, cache.padded = 0, False
+        return cache
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, depth: int | None = None, reader=None) -> torch.Tensor:
         length, model = cache.length, self.model
         if length >= cache.max_len:
             raise AdainferError("decode", f"the KV cache holds {cache.max_len} positions, all written")
+        depth = model.config.n_layers if depth is None else depth
+        if not self.serves(depth):
+            raise AdainferError("decode", f"the compiled CPU graph runs all {model.config.n_layers} blocks, "
+                                          f"not {depth}")
         with torch.inference_mode():
             # Every input an inference tensor whoever made it: dynamo guards on the kind and would compile again.
             tokens = tokens.clone()
             positions = default_positions(None, cache, None, tokens.shape[0], 1, tokens.device)  # (B, 1)
+            cache.valid[:, length] = True
+            write_pos = torch.tensor([length], device=tokens.device)
+            if self.capture:
+                return self._replay(tokens, positions, write_pos, cache, depth, reader)
             cos = sin = None
             if model.config.arch == "llama":
                 cos, sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # (B, 1, 1, hd)
-            cache.valid[:, length] = True
             if self.step is not decode_one_token and not getattr(cache, "dynamic", False):
                 # One graph for every cache size (the batch size stays static); marked once per cache.
                 for t in [*cache.k, *cache.v, cache.valid]:
                     torch._dynamo.mark_dynamic(t, t.dim() - 2 if t is not cache.valid else 1)
                 cache.dynamic = True
-            write_pos = torch.tensor([length], device=tokens.device)
-            return self.step(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, self.quantized)
+            return self.step(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, self.quantized,
+                             depth, reader)
+
+    def _replay(self, tokens, positions, write_pos, cache: KVCache, depth: int, reader) -> torch.Tensor:
+        model = self.model
+        if self.pool.get(tokens.shape[0]) is not cache:
+            raise AdainferError("decode", "a captured decode step writes the graph's own KV cache (DecodeGraph.cache), "
+                                          "whose addresses its graphs hold")
+        key = (tokens.shape[0], depth, id(cache), id(reader))
+        graph = self.graphs.get(key)
+        if graph is None:
+            def step(tokens, positions, write_pos):
+                cos = sin = None
+                if model.config.arch == "llama":
+                    cos, sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # (B, 1, 1, hd)
+                return decode_one_token(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, False,
+                                        depth, reader)
+
+            graph = self.graphs[key] = Captured(step, [tokens, positions, write_pos], graph=tokens.is_cuda)
+        return graph(tokens, positions, write_pos)
 
 
 def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
@@ -144,7 +242,7 @@ def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
     if mode == "eager":
         return None
     cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
+    if shutil.which(cxx) is None and not (mode == "compiled" and model.device.type == "cuda"):
         raise AdainferError("--decode", f"{mode} decoding compiles C++ through torch.compile and needs a C++ compiler; "
                                         f"{cxx!r} is not on PATH (install g++, or use --decode eager)")
     graph = getattr(model, "decode_graphs", {}).get(mode)

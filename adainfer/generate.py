@@ -89,7 +89,7 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
       token     each token may exit at its own layer; the blocks it skips still get K/V at its position,
                 projected from its exit hidden state (CALM's state propagation)
     With exit, sampling draws from the exit layer's logits. `graph` (adainfer.fast_decode.decode_graph) runs the decode
-    steps in which every row runs every block; the others take the block loop."""
+    steps in which every row runs the same first blocks (as far as graph.serves); the others take the block loop."""
     if mode not in MODES:
         raise AdainferError("--exit-mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
     if max_new_tokens < 1:
@@ -106,7 +106,10 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
     pad = model.config.pad_id if model.config.pad_id is not None else 0
     tokens, pad_mask = left_pad(ids, pad, model.device)
     B, T = tokens.shape
-    cache = KVCache(model.config, B, T + max_new_tokens - 1, model.dtype, model.device) if max_new_tokens > 1 else None
+    cache = None
+    if max_new_tokens > 1:  # a decode graph hands out its own (on a GPU its captured graphs hold the addresses)
+        cache = KVCache(model.config, B, T + max_new_tokens - 1, model.dtype, model.device) if graph is None else \
+            graph.cache(B, T + max_new_tokens - 1)
     out = model(tokens, pad_mask=pad_mask, cache=cache, plan=plan)
     results = [Generation(logits=out.logits[b] if keep_logits else None) for b in range(B)]
     depth = out.layers_run
@@ -124,8 +127,9 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
             break
         cache.length += tokens.shape[1]
         tokens = token[:, None].to(model.device)
-        if graph is not None and mode != "token" and _dense(model, depth, next_plan):
-            logits = graph(tokens, cache)
+        d = _uniform(depth, next_plan)
+        if graph is not None and mode != "token" and d is not None and graph.serves(d):
+            logits = graph(tokens, cache, d, next_plan.translator)
             out = Output(logits, depth.clone(), logits.argmax(-1))
         elif mode == "token":
             out = model(tokens, cache=cache, plan=next_plan)
@@ -135,8 +139,11 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
     return results
 
 
-def _dense(model: Decoder, depth: torch.Tensor, plan: Plan) -> bool:
-    return plan.layers is None and not plan.skip_attn and bool((depth == model.config.n_layers).all())
+def _uniform(depth: torch.Tensor, plan: Plan) -> int | None:
+    """The depth every row runs at, when they all run the same first blocks (what a decode graph can take)."""
+    if plan.layers is not None or plan.skip_attn or not bool((depth == depth[0]).all()):
+        return None
+    return int(depth[0])
 
 
 def _pick(out: Output, candidates: torch.Tensor | None, sampling: Sampling, gens) -> torch.Tensor:

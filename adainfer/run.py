@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "float16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--decode", default="eager", choices=["eager", "compiled", "int4"],
-                   help="how dense decode steps run: eager (the block loop, default), compiled (one torch.compile "
-                        "graph per step; compiles on first use, ~1-2 min for the default model) or int4 (that graph "
+                   help="how decode steps run: eager (the block loop, default), compiled (on a CPU one torch.compile "
+                        "graph for full-depth steps, compiled on first use, ~1-2 min for the default model; on CUDA "
+                        "CUDA graphs, one per batch size and depth, sequence-mode exits included) or int4 (that graph "
                         "on 4-bit block weights, an 8-bit head and int8 activations, C++ kernels built on first use; "
                         "CPU; lossy, see README)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         candidates = DEFAULT_CANDIDATES
     exit = None if args.dense else (args.exit or SHIPPED)
     choice = engine.resolve_exit(exit, candidates, args.min_layers, args.check_head)
-    if args.decode != "eager" and args.max_new_tokens > 1 and not args.json:
+    if args.decode != "eager" and args.max_new_tokens > 1 and not args.json and args.device == "cpu":
         print(f"compiling the {args.decode} decode graph (first use on this machine: about a minute)...",
               file=sys.stderr, flush=True)
     results = engine.generate(list(prompts), args.max_new_tokens, exit=choice, mode=args.exit_mode,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import random_translator, run_cli
 from torch._dynamo.utils import counters
 
 from adainfer.errors import AdainferError
@@ -18,20 +18,22 @@ from adainfer.model import KVCache
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41, 42, 43, 44, 45, 46, 47, 48]]  # left-padded together
 
 
-def step_logits(model, graph, n_steps):
-    """Prefill PROMPTS, then feed the block loop's greedy token to both the block loop and the graph for n_steps;
-    return the per-step logits of both, (n_steps, B, V) each."""
+def step_logits(model, graph, n_steps, depth=None, reader=None):
+    """Prefill PROMPTS, then feed the block loop's greedy token to both the block loop and the graph for n_steps,
+    both running the first `depth` blocks (None: all) read through `reader`; return the per-step logits of both,
+    (n_steps, B, V) each."""
     tokens, pad_mask = left_pad(PROMPTS, 0)
     B, T = tokens.shape
-    caches = [KVCache(model.config, B, T + n_steps, model.dtype) for _ in range(2)]
+    caches = [KVCache(model.config, B, T + n_steps, model.dtype), graph.cache(B, T + n_steps)]
     for cache in caches:
         out = model(tokens, pad_mask=pad_mask, cache=cache)
         cache.length = T
+    plan = Plan(exit_at=depth, translator=reader)
     token, ref, got = out.token[:, None], [], []
     for _ in range(n_steps):
-        o = model(token, cache=caches[0])
+        o = model(token, cache=caches[0], plan=plan)
         caches[0].length += 1
-        got.append(graph(token, caches[1]))
+        got.append(graph(token, caches[1], depth, reader))
         caches[1].length += 1
         ref.append(o.logits)
         token = o.token[:, None]
@@ -48,6 +50,46 @@ def test_graph_eager_matches_the_block_loop(converted, preset):
     model = load_model(converted(preset, seed=3)[1], "float32")[0]
     ref, got = step_logits(model, DecodeGraph(model, "compiled", compile=False), 8)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_graph_at_any_depth_with_a_translator_matches_the_block_loop(converted, capture):
+    """A step of the first n blocks (what a sequence-mode exit runs) read through a translator, eagerly and through
+    the captured path's static buffers and pooled cache (capture=True: on the CPU without the CUDA graph itself)."""
+    model = load_model(converted("llama-gqa-tied", seed=3)[1], "float32")[0]
+    graph = DecodeGraph(model, "compiled", compile=False, capture=capture)
+    reader = random_translator(model.config.dim, [1, 2], scale=0.1)
+    for depth, tr in ((1, None), (2, reader), (3, reader)):
+        ref, got = step_logits(model, graph, 6, depth, tr)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    plain, _ = step_logits(model, graph, 2, 2)
+    translated, _ = step_logits(model, graph, 2, 2, reader)
+    assert float((plain - translated).abs().max()) > 1e-3, "the translator must change the depth-2 reading"
+    if capture:
+        # one step function per (batch size, depth, cache, translator), the cache the graph's own
+        assert sorted((k[0], k[1], k[3] == id(reader)) for k in graph.graphs) == [(3, 1, False), (3, 2, False),
+                                                                                  (3, 2, True), (3, 3, True)]
+        with pytest.raises(AdainferError, match="graph's own KV cache"):
+            graph(torch.zeros(3, 1, dtype=torch.long), KVCache(model.config, 3, 8, model.dtype))
+
+
+def test_captured_generation_reuses_its_cache_and_graphs(converted):
+    """generate() hands the captured path every step whose rows share a depth (sequence-mode exits included): the
+    same tokens as the block loop, one pooled cache per batch size (emptied between prompts, replaced when
+    outgrown), and no new step function for a new prompt of the same batch size and depth."""
+    model = load_model(converted("llama-gqa-tied", seed=3)[1], "float32")[0]
+    graph = DecodeGraph(model, "compiled", compile=False, capture=True)
+    firing = Plan(exit=ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0)))  # every row exits at layer 1
+    for plan in (None, firing):
+        want = [g.token_ids for g in generate(model, PROMPTS, 6, plan)]
+        assert [g.token_ids for g in generate(model, PROMPTS, 6, plan, graph=graph)] == want
+    assert [g.layers_run for g in generate(model, PROMPTS, 6, firing, graph=graph)] == [[1] * 6] * 3
+    cache, made = graph.pool[3], dict(graph.graphs)
+    assert sorted(k[1] for k in made) == [1, 3]
+    generate(model, PROMPTS[::-1], 5, firing, graph=graph)
+    assert graph.pool[3] is cache and graph.graphs == made
+    generate(model, PROMPTS, 80, graph=graph)  # 9 + 79 positions outgrow the 64 of the first cache
+    assert graph.pool[3] is not cache and graph.pool[3].max_len == 128 and len(graph.graphs) == 1
 
 
 @pytest.mark.slow

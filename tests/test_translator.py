@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_cli
+from helpers import random_translator, run_cli
 from test_calibrate_cli import _prompts_file
 from test_exit import prompts
 from tiny import make_converted
@@ -26,16 +26,6 @@ def deep(tmp_path_factory):
     """A 6-layer tiny Llama, so that rows can exit at several different layers."""
     return load_model(make_converted("llama-gqa-tied", tmp_path_factory.mktemp("deep"), seed=21, n_layers=6)[1],
                       "float32")[0]
-
-
-def random_translator(dim, layers, scale=0.05, seed=0, kind="affine", rank=3):
-    g = torch.Generator().manual_seed(seed)
-    maps = {}
-    for n in layers:
-        m = {"d": torch.randn(dim, dim, generator=g) * scale} if kind == "affine" else \
-            {"v": torch.randn(dim, rank, generator=g) * scale, "u": torch.randn(rank, dim, generator=g) * scale}
-        maps[n] = {**m, "b": torch.randn(dim, generator=g) * scale}
-    return Translator(kind, dim, maps, rank if kind == "lowrank" else None)
 
 
 def test_ridge_equals_the_closed_form():

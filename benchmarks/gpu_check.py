@@ -1,0 +1,268 @@
+"""The GPU check (issue 15): one command for a session that is lent a CUDA GPU. Runs the CUDA tests, then measures
+the table of the GPU engine's goals on a random-init Llama-3.2-1B-shaped model (16 blocks, d 2048, GQA 32/8, vocab
+49152, tied, bfloat16) built by transformers and converted by our converter on the fly (nothing downloaded),
+against transformers on the same weights in the same process:
+
+  decode   ms/token at batch 1 and 8 (128 new tokens after a 32-token prompt): ours eager, ours through the decode
+           graph (--decode compiled: CUDA graphs on a GPU, the torch.compile graph on a CPU), transformers (dynamic cache; --hf-compile adds its static cache + torch.compile),
+           against the weight-read limit (weight bytes / measured copy bandwidth)
+  exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
+  prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours against transformers
+  checks   a never-firing exit check after every block (the real probe: Triton top-2 and the features), prefill of
+           512 tokens, host read every check and every 4 checks: time over dense
+  kernel   the Triton top-2 exit check against the bare GEMV h @ W.T on the 32000 x 4096, 49152 x 2048 and 49152 x 576
+           heads at batch 1 and 8: microseconds and fraction of copy bandwidth
+
+    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--hf-compile]
+
+Prints each table and the bar (goal, measured, met) and writes JSON with the machine. `--device cpu --tiny` runs the
+same code on a tiny model (seconds; the kernel section needs CUDA): how CPU CI keeps this script working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, print_table, write_json  # noqa: E402
+
+from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule  # noqa: E402
+from adainfer.fast_decode import decode_graph  # noqa: E402
+from adainfer.generate import generate  # noqa: E402
+from adainfer.loading import load_model  # noqa: E402
+
+SHAPES = {  # Hugging Face LlamaConfig kwargs
+    "llama-3.2-1b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                         max_position_embeddings=4096),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=512),
+}
+HEADS = ((32000, 4096), (49152, 2048), (49152, 576))
+
+
+def run_tests() -> dict:
+    """The CUDA tests and the kernel tests, with Triton compiling for the GPU (not its interpreter)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py", "tests/test_kernel.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-300:]]
+    print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n")
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail[0])}
+    return {"returncode": proc.returncode, "summary": tail[0], **counts, "seconds": time.perf_counter() - t0}
+
+
+def build(shape: str, device: str, dtype: torch.dtype, root: Path):
+    """(transformers model, our model) with the same random weights, ours through the converter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from weights_convert import convert
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], initializer_range=0.02, attn_implementation="sdpa")
+    with torch.device(device):
+        hf = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    hf.save_pretrained(root / "hf")
+    convert(root / "hf", root / "ours", dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype],
+            progress=False)
+    ours = load_model(root / "ours", str(dtype)[6:], device)[0]
+    return hf, ours
+
+
+class Timer:
+    def __init__(self, device: str, repeats: int):
+        self.cuda, self.repeats = device == "cuda", repeats
+
+    def __call__(self, fn) -> float:
+        """Median seconds of fn() after one warm-up call, the device synchronised around each."""
+        fn()
+        times = []
+        for _ in range(self.repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, timer: Timer) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    x = torch.empty(256 * 1024 * 1024 if device == "cuda" else 16 * 1024 * 1024, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / timer(lambda: y.copy_(x))
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def half_depth_rule(L: int, device: str) -> ExitRule:
+    """Fires at its first check, after L // 2 blocks, for every row (zero weights, positive bias)."""
+    return ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0, first_layer=L // 2), device)
+
+
+def bench_decode(hf, ours, device, timer, new, hf_compile) -> tuple[list[dict], dict]:
+    L = ours.config.n_layers
+    graph = decode_graph(ours, "compiled")
+    rows, same = [], {}
+    for B in (1, 8):
+        g = torch.Generator().manual_seed(B)
+        ids = torch.randint(10, ours.config.vocab_size, (B, 32), generator=g).tolist()
+        row = {"batch": B, "new_tokens": new}
+
+        def per_token(run):  # (time of prompt + new tokens - time of prompt + 1 token) / (new - 1)
+            return 1e3 * (timer(lambda: run(new)) - timer(lambda: run(1))) / (new - 1)
+
+        row["ours_eager_ms"] = per_token(lambda n: generate(ours, ids, n))
+        row["ours_graph_ms"] = per_token(lambda n: generate(ours, ids, n, graph=graph))
+        half = Plan(exit=half_depth_rule(L, device))
+        row["ours_graph_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=graph))
+        row["half_depth_fraction_of_ideal_2x"] = row["ours_graph_ms"] / row["ours_graph_half_depth_ms"] / 2
+        x = torch.tensor(ids, device=device)
+
+        def hf_run(n, **kw):
+            with torch.inference_mode():
+                return hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+        row["hf_ms"] = per_token(hf_run)
+        if hf_compile:
+            hf.generation_config.cache_implementation = "static"
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead")
+            row["hf_static_compiled_ms"] = per_token(hf_run)
+            del hf.forward  # back to the eager forward for the rest
+            hf.generation_config.cache_implementation = None
+        ours_tokens = [r.token_ids for r in generate(ours, ids, new, graph=graph)]
+        hf_tokens = hf_run(new)[:, 32:].tolist()
+        same[B] = sum(a == b for r, s in zip(ours_tokens, hf_tokens) for a, b in zip(r, s)) / (B * new)
+        row["same_tokens_as_hf"] = same[B]
+        rows.append(row)
+        print_table(rows[-1:], list(row))
+    return rows, same
+
+
+def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
+    rows = []
+    checks = {"check_every_block": 1, "check_every_block_read_every_4": 4}
+    for B in (1, 8):
+        for T in lengths:
+            x = torch.randint(10, ours.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
+            with torch.inference_mode():
+                row = {"batch": B, "tokens": T,
+                       "ours_ms": 1e3 * timer(lambda: ours(x)),
+                       "hf_ms": 1e3 * timer(lambda: hf(x, logits_to_keep=1, use_cache=False))}
+                row["speedup_vs_hf"] = row["hf_ms"] / row["ours_ms"]
+                if T == lengths[0]:
+                    for name, window in checks.items():
+                        plan = Plan(exit=ExitRule(never_rule(), device), sync_every=window)
+                        t = 1e3 * timer(lambda: ours(x, plan=plan))
+                        row[f"{name}_overhead"] = t / row["ours_ms"] - 1
+            rows.append(row)
+            print_table(rows[-1:], list(row))
+    return rows
+
+
+def bench_kernel(timer_bw: float) -> list[dict]:
+    from triton.testing import do_bench
+
+    from kernels.top2 import lm_head_top2_reference, lm_head_top2_triton
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for V, d in HEADS:
+        w = (torch.randn(V, d, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+        nw = torch.ones(d, device="cuda", dtype=torch.bfloat16)
+        gb = w.numel() * w.element_size()
+        for B in (1, 8):
+            h = torch.randn(B, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            t_kernel = do_bench(lambda: lm_head_top2_triton(h, w, nw), warmup=25, rep=200, return_mode="median") / 1e3
+            t_gemv = do_bench(lambda: h @ w.T, warmup=25, rep=200, return_mode="median") / 1e3
+            got, want = lm_head_top2_triton(h, w, nw), lm_head_top2_reference(h.float(), w.float(), nw.float())
+            rows.append({"head": f"{V} x {d}", "batch": B, "kernel_us": 1e6 * t_kernel, "gemv_us": 1e6 * t_gemv,
+                         "kernel_over_gemv": t_kernel / t_gemv, "kernel_fraction_of_copy_bw": gb / t_kernel / timer_bw,
+                         "gemv_fraction_of_copy_bw": gb / t_gemv / timer_bw,
+                         "same_top1": bool(torch.equal(got.top1, want.top1))})
+            print_table(rows[-1:], list(rows[-1]))
+    return rows
+
+
+def bar(result: dict) -> list[dict]:
+    """The issue's goals against what was measured."""
+    dec = {r["batch"]: r for r in result["decode"]}
+    pre = result["prefill"]
+    limit = result["weight_read_limit_ms"]
+    lines = [
+        ("decode batch 1 <= 1.5x the weight-read limit (ms/token)", 1.5 * limit, dec[1]["ours_graph_ms"], "<="),
+        ("decode batch 8 <= 1.5 ms/token", 1.5, dec[8]["ours_graph_ms"], "<="),
+        ("forced half-depth exit in decode >= 0.9 of the ideal 2x", 0.9,
+         min(r["half_depth_fraction_of_ideal_2x"] for r in dec.values()), ">="),
+        ("prefill >= 1.3x transformers at every shape", 1.3, min(r["speedup_vs_hf"] for r in pre), ">="),
+        ("exit check after every block <= 10% at batch 1 (the better of reading every check / every 4)", 0.10,
+         min(min(r["check_every_block_overhead"], r["check_every_block_read_every_4_overhead"])
+             for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r), "<="),
+    ]
+    if result.get("kernel"):
+        lines.append(("kernel no slower than the GEMV (worst kernel / GEMV)", 1.0,
+                      max(r["kernel_over_gemv"] for r in result["kernel"]), "<="))
+    out = []
+    for what, goal, got, op in lines:
+        out.append({"goal": what, "target": goal, "measured": got, "met": got <= goal if op == "<=" else got >= goal})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="a tiny model and short runs (a check of this script)")
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--hf-compile", action="store_true", help="also transformers' static cache + torch.compile (slow)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device: CUDA is not available here (--device cpu --tiny checks the script)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    result = {"machine": machine(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": "tiny" if args.tiny else
+              "llama-3.2-1b", "command": " ".join(sys.argv)}
+    if not args.skip_tests:
+        result["tests"] = run_tests()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    timer = Timer(args.device, args.repeats)
+    with tempfile.TemporaryDirectory() as root:
+        hf, ours = build(result["shape"], args.device, dtype, Path(root))
+    bw = copy_bandwidth(args.device, timer)
+    result["copy_bandwidth_GBps"] = bw / 1e9
+    result["weight_GB"] = weight_bytes(ours) / 1e9
+    result["weight_read_limit_ms"] = 1e3 * weight_bytes(ours) / bw
+    print(f"weights {result['weight_GB']:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s: weight-read limit "
+          f"{result['weight_read_limit_ms']:.3f} ms/token")
+    result["decode"], _ = bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128, args.hf_compile)
+    result["prefill"] = bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048))
+    result["kernel"] = bench_kernel(bw) if args.device == "cuda" else None
+    result["bar"] = bar(result)
+    print()
+    print_table(result["bar"], ["goal", "target", "measured", "met"])
+    result["seconds"] = time.perf_counter() - t0
+    write_json(Path(args.out), result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""CUDA only (marked `cuda`; skipped on a machine without a GPU, run by benchmarks/gpu_check.py where there is one):
+captured decode against the block loop, exits in captured decode, the CLIs on --device cuda. The captured path's
+logic (static buffers, pooled cache, depth graphs, translator readings) is tested on the CPU in test_fast_decode.py;
+here the CUDA graphs themselves. The Triton kernel on real head shapes: test_kernel.py."""
+
+import json
+
+import pytest
+import torch
+from helpers import random_translator, run_cli
+
+from adainfer.exit import ExitRule, Plan, gap_rule
+from adainfer.fast_decode import DecodeGraph, decode_graph
+from adainfer.generate import generate
+from adainfer.loading import load_model
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.py)")]
+
+
+def prompts(B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 200, (int(n),), generator=g).tolist() for n in torch.randint(4, 40, (B,), generator=g)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tiny import make_converted
+
+    return make_converted("llama-gqa-tied", tmp_path_factory.mktemp("cuda"), seed=5, n_layers=6)[1]
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_captured_decode_equals_eager_decode(folder, B):
+    ids = prompts(B)
+    # float32: the captured graph gives the block loop's greedy tokens, 64 of them.
+    model = load_model(folder, "float32", "cuda")[0]
+    graph = decode_graph(model, "compiled")
+    assert graph.capture
+    want = [g.token_ids for g in generate(model, ids, 64)]
+    assert [g.token_ids for g in generate(model, ids, 64, graph=graph)] == want
+    # bfloat16: the same step function eagerly and replayed from its graph, token for token (same kernels).
+    model = load_model(folder, "bfloat16", "cuda")[0]
+    eager = DecodeGraph(model, "compiled", compile=False, capture=False)
+    captured = DecodeGraph(model, "compiled")
+    want = [g.token_ids for g in generate(model, ids, 64, graph=eager)]
+    assert [g.token_ids for g in generate(model, ids, 64, graph=captured)] == want
+    assert len(captured.graphs) == 1
+
+
+def test_exits_in_captured_decode_equal_the_block_loop(folder):
+    model = load_model(folder, "float32", "cuda")[0]
+    graph = decode_graph(model, "compiled")
+    ids = prompts(8, seed=1)
+    clf = gap_rule(0.02)  # rows of this random model pass a top-2 gap of 0.02 at different layers
+    reader = random_translator(model.config.dim, range(1, 6), scale=0.05)
+    for translator in (None, reader):
+        clf.translator = translator
+        plan = Plan(exit=ExitRule(clf, "cuda"))
+        for mode in ("sequence", "token"):
+            want = generate(model, ids, 24, plan, mode=mode)
+            got = generate(model, ids, 24, plan, mode=mode, graph=graph)
+            assert [g.token_ids for g in got] == [g.token_ids for g in want]
+            assert [g.layers_run for g in got] == [g.layers_run for g in want]
+        # one row at a time every step is a single depth: all through graphs, the depths the rows exit at
+        for b in range(4):
+            want = generate(model, ids[b:b + 1], 24, plan)
+            assert generate(model, ids[b:b + 1], 24, plan, graph=graph)[0].token_ids == want[0].token_ids
+    assert {k[1] for k in graph.graphs} - {model.config.n_layers}, "some step should have run a shallower graph"
+
+
+@pytest.mark.slow
+def test_clis_on_cuda(folder, tmp_path):
+    base = ("--model", folder, "--prompt", "hello there", "--max-new-tokens", "12", "--json", "--dense")
+    eager = run_cli("adainfer.run", *base, "--device", "cuda", "--dtype", "float32")
+    compiled = run_cli("adainfer.run", *base, "--device", "cuda", "--dtype", "float32", "--decode", "compiled")
+    assert eager.returncode == 0 and compiled.returncode == 0, eager.stderr + compiled.stderr
+    assert json.loads(compiled.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]
+    rows = tmp_path / "t.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"item {i} is", "answer": " x"}) + "\n" for i in range(12)))
+    for dtype in ("float16", "bfloat16"):
+        proc = run_cli("adainfer.calibrate", "--model", folder, "--prompts", rows, "--device", "cuda", "--dtype", dtype,
+                       "--out", tmp_path / f"c-{dtype}.json")
+        assert proc.returncode == 0, proc.stderr
+        proc = run_cli("adainfer.eval", "--model", folder, "--task-file", rows, "--method", "dense", "gap-rule",
+                       "--device", "cuda", "--dtype", dtype, "--out", tmp_path / f"e-{dtype}.json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((tmp_path / f"e-{dtype}.json").read_text())

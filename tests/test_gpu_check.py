@@ -1,0 +1,37 @@
+"""benchmarks/gpu_check.py, the command a session lent a GPU runs: on the CPU with a tiny model its whole path runs
+(build and convert, decode, exit, prefill, checks, the bar); the kernel section needs CUDA."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT
+
+
+def gpu_check(*args):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
+    out = tmp_path / "gc.json"
+    proc = gpu_check("--device", "cpu", "--tiny", "--skip-tests", "--repeats", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["batch"] for r in result["decode"]] == [1, 8]
+    for r in result["decode"]:
+        assert r["same_tokens_as_hf"] == 1.0  # ours through the converter = transformers, greedy, float32
+        assert r["ours_graph_ms"] > 0 and r["hf_ms"] > 0 and r["half_depth_fraction_of_ideal_2x"] > 0
+    assert {(r["batch"], r["tokens"]) for r in result["prefill"]} == {(1, 16), (1, 64), (8, 16), (8, 64)}
+    assert result["kernel"] is None and len(result["bar"]) == 5 and result["weight_read_limit_ms"] > 0
+    assert "goal" in proc.stdout and "measured" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_cuda_where_there_is_none(tmp_path):
+    proc = gpu_check("--skip-tests", "--out", tmp_path / "gc.json")
+    assert proc.returncode == 2 and "CUDA is not available" in proc.stderr
+    assert not (tmp_path / "gc.json").exists()
