@@ -1,6 +1,8 @@
-"""adainfer's own model config: one dataclass for the Llama and OPT families, stored as `config.json`.
+"""adainfer's own model config: one dataclass for every family, stored as `config.json`.
 
-Only the converter (weights_convert) builds one from a Hugging Face config; everything else reads ours.
+`arch` names the family; the model reads the numbered pieces below it (biases, q/k norms, the norm's formula, the
+MLP's activation, sliding-window layers, soft-capping), so the families share one block loop. Only the converter
+(weights_convert) builds one from a Hugging Face config or a GGUF file; everything else reads ours.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from pathlib import Path
 
 from adainfer.errors import AdainferError
 
-ARCHS = ("llama", "opt")
+ARCHS = ("llama", "opt", "qwen2", "qwen3", "mistral", "gemma3")
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 FORMAT_VERSION = 1
 
 
 @dataclass
 class ModelConfig:
-    arch: str  # "llama" or "opt"
+    arch: str  # one of ARCHS; every family but "opt" is Llama-shaped (rotary, RMSNorm, gated MLP)
     vocab_size: int
     dim: int  # width of the residual stream
     n_layers: int
@@ -32,6 +36,20 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or linear
     tie_embeddings: bool = False
+    # the pieces in which the Llama-shaped families differ (defaults: Llama)
+    qkv_bias: bool = False  # biases on q, k, v (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # a bias on the attention output (Llama's attention_bias)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3, Gemma 3)
+    norm_unit_offset: bool = False  # Gemma's RMSNorm: x * (1 + weight), scaled in float32 before the cast back
+    embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(dim), rounded to the model's dtype)
+    activation: str = "silu"  # the gated MLP's: silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
+    sandwich_norm: bool = False  # a norm after attention and after the MLP too, before each residual add (Gemma 3)
+    attn_scale: float | None = None  # softmax scale of q.k; None: head_dim ** -0.5 (Gemma 3: query_pre_attn_scalar)
+    sliding_window: int | None = None  # a sliding layer's query sees at most this many keys (itself included)
+    layer_types: list[str] | None = None  # per layer: full_attention or sliding_attention; None: all sliding if
+    #                                       sliding_window is set (Mistral), else all full
+    rope_local_theta: float | None = None  # sliding layers' rotary base, without scaling (Gemma 3); None: as full
+    final_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma's final_logit_softcapping)
     # OPT family
     pre_norm: bool = True  # OPT's do_layer_norm_before; opt-350m is post-LN
     embed_dim: int = 0  # OPT's word_embed_proj_dim; != dim adds project_in / project_out (opt-350m)
@@ -43,6 +61,17 @@ class ModelConfig:
     add_bos: bool = False  # prepend bos_id to every prompt (Llama-2 style); SmolLM2 does not
     name: str = ""  # where the weights came from, for humans
     format_version: int = FORMAT_VERSION
+
+    @property
+    def rotary(self) -> bool:
+        """Rotary positions (every family but OPT, which learns absolute ones)."""
+        return self.arch != "opt"
+
+    def sliding(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     def __post_init__(self):
         if self.head_dim == 0 and self.n_heads > 0:
@@ -63,13 +92,14 @@ class ModelConfig:
                 raise AdainferError(where, f"{name}={value} is beyond any model this library can hold")
         if self.n_heads % self.n_kv_heads:
             raise AdainferError(where, f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.arch == "llama":
+        if self.rotary:
             if self.head_dim % 2:
                 raise AdainferError(where, f"head_dim={self.head_dim} must be even for rotary embeddings")
             if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta)
                     and self.rope_theta > 0):
                 raise AdainferError(where, f"rope_theta must be a positive number, got {self.rope_theta!r}")
             check_rope_scaling(self.rope_scaling, where)
+            self._validate_family(where)
         else:
             if self.n_kv_heads != self.n_heads or self.head_dim * self.n_heads != self.dim:
                 raise AdainferError(where, "OPT needs n_kv_heads == n_heads and head_dim * n_heads == dim")
@@ -84,8 +114,33 @@ class ModelConfig:
             raise AdainferError(where, "add_bos is set but bos_id is missing")
         return self
 
+    def _validate_family(self, where: object) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise AdainferError(where, f"activation {self.activation!r} is not supported ({', '.join(ACTIVATIONS)})")
+        for name in ("embed_scale", "attn_scale", "rope_local_theta", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise AdainferError(where, f"{name} must be a positive number, got {value!r}")
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+            raise AdainferError(where, f"sliding_window must be a positive integer or null, got {w!r}")
+        types = self.layer_types
+        if types is not None:
+            if not isinstance(types, list) or len(types) != self.n_layers or any(t not in LAYER_TYPES for t in types):
+                raise AdainferError(where, f"layer_types must list {self.n_layers} of {', '.join(LAYER_TYPES)}")
+            if w is None and "sliding_attention" in types:
+                raise AdainferError(where, "layer_types has sliding layers but sliding_window is not set")
+
+    def fingerprint_dict(self) -> dict:
+        """The numbers that define the model, for its fingerprint: not `name` or `format_version`."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("name", "format_version")}
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, but the family pieces only where they differ from Llama's: a Llama's config.json (and so its
+        fingerprint and its converted bytes) stays what it was before the other families came."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in FAMILY_PIECES}
+        return {k: v for k, v in asdict(self).items() if not (k in FAMILY_PIECES and v == defaults[k])}
 
     @classmethod
     def from_dict(cls, data: object, where: object = "config") -> ModelConfig:
@@ -124,6 +179,10 @@ class ModelConfig:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise AdainferError(path, f"malformed JSON: {e}") from None
         return cls.from_dict(data, path)
+
+
+FAMILY_PIECES = ("qkv_bias", "o_bias", "qk_norm", "norm_unit_offset", "embed_scale", "activation", "sandwich_norm",
+                 "attn_scale", "sliding_window", "layer_types", "rope_local_theta", "final_softcap")
 
 
 def check_rope_scaling(scaling: object, where: object) -> None:

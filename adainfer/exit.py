@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from adainfer.errors import AdainferError
-from adainfer.quant import head_logits
 from adainfer.translator import Translator, sha256
 from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
@@ -208,13 +207,14 @@ def probe(model, h_last: torch.Tensor, weight: torch.Tensor, check_head: str = "
     Top2, and on the CPU path the float32 logits it computed (so that an exiting row need not run the head again).
     check_head "int8": the features come from the model's int8 head (a quarter of float32's bytes) and no logits are
     returned, so a row that exits takes its answer from the head at full precision."""
-    if h_last.is_cuda:  # fused kernel, logits never written; Llama's final RMSNorm is folded in
-        if model.config.arch == "llama" and model.norm is not None:
-            return lm_head_top2(h_last, weight, model.norm.weight, model.config.norm_eps), None
+    c = model.config
+    if h_last.is_cuda and c.final_softcap is None:  # fused kernel, logits never written
+        if c.rotary and not c.norm_unit_offset and model.norm is not None:  # Llama's final RMSNorm folded in
+            return lm_head_top2(h_last, weight, model.norm.weight, c.norm_eps), None
         return lm_head_top2(model.head_input(h_last), weight), None
     if check_head == "int8":
-        return top2_from_logits(model.int8_head()(model.head_input(h_last))), None
-    logits = head_logits(model.head_input(h_last), weight)
+        return top2_from_logits(model.softcap(model.int8_head()(model.head_input(h_last)))), None
+    logits = model.head(h_last, weight)  # (soft-capped logits change the probabilities: the kernel cannot fold it)
     return top2_from_logits(logits), logits
 
 

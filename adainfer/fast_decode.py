@@ -43,7 +43,6 @@ from adainfer.quant import (
     QuantWeight,
     dequantize_int4,
     dequantize_int8,
-    head_logits,
     load_q4q8_kernel,
     quantize_int4,
 )
@@ -105,7 +104,9 @@ def decode_one_token(model: Decoder, tokens: torch.Tensor, positions: torch.Tens
     keys and values go into `cache` at write_pos (1,), and attention reads the whole cache where valid (B, S) is set.
     A run stopped early reads its last state through `reader` (a Translator) where it has a map for that depth, as
     the block loop's exit_at does."""
-    ctx = Context(cos, sin, valid[:, None, None, :], False, cache, write_pos=write_pos, quantized=quantized)
+    S = valid.shape[1]
+    local = model.local_tables(positions, write_pos, valid, tokens.shape[0], 1, S)  # sliding layers' mask / rotary
+    ctx = Context(cos, sin, valid[:, None, None, :], False, cache, write_pos=write_pos, quantized=quantized, **local)
     n = model.config.n_layers if depth is None else depth
     h = model.embed(tokens, positions)  # (B, 1, dim)
     for i, block in enumerate(model.layers[:n]):
@@ -113,8 +114,7 @@ def decode_one_token(model: Decoder, tokens: torch.Tensor, positions: torch.Tens
     x = h[:, -1]  # (B, dim)
     if reader is not None and n in reader.maps and n < model.config.n_layers:
         x = reader.read(n, x)
-    x = model.head_input(x)
-    return model.head_q8(x) if quantized else head_logits(x, model.head_weight)
+    return model.softcap(model.head_q8(model.head_input(x))) if quantized else model.head(x)
 
 
 class Captured:
@@ -206,7 +206,7 @@ class DecodeGraph:
             if self.capture:
                 return self._replay(tokens, positions, write_pos, cache, depth, reader)
             cos = sin = None
-            if model.config.arch == "llama":
+            if model.config.rotary:
                 cos, sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # (B, 1, 1, hd)
             if self.step is not decode_one_token and not getattr(cache, "dynamic", False):
                 # One graph for every cache size (the batch size stays static); marked once per cache.
@@ -226,7 +226,7 @@ class DecodeGraph:
         if graph is None:
             def step(tokens, positions, write_pos):
                 cos = sin = None
-                if model.config.arch == "llama":
+                if model.config.rotary:
                     cos, sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # (B, 1, 1, hd)
                 return decode_one_token(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, False,
                                         depth, reader)

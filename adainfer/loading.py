@@ -72,7 +72,10 @@ def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: st
     with torch.device("meta"):
         model = Decoder(config)
     model.load_state_dict(fuse_state(disk, config, dtype, device), strict=True, assign=True)
-    model.inv_freq = rope_inv_freq(config).to(device) if config.arch == "llama" else torch.zeros(0, device=device)
+    model.inv_freq = rope_inv_freq(config).to(device) if config.rotary else torch.zeros(0, device=device)
+    if config.rope_local_theta is not None:
+        model.inv_freq_local = rope_inv_freq(config, local=True).to(device)
+    model.embed_mult = float(torch.tensor(config.embed_scale, dtype=dtype))  # Gemma multiplies in its dtype
     model.eval().requires_grad_(False)
     model.fingerprint = fingerprint(config, disk)
     return model, load_tokenizer(folder, config)
@@ -149,7 +152,7 @@ def fingerprint(config: ModelConfig, tensors: Mapping[str, torch.Tensor], sample
     enter; a float32 and a bfloat16 conversion of the same weights share a fingerprint (they round to the same
     bfloat16 values), so a classifier holds for both."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in config.to_dict().items() if k not in ("name", "format_version")}
+    cfg = config.fingerprint_dict()
     h.update(json.dumps(cfg, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().reshape(-1)

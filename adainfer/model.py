@@ -1,4 +1,7 @@
-"""Llama- and OPT-family decoders with one explicit block loop, where exit, skip and layer-plan decisions live.
+"""Decoders of the Llama family (Llama, Qwen2, Qwen3, Mistral, Gemma 3) and OPT with one explicit block loop, where
+exit, skip and layer-plan decisions live. The families differ only in small named pieces that their config switches
+on (adainfer.config): q/k/v biases, per-head q/k norms, Gemma's (1 + w) RMSNorm, the gated MLP's activation, sandwich
+norms, the attention scale, sliding-window layers with their own rotary base, and final logit soft-capping.
 
 Read top to bottom: the linear layer, norms and rotary helpers, attention, MLPs, the block, the KV cache, the
 per-forward context, then `Decoder.forward` and its loop. Weights come from `adainfer.loading`. The same modules
@@ -39,29 +42,34 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As Hugging Face: normalise in float32, cast back, then scale (parity depends on the order).
+        # As Hugging Face: normalise in float32; Llama casts back, then scales; Gemma scales by (1 + w) in float32,
+        # then casts back (parity depends on the order).
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * y.to(x.dtype)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
-    if config.arch == "llama":
-        return RMSNorm(dim, config.norm_eps)
+    if config.rotary:
+        return RMSNorm(dim, config.norm_eps, config.norm_unit_offset)
     return nn.LayerNorm(dim, eps=config.norm_eps)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies (head_dim // 2,), float32, with the Llama-3 (or linear) scaling rule applied."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim // 2,), float32, with the Llama-3 (or linear) scaling rule applied;
+    local=True: the sliding layers' own base, unscaled (Gemma 3's rope_local_base_freq)."""
     hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    scaling = config.rope_scaling
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = None if local else config.rope_scaling
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -96,60 +104,74 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, bias: bool):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        opt = config.arch == "opt"
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.q_size = config.n_heads * config.head_dim
         self.kv_size = config.n_kv_heads * config.head_dim
-        self.wqkv = Linear(config.dim, self.q_size + 2 * self.kv_size, bias=bias)  # q, k, v fused
-        self.wo = Linear(self.q_size, config.dim, bias=bias)
-        self.rotary = config.arch == "llama"
+        self.wqkv = Linear(config.dim, self.q_size + 2 * self.kv_size, bias=opt or config.qkv_bias)  # q, k, v fused
+        self.wo = Linear(self.q_size, config.dim, bias=opt or config.o_bias)
+        self.rotary = config.rotary
+        # Qwen3 / Gemma 3: each head of q and k normalised before rotary.
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.scale = config.attn_scale  # None: SDPA's head_dim ** -0.5
+        self.sliding = config.sliding(layer)  # attends through ctx.local_mask
+        self.local_rope = self.sliding and config.rope_local_theta is not None  # rotates by ctx.cos_local
 
     def project_kv(self, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-        """Only the K/V rows of wqkv: x (b, T, dim) -> k, v (b, Hkv, T, hd), rotated."""
+        """Only the K/V rows of wqkv: x (b, T, dim) -> k, v (b, Hkv, T, hd), normalised and rotated."""
         rows = slice(self.q_size, None)
         bias = None if self.wqkv.bias is None else self.wqkv.bias[rows]
         k, v = linear(x, self.wqkv.weight[rows], bias).split([self.kv_size, self.kv_size], dim=-1)
-        return self.rotate(heads(k, self.n_kv_heads), ctx), heads(v, self.n_kv_heads)
+        return self.rotate(self.norm_heads(heads(k, self.n_kv_heads), self.k_norm), ctx), heads(v, self.n_kv_heads)
+
+    @staticmethod
+    def norm_heads(x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        return x if norm is None else norm(x)
 
     def rotate(self, x: torch.Tensor, ctx: Context, last: bool = False) -> torch.Tensor:
         if not self.rotary:
             return x
-        return apply_rope(x, ctx.cos[:, :, -1:], ctx.sin[:, :, -1:]) if last else apply_rope(x, ctx.cos, ctx.sin)
+        cos, sin = (ctx.cos_local, ctx.sin_local) if self.local_rope else (ctx.cos, ctx.sin)
+        return apply_rope(x, cos[:, :, -1:], sin[:, :, -1:]) if last else apply_rope(x, cos, sin)
 
     def forward(self, x: torch.Tensor, ctx: Context, layer: int, last_only: bool = False) -> torch.Tensor:
         """x (b, T, dim) -> (b, T, dim); with last_only, keys and values for all T but the output for the last
         position only, (b, 1, dim) (the final block of a run, when nothing reads the other positions)."""
         b, T, _ = x.shape
-        mask, causal = ctx.mask, ctx.is_causal
+        mask, causal = (ctx.local_mask, False) if self.sliding else (ctx.mask, ctx.is_causal)
         if last_only and T > 1:
             k, v = self.project_kv(x, ctx)
             q = linear(x[:, -1:], self.wqkv.weight[:self.q_size],
                        None if self.wqkv.bias is None else self.wqkv.bias[:self.q_size])
-            q = self.rotate(heads(q, self.n_heads), ctx, last=True)
+            q = self.rotate(self.norm_heads(heads(q, self.n_heads), self.q_norm), ctx, last=True)
             mask, causal, T = (None if mask is None else mask[:, :, -1:]), False, 1
         else:
             q, k, v = self.wqkv(x, ctx.quantized).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q, k, v = self.rotate(heads(q, self.n_heads), ctx), self.rotate(heads(k, self.n_kv_heads), ctx), \
-                heads(v, self.n_kv_heads)
+            q = self.rotate(self.norm_heads(heads(q, self.n_heads), self.q_norm), ctx)
+            k = self.rotate(self.norm_heads(heads(k, self.n_kv_heads), self.k_norm), ctx)
+            v = heads(v, self.n_kv_heads)
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer, k, v, ctx)
         if ctx.write_pos is not None and not q.is_cuda:
-            y = one_query_attention(q, k, v, mask)
+            y = one_query_attention(q, k, v, mask, self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(b, T, self.q_size), ctx.quantized)  # (b, T, H * hd)
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        scale: float | None = None) -> torch.Tensor:
     """Attention of one query per row, q (B, H, 1, hd), over k, v (B, Hkv, S, hd) where mask (B, 1, 1, S), in float32,
     written as products and sums: in a compiled CPU decode step inductor turns them into a few loops, where SDPA or
     a bmm of a single query costs 80-250 us a call (measured)."""
     B, H, _, hd = q.shape
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv, 1, hd).float()  # (B, Hkv, g, 1, hd): query head h reads kv head h // g
-    scores = (qg * k[:, :, None].float()).sum(-1) * hd ** -0.5  # (B, Hkv, g, S)
+    scores = (qg * k[:, :, None].float()).sum(-1) * (hd ** -0.5 if scale is None else scale)  # (B, Hkv, g, S)
     p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     y = (p[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, g, hd)
     return y.to(q.dtype).reshape(B, H, 1, hd)
@@ -161,12 +183,15 @@ def heads(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.view(b, T, n, -1).transpose(1, 2)
 
 
-class SwiGLU(nn.Module):
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (silu; Llama, Qwen, Mistral) or GeGLU (tanh GELU; Gemma)."""
+
     # Gate and up stay two matmuls: fused into one (N = 2 x hidden) they ran 10-30% slower in MKL float32 for
     # 16-256 rows on an AVX2 CPU, and no faster for one row (measured; benchmarks/README.md). In int4 they are one
     # kernel call (w13, set by quantize_model).
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.gelu = config.activation == "gelu_tanh"
         self.w1 = Linear(config.dim, config.hidden_dim, bias=False)  # gate
         self.w3 = Linear(config.dim, config.hidden_dim, bias=False)  # up
         self.w2 = Linear(config.hidden_dim, config.dim, bias=False)  # down
@@ -177,7 +202,8 @@ class SwiGLU(nn.Module):
             gate, up = self.w13(x).to(x.dtype).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
-        return self.w2(F.silu(gate) * up, quantized)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.w2(gate * up, quantized)
 
 
 class ReluMLP(nn.Module):
@@ -191,22 +217,29 @@ class ReluMLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.pre_norm = config.pre_norm
         self.attention_norm = make_norm(config, config.dim)
-        self.attention = Attention(config, bias=config.arch == "opt")
+        self.attention = Attention(config, layer)
         self.ffn_norm = make_norm(config, config.dim)
-        self.feed_forward = ReluMLP(config) if config.arch == "opt" else SwiGLU(config)
+        self.feed_forward = ReluMLP(config) if config.arch == "opt" else GatedMLP(config)
+        # Gemma 3's sandwich: each sublayer's output normalised again before its residual add.
+        self.post_attention_norm = make_norm(config, config.dim) if config.sandwich_norm else None
+        self.post_ffn_norm = make_norm(config, config.dim) if config.sandwich_norm else None
 
     def forward(self, x: torch.Tensor, ctx: Context, layer: int, skip_attn: bool = False,
                 last_only: bool = False) -> torch.Tensor:
-        """x (b, T, dim) -> (b, T, dim), or (b, 1, dim) with last_only (see Attention.forward). Pre-norm, or OPT's
-        post-LN (opt-350m: the norm after each residual add)."""
+        """x (b, T, dim) -> (b, T, dim), or (b, 1, dim) with last_only (see Attention.forward). Pre-norm (with
+        Gemma 3's post-sublayer norms), or OPT's post-LN (opt-350m: the norm after each residual add)."""
         a = self._attend(self.attention_norm(x) if self.pre_norm else x, ctx, layer, skip_attn, last_only)
+        if self.post_attention_norm is not None and not skip_attn:
+            a = self.post_attention_norm(a)
         x = (x[:, -1:] if a.shape[1] != x.shape[1] else x) + a
         if self.pre_norm:
             m = self.feed_forward(self.ffn_norm(x), ctx.quantized)
+            if self.post_ffn_norm is not None:
+                m = self.post_ffn_norm(m)
             x = x + m
         else:
             x = self.attention_norm(x)
@@ -263,7 +296,7 @@ class KVCache:
 class Context:
     """What every block of one forward shares. `select` keeps a subset of rows (batch compaction)."""
 
-    cos: torch.Tensor | None  # (b, 1, T, hd) rotary tables, Llama only
+    cos: torch.Tensor | None  # (b, 1, T, hd) rotary tables, rotary families only
     sin: torch.Tensor | None
     mask: torch.Tensor | None  # (b, 1, T, S) bool, True = may attend; None with is_causal or full attention
     is_causal: bool
@@ -272,11 +305,16 @@ class Context:
     record: dict | None = None  # when set, blocks leave their last-token attention / MLP outputs here
     write_pos: torch.Tensor | None = None  # (1,) int64: a compiled decode step's cache position
     quantized: bool = False  # products through a quantized model's int4 / int8 kernels (decode steps)
+    local_mask: torch.Tensor | None = None  # (b, 1, T, S) the sliding layers' mask (the window on top of `mask`)
+    cos_local: torch.Tensor | None = None  # the sliding layers' rotary tables, where their base differs (Gemma 3)
+    sin_local: torch.Tensor | None = None
 
     def select(self, keep: torch.Tensor, rows: torch.Tensor) -> Context:
         pick = (lambda t: None if t is None else t[keep])
         record = None if self.record is None else {k: v[keep] for k, v in self.record.items()}
-        return Context(pick(self.cos), pick(self.sin), pick(self.mask), self.is_causal, self.cache, rows, record)
+        return Context(pick(self.cos), pick(self.sin), pick(self.mask), self.is_causal, self.cache, rows, record,
+                       local_mask=pick(self.local_mask), cos_local=pick(self.cos_local),
+                       sin_local=pick(self.sin_local))
 
 
 # ---------------------------------------------------------------- the decoder
@@ -293,10 +331,14 @@ class Decoder(nn.Module):
         proj = opt and config.embed_dim != config.dim
         self.project_in = Linear(config.embed_dim, config.dim, bias=False) if proj else None
         self.project_out = Linear(config.dim, config.embed_dim, bias=False) if proj else None
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config, config.dim) if (config.pre_norm and config.final_norm) else None
         self.output = None if config.tie_embeddings else Linear(config.embed_dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config) if not opt else torch.zeros(0), persistent=False)
+        local = config.rope_local_theta is not None
+        self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True) if local else torch.zeros(0),
+                             persistent=False)
+        self.embed_mult = config.embed_scale  # rounded to the model's dtype by adainfer.loading, as Gemma does
         self.head_q8: QuantWeight | None = None  # the head rounded to int8: the int8 check head, int4 decoding
 
     @property
@@ -320,7 +362,17 @@ class Decoder(nn.Module):
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(self.head_input(h), self.head_weight)
+        return self.softcap(linear(self.head_input(h), self.head_weight))
+
+    def head(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-token states (b, dim) -> float32 logits (b, V) over head rows `weight` (default: all): the final norm,
+        the head, the family's soft-capping."""
+        return self.softcap(head_logits(self.head_input(h), self.head_weight if weight is None else weight))
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma's final_logit_softcapping, cap * tanh(logits / cap); the identity for the other families."""
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def int8_head(self) -> QuantWeight:
         """The head rounded to int8 (quant.quantize_int8), built on first use (~0.3 s for the default model, and the
@@ -336,7 +388,7 @@ class Decoder(nn.Module):
         """Masks and rotary tables for one forward over tokens at `positions` (B, T), on cache rows `rows`."""
         B, T = positions.shape
         cos = sin = None
-        if self.config.arch == "llama":
+        if self.config.rotary:
             cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
         start = cache.length if cache is not None else 0
         S = start + T
@@ -346,20 +398,41 @@ class Decoder(nn.Module):
             cache.valid[sel, start:S] = True if pad_mask is None else pad_mask
             cache.padded |= padded
             padded = cache.padded
+        valid = cache.valid[sel, :S] if cache is not None else pad_mask  # (B, S) or None
+        local = self.local_tables(positions, start, valid, B, T, S)
         if not padded and (start == 0 or T == 1):
             # Plain causal attention (a single new token attends to every cached key).
-            return Context(cos, sin, None, T > 1, cache, rows)
-        valid = cache.valid[sel, :S] if cache is not None else pad_mask  # (B, S)
+            return Context(cos, sin, None, T > 1, cache, rows, **local)
         keys = torch.arange(S, device=positions.device)
         queries = start + torch.arange(T, device=positions.device)
         mask = (keys[None, :] <= queries[:, None])[None] & valid[:, None, :]  # (B, T, S)
         # A padding query sees no key at all, and SDPA would return NaN for it, which then leaks through the
         # zero attention weights of later queries (0 * NaN). Let every query see its own position.
         mask |= (keys[None, :] == queries[:, None])[None]
-        return Context(cos, sin, mask[:, None], False, cache, rows)
+        return Context(cos, sin, mask[:, None], False, cache, rows, **local)
+
+    def local_tables(self, positions: torch.Tensor, start: int, valid: torch.Tensor | None, B: int, T: int,
+                     S: int) -> dict:
+        """The sliding layers' mask and rotary tables (Context fields) for queries at cache slots start..start+T-1
+        over keys at slots 0..S-1: a query sees itself and the window - 1 keys before it. Slots, not positions:
+        left padding shifts a row's positions and slots alike, so the window is the same."""
+        config = self.config
+        if config.sliding_window is None or not any(config.sliding(i) for i in range(config.n_layers)):
+            return {}
+        keys = torch.arange(S, device=positions.device)
+        queries = start + torch.arange(T, device=positions.device)
+        window = (keys[None, :] <= queries[:, None]) & (keys[None, :] > queries[:, None] - config.sliding_window)
+        local = window[None] if valid is None else window[None] & valid[:, None, :]  # (B or 1, T, S)
+        local = (local | (keys[None, :] == queries[:, None])[None]).expand(B, T, S)
+        tables = {"local_mask": local[:, None]}
+        if config.rope_local_theta is not None:
+            tables["cos_local"], tables["sin_local"] = rope_cos_sin(self.inv_freq_local, positions, self.dtype)
+        return tables
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
+        if self.embed_mult != 1.0:
+            h = h * self.embed_mult
         if self.project_in is not None:
             h = self.project_in(h)
         if self.pos_embeddings is not None:
@@ -383,7 +456,7 @@ class Decoder(nn.Module):
         n_run = len(order) if plan.exit_at is None else min(plan.exit_at, len(order))
         rule, reader = plan.exit, plan.translator
         weight = self.head_weight if plan.candidates is None else self.head_weight[plan.candidates]
-        exits = Exits(lambda x: head_logits(self.head_input(x), weight), B, n_run, plan.sync_every)
+        exits = Exits(lambda x: self.head(x, weight), B, n_run, plan.sync_every)
         features, hiddens = [], ([h] if plan.hidden_states else None)
         ctx.record = {} if rule is not None and rule.needs_record else None
         state = {"hidden": h[:, -1]}  # per-row memory of the exit rule (previous block's states, CRF scores)

@@ -217,7 +217,6 @@ def translated(traces: Traces, model: Decoder, translator, candidates: torch.Ten
     final norm and head, the loop's own exit.probe on the saved last-token states. The last layer's answers and the
     cosine features (which compare untranslated states) stay as they were."""
     from adainfer.exit import probe
-    from adainfer.quant import head_logits
 
     if traces.hidden is None:
         raise ValueError("translated() needs traces collected with hidden=...")
@@ -240,7 +239,7 @@ def translated(traces: Traces, model: Decoder, translator, candidates: torch.Ten
                 feats["top_prob"][s:s + batch_size, n - 1] = top2.p1.float().cpu().numpy()
             if cand is not None:
                 if logits is None:  # the CUDA check writes no logits
-                    logits = head_logits(model.head_input(read), model.head_weight)  # as the loop's answers
+                    logits = model.head(read)  # as the loop's answers
                 cand[s:s + batch_size, n - 1] = also[logits[:, also].argmax(-1)].cpu().numpy()
     return out
 

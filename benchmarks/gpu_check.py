@@ -4,8 +4,9 @@ the table of the GPU engine's goals on a random-init Llama-3.2-1B-shaped model (
 against transformers on the same weights in the same process:
 
   decode   ms/token at batch 1 and 8 (128 new tokens after a 32-token prompt): ours eager, ours through the decode
-           graph (--decode compiled: CUDA graphs on a GPU, the torch.compile graph on a CPU), transformers (dynamic cache; --hf-compile adds its static cache + torch.compile),
-           against the weight-read limit (weight bytes / measured copy bandwidth)
+           graph (--decode compiled: CUDA graphs on a GPU, the torch.compile graph on a CPU), transformers (dynamic
+           cache; --hf-compile adds its static cache + torch.compile), against the weight-read limit (weight bytes /
+           measured copy bandwidth)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours against transformers
   checks   a never-firing exit check after every block (the real probe: Triton top-2 and the features), prefill of

@@ -45,7 +45,8 @@ def folder(converted):
     return converted("llama-gqa-tied", seed=3)[1]
 
 
-@pytest.mark.parametrize("preset", ["llama-gqa-tied", "opt-125m-like", "opt-350m-like"])
+@pytest.mark.parametrize("preset", ["llama-gqa-tied", "opt-125m-like", "opt-350m-like", "qwen2-window",
+                                    "qwen3-head-dim", "mistral-window", "gemma3-local"])
 def test_graph_eager_matches_the_block_loop(converted, preset):
     model = load_model(converted(preset, seed=3)[1], "float32")[0]
     ref, got = step_logits(model, DecodeGraph(model, "compiled", compile=False), 8)

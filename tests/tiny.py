@@ -20,6 +20,24 @@ PRESETS = {
                                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                        "high_freq_factor": 4.0,
                                                        "original_max_position_embeddings": 32})),
+    # The other Llama-shaped families, each with its distinctive pieces on: windows shorter than the test prompts.
+    "qwen2-window": ("qwen2", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=False, use_sliding_window=True,
+                                   sliding_window=8, max_window_layers=1)),  # q/k/v biases; layers 1-2 sliding
+    "qwen3-head-dim": ("qwen3", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),  # 24 != 64 / 4
+    "mistral-window": ("mistral", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                       tie_word_embeddings=False)),
+    "gemma3-local": ("gemma3", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                                    layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                 "sliding_attention"],
+                                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                        "rope_theta": 1_000_000.0},
+                                                     "sliding_attention": {"rope_type": "default",
+                                                                           "rope_theta": 10_000.0}},
+                                    final_logit_softcapping=5.0, tie_word_embeddings=True)),
     "opt-125m-like": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                                   word_embed_proj_dim=64, do_layer_norm_before=True)),
     "opt-350m-like": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
@@ -29,23 +47,29 @@ PRESETS = {
 
 def hf_model(preset: str, seed: int = 0, n_layers: int | None = None):
     """A random-init transformers model of a shrunk preset, in float32 eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    import transformers as t
 
+    classes = {"llama": (t.LlamaConfig, t.LlamaForCausalLM), "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
+               "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM), "mistral": (t.MistralConfig, t.MistralForCausalLM),
+               "gemma3": (t.Gemma3TextConfig, t.Gemma3ForCausalLM)}
     family, kwargs = PRESETS[preset]
     kwargs = dict(kwargs, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=256, eos_token_id=257,
                   pad_token_id=258)
     if n_layers is not None:
         kwargs["num_hidden_layers"] = n_layers
     torch.manual_seed(seed)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**kwargs, initializer_range=0.1))
+    if family in classes:
+        config_class, model_class = classes[family]
+        model = model_class(config_class(**kwargs, initializer_range=0.1))
     else:
-        model = OPTForCausalLM(OPTConfig(**kwargs, init_std=0.1))
-    # Random LayerNorm / RMSNorm gains and biases, so that a norm applied wrongly cannot hide.
+        model = t.OPTForCausalLM(t.OPTConfig(**kwargs, init_std=0.1))
+    # Random LayerNorm / RMSNorm gains and biases, so that a norm applied wrongly cannot hide (Gemma's norms scale by
+    # 1 + weight: their weights around 0).
+    gain = 0.0 if family == "gemma3" else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+                p.copy_(gain + 0.2 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
     return model.eval()
 
 

@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) files -> adainfer config, tensors and a `tokenizers` tokenizer.
+"""GGUF (llama.cpp) files of the llama (Llama, Mistral), qwen2, qwen3 and gemma3 architectures -> adainfer config,
+tensors and a `tokenizers` tokenizer.
 
 The header is parsed and bounded by adainfer.checks first; tensors are read from the validated offsets and
 dequantized with the gguf package. llama.cpp stores q and k rows interleaved for its rotary kernel; we undo that.
@@ -21,8 +22,15 @@ GGUF_WEIGHT_MAP = {
     "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
     "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
     "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
+    "blk.{}.attn_q.bias": "layers.{}.attention.wq.bias",  # qwen2
+    "blk.{}.attn_k.bias": "layers.{}.attention.wk.bias",
+    "blk.{}.attn_v.bias": "layers.{}.attention.wv.bias",
+    "blk.{}.attn_q_norm.weight": "layers.{}.attention.q_norm.weight",  # qwen3, gemma3
+    "blk.{}.attn_k_norm.weight": "layers.{}.attention.k_norm.weight",
     "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
-    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+    "blk.{}.post_attention_norm.weight": "layers.{}.post_attention_norm.weight",  # gemma3
+    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",  # (gemma3's pre-feedforward norm)
+    "blk.{}.post_ffw_norm.weight": "layers.{}.post_ffn_norm.weight",  # gemma3
     "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
     "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
     "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
@@ -33,40 +41,76 @@ GGUF_WEIGHT_MAP = {
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
 
+# llama.cpp's architectures -> ours. Mistral's GGUF files say "llama" (and run as Llama in llama.cpp: no window).
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+# Only llama.cpp's "llama" converter interleaves q/k rows for its rotary kernel; qwen2, qwen3 and gemma3 keep
+# Hugging Face's rotate-half rows (NEOX rotary). Gemma's converter stores every RMSNorm weight as 1 + w.
+PERMUTED = ("llama",)
+GEMMA_SWA_PATTERN = 6  # llama.cpp and transformers alike: every 6th Gemma 3 layer is global
+
 
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     meta = g.metadata
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise AdainferError(g.path, f"unknown architecture {arch!r} in GGUF (supported: llama)")
+    if arch not in GGUF_ARCHS:
+        raise AdainferError(g.path, f"unknown architecture {arch!r} in GGUF (supported: {', '.join(GGUF_ARCHS)})")
     if "rope_freqs.weight" in g.tensors:
         raise AdainferError(g.path, "GGUF with rope_freqs (Llama-3.1 rope scaling) is not supported; "
                                     "convert the Hugging Face folder instead")
 
     def get(key, default=None, kind=(int,)):
-        value = meta.get(f"llama.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise AdainferError(g.path, f"GGUF metadata llama.{key} is missing")
+            raise AdainferError(g.path, f"GGUF metadata {arch}.{key} is missing")
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise AdainferError(g.path, f"GGUF metadata llama.{key} has a bad value {value!r}")
+            raise AdainferError(g.path, f"GGUF metadata {arch}.{key} has a bad value {value!r}")
         return value
 
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get("llama.vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
+    vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
     heads = get("attention.head_count")
     dim = get("embedding_length")
+    n_layers = get("block_count")
+    number = (int, float)
+    if arch == "llama":
+        head_dim = get("rope.dimension_count", dim // heads if heads else 0)
+    else:
+        head_dim = get("attention.key_length", dim // heads if heads else 0)
+    pieces: dict = {}
+    rope_scaling = None
+    theta = float(get("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10000.0, number))
+    if arch == "qwen2":
+        pieces = dict(qkv_bias=True)
+    elif arch == "qwen3":
+        pieces = dict(qk_norm=True)
+    elif arch == "gemma3":
+        window = get("attention.sliding_window", 4096)
+        types = ["sliding_attention" if (i + 1) % GEMMA_SWA_PATTERN else "full_attention" for i in range(n_layers)]
+        # llama.cpp's query scale: 1/sqrt(head_dim), but 1/sqrt(dim / heads) for the 27B (62 layers), which is what
+        # each release's query_pre_attn_scalar says.
+        scalar = dim / heads if n_layers == 62 else head_dim
+        kind = meta.get(f"{arch}.rope.scaling.type")
+        if kind not in (None, "none"):
+            if kind != "linear":
+                raise AdainferError(g.path, f"GGUF rope scaling {kind!r} is not supported for gemma3 (linear only)")
+            rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", None, number))}
+        softcap = meta.get(f"{arch}.final_logit_softcapping")
+        pieces = dict(qk_norm=True, norm_unit_offset=True, embed_scale=float(dim) ** 0.5, activation="gelu_tanh",
+                      sandwich_norm=True, attn_scale=float(scalar) ** -0.5,
+                      sliding_window=window if "sliding_attention" in types else None,
+                      layer_types=types if "sliding_attention" in types else None, rope_local_theta=10000.0,
+                      final_softcap=None if softcap is None else float(softcap))
+    add_bos_default = meta.get("tokenizer.ggml.model") == "llama"
     return ModelConfig(
-        arch="llama", vocab_size=vocab, dim=dim, n_layers=get("block_count"), n_heads=heads,
+        arch=GGUF_ARCHS[arch], vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=heads,
         n_kv_heads=get("attention.head_count_kv", heads), hidden_dim=get("feed_forward_length"),
-        max_seq_len=get("context_length", 2048), norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5,
-                                                                      (int, float))),
-        head_dim=get("rope.dimension_count", dim // heads if heads else 0),
-        rope_theta=float(get("rope.freq_base", 10000.0, (int, float))),
+        max_seq_len=get("context_length", 2048), norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5, number)),
+        head_dim=head_dim, rope_theta=theta, rope_scaling=rope_scaling,
         tie_embeddings="output.weight" not in g.tensors,
         bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_id=meta.get("tokenizer.ggml.padding_token_id"),
-        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
-        name=str(meta.get("general.name", "")),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+        name=str(meta.get("general.name", "")), **pieces,
     ).validate(g.path)
 
 
@@ -81,6 +125,7 @@ def read_gguf_tensors(g: GGUFFile, config: ModelConfig, progress=None):
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
+    arch = g.metadata.get("general.architecture")
     data = np.memmap(g.path, dtype=np.uint8, mode="r")
     for name, info in g.tensors.items():
         parts = name.split(".")
@@ -88,7 +133,7 @@ def read_gguf_tensors(g: GGUFFile, config: ModelConfig, progress=None):
         template = name if layer is None else name.replace(f"blk.{layer}.", "blk.{}.", 1)
         ours = GGUF_WEIGHT_MAP.get(template)
         if ours is None:
-            raise AdainferError(g.path, f"unexpected tensor {name!r} in a llama GGUF")
+            raise AdainferError(g.path, f"unexpected tensor {name!r} in a {arch} GGUF")
         if info.dtype not in SUPPORTED_TYPES:
             raise AdainferError(g.path, f"tensor {name!r}: GGML type {info.dtype} is not supported "
                                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
@@ -104,10 +149,12 @@ def read_gguf_tensors(g: GGUFFile, config: ModelConfig, progress=None):
         t = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(info.shape)  # a writable copy
         if not bool(torch.isfinite(t).all()):
             raise AdainferError(g.path, f"tensor {name!r} holds inf or NaN values")
-        if template == "blk.{}.attn_q.weight":
+        if arch in PERMUTED and template == "blk.{}.attn_q.weight":
             t = unpermute(t, config.n_heads)
-        elif template == "blk.{}.attn_k.weight":
+        elif arch in PERMUTED and template == "blk.{}.attn_k.weight":
             t = unpermute(t, config.n_kv_heads)
+        elif config.norm_unit_offset and template.endswith("norm.weight"):
+            t = t - 1  # llama.cpp stores Gemma's norms as 1 + w; our RMSNorm adds the 1
         if progress is not None:
             progress.update(1)
         yield (ours if layer is None else ours.format(layer)), t
@@ -149,9 +196,12 @@ def tokenizer_from_gguf(g: GGUFFile):
             raise AdainferError(g.path, f"tokenizer.ggml.unknown_token_id {unk!r} is not a token")
         tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(vocab, dict(zip(tokens, scores))),
                                    fuse_unk=True, byte_fallback=True, dropout=None, unk_token=tokens[unk]))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(content=" ", left=1)])
+        # Llama's SentencePiece prepends a space to the text; Gemma's does not (tokenizer.ggml.add_space_prefix).
+        prefix = meta.get("tokenizer.ggml.add_space_prefix", True) is not False
+        scheme = "first" if prefix else "never"
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
     else:
         raise AdainferError(g.path, f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     # llama.cpp token types: 3 = control (special), 4 = user-defined (matched whole, not special)
@@ -167,12 +217,18 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
 def _byte_level_pre_tokenizer(pre: str | None, pre_tokenizers, Regex):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in (None, "default", "gpt2", "gpt-2"):
         return byte_level
     if pre == "smollm":  # SmolLM's tokenizer.json: every digit alone, then GPT-2's split
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre == "qwen2":  # Qwen2 / Qwen2.5 / Qwen3: Llama 3's split with every digit alone
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe"):
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

@@ -1,4 +1,4 @@
-"""Hugging Face model folders (Llama and OPT families) -> adainfer config and tensors.
+"""Hugging Face model folders (Llama, Qwen2, Qwen3, Mistral, Gemma 3 text and OPT) -> adainfer config and tensors.
 
 One literal weight map per family, from Hugging Face names to ours: `{}` stands for the layer index and `None`
 marks keys that are dropped.
@@ -23,6 +23,12 @@ LLAMA_WEIGHT_MAP = {
     "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
     "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
     "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",  # Qwen2; Llama's attention_bias
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
+    "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attention.wo.bias",  # Llama's attention_bias
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attention.q_norm.weight",  # Qwen3
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm.weight",
     "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
     "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
@@ -58,51 +64,133 @@ OPT_WEIGHT_MAP = {
     "lm_head.weight": "output.weight",
 }
 
-WEIGHT_MAPS = {"llama": LLAMA_WEIGHT_MAP, "opt": OPT_WEIGHT_MAP}
+# Gemma 3 names its four norms by place: its post_attention_layernorm follows attention (our post_attention_norm),
+# where Llama's of that name comes before the MLP (our ffn_norm, Gemma's pre_feedforward_layernorm).
+GEMMA3_WEIGHT_MAP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attention.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_norm.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.post_ffn_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+WEIGHT_MAPS = {"llama": LLAMA_WEIGHT_MAP, "qwen2": LLAMA_WEIGHT_MAP, "qwen3": LLAMA_WEIGHT_MAP,
+               "mistral": LLAMA_WEIGHT_MAP, "gemma3": GEMMA3_WEIGHT_MAP, "opt": OPT_WEIGHT_MAP}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "gemma3_text": "gemma3",
+               "opt": "opt"}
 
 
 def config_from_hf(hf: dict, where: object) -> ModelConfig:
     """Our config from a Hugging Face config.json (already parsed)."""
     kind = hf.get("model_type")
+    if not isinstance(kind, str):
+        raise AdainferError(where, f"model_type must be a string, got {kind!r}")
+    if kind == "gemma3":
+        raise AdainferError(where, "model_type 'gemma3' is the multimodal Gemma 3; adainfer runs its text model "
+                                   "(model_type 'gemma3_text': Gemma 3 1B, or the text_config part of a larger one)")
+    if kind not in MODEL_TYPES:
+        raise AdainferError(where, f"unknown architecture: model_type {kind!r} (supported: {', '.join(MODEL_TYPES)})")
     try:
-        if kind == "llama":
-            return _llama_config(hf, where)
-        if kind == "opt":
-            return _opt_config(hf, where)
-    except (KeyError, TypeError) as e:
+        return _opt_config(hf, where) if kind == "opt" else _llama_config(hf, where, MODEL_TYPES[kind])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         raise AdainferError(where, f"config is missing or has a bad value for {e}") from None
-    raise AdainferError(where, f"unknown architecture: model_type {kind!r} (supported: llama, opt)")
 
 
 def _first(x):
     return x[0] if isinstance(x, list) and x else (x if not isinstance(x, list) else None)
 
 
-def _llama_config(hf: dict, where: object) -> ModelConfig:
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise AdainferError(where, "Llama with attention_bias or mlp_bias is not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise AdainferError(where, f"Llama hidden_act {hf.get('hidden_act')!r} is not supported (silu only)")
-    # transformers 5 writes rope settings under rope_parameters; older versions use rope_theta / rope_scaling.
-    rope = hf.get("rope_parameters") or {}
+MAX_LAYERS = 4096  # per-layer lists are built from it before our config's own checks
+
+
+def _rope(params: object, hf: dict, where: object, theta_key: str = "rope_theta", default_theta: float = 10000.0,
+          scaling_key: str | None = "rope_scaling") -> tuple[float, dict | None]:
+    """(rotary base, scaling or None) from transformers 5's rope_parameters (`params`) or the older top-level keys."""
+    rope = params or {}
     if not isinstance(rope, dict):
         raise AdainferError(where, f"rope_parameters must be an object, got {rope!r}")
     rope = dict(rope)
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = rope.pop("rope_theta", hf.get(theta_key, default_theta))
     if rope.get("rope_type", "default") == "default":
-        rope = hf.get("rope_scaling") or None
+        rope = (hf.get(scaling_key) if scaling_key else None) or None
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "default":
         rope = None
     check_rope_scaling(rope, where)
+    return theta, rope
+
+
+def _llama_config(hf: dict, where: object, arch: str) -> ModelConfig:
+    """Llama and the families built on it; each family's pieces from its own config keys."""
+    if hf.get("mlp_bias"):
+        raise AdainferError(where, f"{arch} with mlp_bias is not supported")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+    if act not in acts or (arch != "gemma3") != (act == "silu"):
+        raise AdainferError(where, f"{arch} activation {act!r} is not supported")
     heads = hf["num_attention_heads"]
+    n_layers = hf["num_hidden_layers"]
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 0 < n_layers <= MAX_LAYERS:
+        raise AdainferError(where, f"num_hidden_layers must be an integer in 1..{MAX_LAYERS}, got {n_layers!r}")
+    pieces: dict = {}
+    if arch == "gemma3":
+        if hf.get("attn_logit_softcapping") is not None:
+            raise AdainferError(where, "attention logit soft-capping is not supported (Gemma 3 releases have none)")
+        if hf.get("use_bidirectional_attention"):
+            raise AdainferError(where, "bidirectional Gemma 3 (an embedding model) is not a decoder")
+        params = hf.get("rope_parameters") or {}
+        if not isinstance(params, dict):
+            raise AdainferError(where, f"rope_parameters must be an object, got {params!r}")
+        full = params.get("full_attention") if "full_attention" in params else None
+        local = params.get("sliding_attention") if "sliding_attention" in params else None
+        theta, rope = _rope(full, hf, where, default_theta=1_000_000.0)
+        local_theta, local_scaling = _rope(local, hf, where, "rope_local_base_freq", 10_000.0, None)
+        if local_scaling is not None:
+            raise AdainferError(where, "rope scaling on Gemma 3's sliding layers is not supported")
+        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                          for i in range(n_layers)]
+        window = hf.get("sliding_window", 4096)
+        softcap = hf.get("final_logit_softcapping")
+        pieces = dict(qkv_bias=bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")), qk_norm=True,
+                      norm_unit_offset=True, embed_scale=float(hf["hidden_size"]) ** 0.5, activation="gelu_tanh",
+                      sandwich_norm=True, attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                      sliding_window=window if "sliding_attention" in types else None,
+                      layer_types=types if "sliding_attention" in types else None, rope_local_theta=local_theta,
+                      final_softcap=None if softcap is None else float(softcap))
+    else:
+        theta, rope = _rope(hf.get("rope_parameters"), hf, where)
+        bias = bool(hf.get("attention_bias"))
+        pieces = dict(qkv_bias=bias or arch == "qwen2", o_bias=bias, qk_norm=arch == "qwen3")
+        if arch in ("qwen2", "qwen3"):
+            window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+            types = hf.get("layer_types") or ["sliding_attention" if window is not None and i >= hf.get(
+                "max_window_layers", 28) else "full_attention" for i in range(n_layers)]
+            if window is not None and "sliding_attention" in types:
+                pieces.update(sliding_window=window, layer_types=types)
+        elif arch == "mistral":
+            if hf.get("layer_types"):
+                raise AdainferError(where, "Mistral with layer_types (Ministral's alternating attention) is not "
+                                           "supported")
+            pieces.update(sliding_window=hf.get("sliding_window", 4096))
     return ModelConfig(
-        arch="llama", vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        arch=arch, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=n_layers,
         n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, hidden_dim=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
         head_dim=hf.get("head_dim") or 0, rope_theta=theta, rope_scaling=rope,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), bos_id=hf.get("bos_token_id"),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma3")), bos_id=hf.get("bos_token_id"),
         eos_id=_first(hf.get("eos_token_id")), pad_id=_first(hf.get("pad_token_id")),
-        name=hf.get("_name_or_path", ""),
+        name=hf.get("_name_or_path", ""), **pieces,
     )
 
 

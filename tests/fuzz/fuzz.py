@@ -137,6 +137,19 @@ def seed_hf_config(folder: Path) -> bytes:
                        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}).encode()
 
 
+def seed_hf_config_gemma3(folder: Path) -> bytes:
+    """The family with the most config pieces: per-layer-type rope, layer types, window, soft-capping."""
+    return json.dumps({"model_type": "gemma3_text", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                       "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 16,
+                       "sliding_window": 4, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
+                       "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                       "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                              "rope_theta": 1e6},
+                                           "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+                      ).encode()
+
+
 def seed_shard_index(folder: Path) -> bytes:
     return json.dumps({"metadata": {"total_size": 1}, "weight_map": {"model.embed_tokens.weight": "a.safetensors",
                                                                       "model.norm.weight": "b.safetensors"}}).encode()
@@ -259,6 +272,7 @@ LOADERS = {  # name: (seed maker, loader, structure: "json" | "jsonl" | "binary"
     "shard_index": (seed_shard_index, load_shard_index, "json"),
     "config": (lambda f: json.dumps(tiny_config().to_dict()).encode(), load_our_config, "json"),
     "hf_config": (seed_hf_config, load_hf_config, "json"),
+    "hf_config_gemma3": (seed_hf_config_gemma3, load_hf_config, "json"),
     "tokenizer_json": (lambda f: byte_tokenizer_json(), load_tokenizer_json, "json"),
     "tokenizer_model": (seed_sentencepiece, load_tokenizer_model, "binary"),
     "classifier": (seed_classifier, load_classifier, "json"),
