@@ -105,7 +105,7 @@ def decode_one_token(model: Decoder, tokens: torch.Tensor, positions: torch.Tens
     A run stopped early reads its last state through `reader` (a Translator) where it has a map for that depth, as
     the block loop's exit_at does."""
     S = valid.shape[1]
-    local = model.local_tables(positions, write_pos, valid, tokens.shape[0], 1, S)  # sliding layers' mask / rotary
+    local = model.local_tables(positions, write_pos, valid, tokens.shape[0], 1, S, cache.ring, written=True)
     ctx = Context(cos, sin, valid[:, None, None, :], False, cache, write_pos=write_pos, quantized=quantized, **local)
     n = model.config.n_layers if depth is None else depth
     h = model.embed(tokens, positions)  # (B, 1, dim)
@@ -210,7 +210,8 @@ class DecodeGraph:
                 cos, sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # (B, 1, 1, hd)
             if self.step is not decode_one_token and not getattr(cache, "dynamic", False):
                 # One graph for every cache size (the batch size stays static); marked once per cache.
-                for t in [*cache.k, *cache.v, cache.valid]:
+                full = [t for kv in (cache.k, cache.v) for t, ring in zip(kv, cache.rings) if not ring]
+                for t in [*full, cache.valid]:  # (a sliding layer's ring is the window's size: static)
                     torch._dynamo.mark_dynamic(t, t.dim() - 2 if t is not cache.valid else 1)
                 cache.dynamic = True
             return self.step(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, self.quantized,

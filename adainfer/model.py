@@ -270,9 +270,16 @@ class KVCache:
     Rows are left-padded: `valid[b, s]` says whether key position s of row b holds a real token."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
-        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        # Sliding-window layers keep only their window once the cache is longer: a ring of `ring` positions, cache
+        # slot s at index s % ring (the keys are stored rotated, and attention does not care about their order:
+        # the mask says which entries are in a query's window). Memory for them is bounded by the window.
+        W = config.sliding_window
+        sliding = [config.sliding(i) for i in range(config.n_layers)]
+        self.ring = W if W is not None and max_len > W and any(sliding) else None
+        self.rings = [self.ring is not None and s for s in sliding]  # per layer: held as a ring
+        shapes = [(batch, config.n_kv_heads, self.ring if r else max_len, config.head_dim) for r in self.rings]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # positions written so far
         self.padded = False  # whether any row holds padding (then attention needs an explicit mask)
@@ -282,11 +289,25 @@ class KVCache:
         """Write k, v (b, Hkv, T, hd) for the rows in ctx.rows; return the keys and values to attend to."""
         ck, cv = self.k[layer], self.v[layer]
         if ctx.write_pos is not None:
-            ck.index_copy_(2, ctx.write_pos, k)
-            cv.index_copy_(2, ctx.write_pos, v)
+            pos = ctx.write_pos if not self.rings[layer] else ctx.write_pos % self.ring
+            ck.index_copy_(2, pos, k)
+            cv.index_copy_(2, pos, v)
             return ck, cv
         end = self.length + k.shape[2]
         rows = slice(None) if ctx.rows is None else ctx.rows
+        if self.rings[layer]:
+            # Attend to the ring as it was (the window's earlier keys) and the new keys, then keep the newest.
+            keys, values = torch.cat([ck[rows], k], dim=2), torch.cat([cv[rows], v], dim=2)
+            n = min(k.shape[2], self.ring)
+            idx = torch.arange(end - n, end, device=k.device) % self.ring
+            for cached, new in ((ck, k), (cv, v)):
+                if ctx.rows is None:
+                    cached[:, :, idx] = new[:, :, -n:]
+                else:
+                    part = cached[rows]
+                    part[:, :, idx] = new[:, :, -n:]
+                    cached[rows] = part
+            return keys, values
         ck[rows, :, self.length:end] = k
         cv[rows, :, self.length:end] = v
         return ck[rows, :, :end], cv[rows, :, :end]
@@ -399,7 +420,7 @@ class Decoder(nn.Module):
             cache.padded |= padded
             padded = cache.padded
         valid = cache.valid[sel, :S] if cache is not None else pad_mask  # (B, S) or None
-        local = self.local_tables(positions, start, valid, B, T, S)
+        local = self.local_tables(positions, start, valid, B, T, S, None if cache is None else cache.ring)
         if not padded and (start == 0 or T == 1):
             # Plain causal attention (a single new token attends to every cached key).
             return Context(cos, sin, None, T > 1, cache, rows, **local)
@@ -411,19 +432,32 @@ class Decoder(nn.Module):
         mask |= (keys[None, :] == queries[:, None])[None]
         return Context(cos, sin, mask[:, None], False, cache, rows, **local)
 
-    def local_tables(self, positions: torch.Tensor, start: int, valid: torch.Tensor | None, B: int, T: int,
-                     S: int) -> dict:
+    def local_tables(self, positions: torch.Tensor, start, valid: torch.Tensor | None, B: int, T: int, S: int,
+                     ring: int | None = None, written: bool = False) -> dict:
         """The sliding layers' mask and rotary tables (Context fields) for queries at cache slots start..start+T-1
-        over keys at slots 0..S-1: a query sees itself and the window - 1 keys before it. Slots, not positions:
-        left padding shifts a row's positions and slots alike, so the window is the same."""
+        (start: an int, or a (1,) tensor in a decode graph): a query sees itself and the window - 1 keys before it.
+        Slots, not positions: left padding shifts a row's positions and slots alike, so the window is the same.
+        The keys are slots 0..S-1, or with a ring cache (KVCache.ring) the ring's entries, each holding the newest
+        slot of its residue below `start` (`written`: up to the query itself, which a decode graph wrote first),
+        followed by the new slots unless `written`. valid (B, >= S) says which slots hold real tokens."""
         config = self.config
         if config.sliding_window is None or not any(config.sliding(i) for i in range(config.n_layers)):
             return {}
-        keys = torch.arange(S, device=positions.device)
-        queries = start + torch.arange(T, device=positions.device)
+        device = positions.device
+        queries = start + torch.arange(T, device=device)
+        if ring is None:
+            keys = torch.arange(S, device=device)
+            seen = None if valid is None else valid[:, :S]
+        else:
+            r = torch.arange(ring, device=device)
+            newest = queries[-1:] if written else start - 1 + torch.zeros(1, dtype=torch.long, device=device)
+            keys = newest - torch.remainder(newest - r, ring)  # (ring,) slot held by each entry; < 0: none yet
+            if not written:
+                keys = torch.cat([keys, queries])
+            seen = valid[:, keys.clamp(min=0)] & (keys >= 0)  # (B, K)
         window = (keys[None, :] <= queries[:, None]) & (keys[None, :] > queries[:, None] - config.sliding_window)
-        local = window[None] if valid is None else window[None] & valid[:, None, :]  # (B or 1, T, S)
-        local = (local | (keys[None, :] == queries[:, None])[None]).expand(B, T, S)
+        local = window[None] if seen is None else window[None] & seen[:, None, :]  # (B or 1, T, K)
+        local = (local | (keys[None, :] == queries[:, None])[None]).expand(B, T, keys.shape[0])
         tables = {"local_mask": local[:, None]}
         if config.rope_local_theta is not None:
             tables["cos_local"], tables["sin_local"] = rope_cos_sin(self.inv_freq_local, positions, self.dtype)

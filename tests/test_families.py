@@ -19,6 +19,7 @@ from tiny import PRESETS, VOCAB, _bytes_to_unicode, hf_model, save_hf
 from adainfer.exit import ExitRule, Plan, gap_rule
 from adainfer.generate import generate
 from adainfer.loading import load_model
+from adainfer.model import KVCache
 from adainfer.traces import collect
 from weights_convert import convert
 
@@ -45,6 +46,24 @@ def test_greedy_generation_equals_transformers(converted, preset):
     want = [hf_greedy(hf, ids, 12) for ids in batch]
     assert [g.token_ids for g in generate(model, batch, 12)] == want  # left-padded together
     assert [generate(model, [ids], 12)[0].token_ids for ids in batch] == want
+
+
+@pytest.mark.parametrize("preset", ["qwen2-window", "mistral-window", "gemma3-local"])
+def test_sliding_layers_keep_only_their_window(converted, preset):
+    """A cache longer than the window holds the sliding layers' keys in a ring of the window's size (memory bounded
+    by the window, however long the generation); 60 new tokens, a left-padded batch, equal transformers'."""
+    hf, folder = converted(preset)
+    model, _ = load_model(folder, "float32")
+    c = model.config
+    cache = KVCache(c, 2, 500, model.dtype)
+    assert cache.ring == c.sliding_window == 8
+    for i in range(c.n_layers):
+        assert cache.k[i].shape[2] == (8 if c.sliding(i) else 500) and cache.v[i].shape == cache.k[i].shape
+    assert any(c.sliding(i) for i in range(c.n_layers))
+    assert KVCache(c, 2, 8, model.dtype).ring is None  # no longer than the window: a plain cache
+    batch = prompts(2, seed=5)
+    want = [hf_greedy(hf, ids, 60) for ids in batch]
+    assert [g.token_ids for g in generate(model, batch, 60)] == want
 
 
 # ---------------------------------------------------------------- GGUF files of each family
@@ -266,6 +285,23 @@ def test_exits_on_every_family(converted, preset):
     clf.translator = random_translator(model.config.dim, range(1, L), scale=0.02)
     read = model(tokens, pad_mask=mask, plan=Plan(exit=ExitRule(clf)))
     assert read.logits.shape == out.logits.shape and bool(torch.isfinite(read.logits).all())
+
+
+@pytest.mark.parametrize("preset", ["mistral-window", "gemma3-local"])
+def test_exit_generation_in_a_batch_equals_one_by_one(converted, preset):
+    """Sequence mode (rows decode at their own depths, in row groups) and token mode (per-token exits, the skipped
+    layers' K/V filled from the exit state) over ring caches: a batch gives each row's tokens and layers alone."""
+    _, folder = converted(preset)
+    model, _ = load_model(folder, "float32")
+    batch = prompts(4, seed=6)
+    traces = collect(model, batch, progress=False)
+    plan = Plan(exit=ExitRule(gap_rule(float(np.median(traces.features["gap"][:, :-1])))))
+    for mode in ("sequence", "token"):
+        together = generate(model, batch, 16, plan, mode=mode)
+        assert len({tuple(g.layers_run) for g in together}) > 1, "rows should exit at different layers"
+        for b, ids in enumerate(batch):
+            alone = generate(model, [ids], 16, plan, mode=mode)[0]
+            assert alone.token_ids == together[b].token_ids and alone.layers_run == together[b].layers_run
 
 
 @pytest.mark.slow
