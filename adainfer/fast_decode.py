@@ -19,7 +19,7 @@ The graph is `decode_one_token` over the model's own modules (the blocks the eag
 decode_one_token), the KV cache written at a position tensor, so one graph serves every cache length and size: it
 compiles once per batch size (on first use about a minute for the 30-block default model on 2 cores; inductor caches
 it on disk). Only dense decode steps go through it (every row runs all blocks); exit decisions, layer plans and
-per-token exit stay on the eager loop. Llama and OPT.
+per-token exit stay on the eager loop. Every family (sliding layers write their ring at write_pos % window).
 
 On a GPU, `compiled` means CUDA graphs instead (`Captured`): the same decode step, run eagerly once and captured,
 then replayed with one launch per token (gpt-fast's lever against a host-bound loop, without inductor). A graph is
