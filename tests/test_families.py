@@ -305,9 +305,30 @@ def test_exit_generation_in_a_batch_equals_one_by_one(converted, preset):
 
 
 @pytest.mark.slow
-def test_calibrate_and_eval_on_gemma3(converted, tmp_path):
-    """The family furthest from Llama through calibration and evaluation, as a user runs them."""
-    _, folder = converted("gemma3-local")
+def test_compiled_and_int4_decode_graphs_on_gemma3(converted):
+    """The decode graphs over Gemma 3's pieces and ring caches: compiled to the block loop's 1e-4 and its greedy
+    tokens; int4 within the int8-activation tolerance of test_fast_decode."""
+    from test_fast_decode import PROMPTS, step_logits
+
+    from adainfer.fast_decode import decode_graph
+
+    _, folder = converted("gemma3-local", seed=3)
+    model, _ = load_model(folder, "float32")
+    graph = decode_graph(model, "compiled")
+    ref, got = step_logits(model, graph, 8)  # prompts of 3-9 tokens + 8 steps: past the window of 8
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert [g.token_ids for g in generate(model, PROMPTS, 20, graph=graph)] == \
+        [g.token_ids for g in generate(model, PROMPTS, 20)]
+    model, _ = load_model(folder, "float32")
+    ref, got = step_logits(model, decode_graph(model, "int4"), 8)  # both on the rounded weights
+    assert float((got - ref).abs().max()) <= 4e-2 * float(ref.abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_calibrate_and_eval_on_every_family(converted, tmp_path, preset):
+    """Calibration and evaluation as a user runs them, on each family."""
+    _, folder = converted(preset)
     rows = tmp_path / "t.jsonl"
     g = np.random.default_rng(0)
     rows.write_text("".join(json.dumps({"prompt": "".join(chr(c) for c in g.integers(97, 123, 20)), "answer": " x"})
