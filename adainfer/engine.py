@@ -22,6 +22,7 @@ from adainfer.fast_decode import decode_graph, prepare_check_head
 from adainfer.generate import MODES, Sampling, check_prompts, generate
 from adainfer.loading import load_model
 from adainfer.model import Decoder
+from adainfer.speculative import Draft, speculative_generate
 from adainfer.tokenizer import TextTokenizer
 
 SHIPPED = "shipped"  # exit=SHIPPED: the classifier shipped for this model and candidate set, if there is one
@@ -42,6 +43,7 @@ class Result:
     truncated_tokens: int = 0  # prompt tokens cut to fit the context (truncate=True)
     dense_text: str | None = None  # with compare_dense: the dense run's answer and time, beside
     dense_seconds: float | None = None
+    accepted: list[int] | None = None  # speculative decoding: drafts accepted in each verify round
 
     def to_dict(self) -> dict:
         """As `python -m adainfer.run --json` prints it (the optional fields only when set)."""
@@ -50,6 +52,10 @@ class Result:
             del d["truncated_tokens"]
         if self.dense_text is None:
             del d["dense_text"], d["dense_seconds"]
+        if self.accepted is None:
+            del d["accepted"]
+        else:
+            d["tokens_per_verify"] = round(len(self.token_ids) / max(1, len(self.accepted)), 4)
         return d
 
 
@@ -114,13 +120,15 @@ class Engine:
                  exit: str | Path | ExitClassifier | ExitChoice | None = SHIPPED, mode: str = "sequence",
                  sampling: Sampling | None = None, batch_size: int = 1, candidates: list[str] | None = None,
                  min_layers: int | None = None, check_head: str = "full", decode: str = "eager",
-                 truncate: bool = False, compare_dense: bool = False, sources: list[str] | None = None
-                 ) -> list[Result]:
+                 truncate: bool = False, compare_dense: bool = False, sources: list[str] | None = None,
+                 speculate: Draft | None = None) -> list[Result]:
         """Answer each prompt with up to `max_new_tokens` tokens (greedy unless `sampling`; prompt i samples with
         seed sampling.seed + i), early exit by `exit` (see resolve_exit) beyond the first token in `mode`
         (none | sequence | token, adainfer.generate), `batch_size` prompts per forward. `decode`: eager |
         compiled | int4 (adainfer.fast_decode). `truncate`: cut prompts longer than the context to their last
-        tokens instead of refusing them. `compare_dense`: time a dense run of each batch beside it. Every prompt is
+        tokens instead of refusing them. `compare_dense`: time a dense run of each batch beside it. `speculate`: greedy
+        self-speculative decoding with this draft (adainfer.speculative; the exit rule is not used: the answers are
+        the dense model's). Every prompt is
         checked before anything runs, so a bad one costs the others nothing; `sources` name them in errors (default
         "prompt N")."""
         model, tok = self.model, self.tokenizer
@@ -130,6 +138,13 @@ class Engine:
             raise AdainferError("prompts", "no prompts given")
         if mode not in MODES:
             raise AdainferError("--exit-mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
+        if speculate is not None:  # the answers are the dense model's: no exit rule, no candidates
+            if sampling is not None and sampling.temperature > 0:
+                raise AdainferError("--speculate", "greedy only for now (speculative sampling is not built yet)")
+            if decode != "eager" or candidates:
+                raise AdainferError("--speculate", "runs the eager block loop over the full vocabulary (not with "
+                                                   "--decode compiled / int4 or --candidates yet)")
+            exit = None
         choice = exit if isinstance(exit, ExitChoice) else self.resolve_exit(exit, candidates, min_layers, check_head)
         if choice.rule is not None and mode == "token" and choice.rule.clf.candidates and max_new_tokens > 1:
             raise AdainferError("--exit-mode", "token mode checks every generated token over the full vocabulary; this "
@@ -157,8 +172,11 @@ class Engine:
         for batch in batches:
             seeds = [sampling.seed + i for i in batch]
             t0 = time.perf_counter()
-            gens = generate(model, [ids[i] for i in batch], max_new_tokens, plan, eos, mode, sampling,
-                            row_seeds=seeds, graph=graph)
+            if speculate is not None:
+                gens = speculative_generate(model, [ids[i] for i in batch], max_new_tokens, speculate, eos)
+            else:
+                gens = generate(model, [ids[i] for i in batch], max_new_tokens, plan, eos, mode, sampling,
+                                row_seeds=seeds, graph=graph)
             seconds = time.perf_counter() - t0
             dense, dense_seconds = None, None
             if compare_dense:
@@ -171,7 +189,8 @@ class Engine:
                     prompts[i], tok.decode(gens[j].token_ids), gens[j].token_ids, gens[j].layers_run, self.num_layers,
                     round(seconds / len(batch), 6), round(seconds, 6), len(batch), dropped[i],
                     None if dense is None else tok.decode(dense[j].token_ids),
-                    None if dense is None else round(dense_seconds / len(batch), 6))
+                    None if dense is None else round(dense_seconds / len(batch), 6),
+                    getattr(gens[j], "accepted", None))
         return results
 
     def _warm_up(self, warm: list[int], sizes: set[int], graph, decode: str, cached: bool, plan: Plan) -> None:

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (row i of the input uses seed + i)")
     p.add_argument("--truncate", action="store_true",
                    help="cut prompts longer than the context to their last tokens (default: refuse them)")
+    p.add_argument("--speculate", action="store_true",
+                   help="greedy self-speculative decoding: a subset of the model's blocks drafts, the whole model "
+                        "verifies; the same tokens as --dense (the exit classifier is not used)")
+    p.add_argument("--draft-layers", metavar="SPEC",
+                   help="with --speculate: the drafting blocks, e.g. 0-19 or 0,1,8-29 (default: the first two thirds)")
+    p.add_argument("--draft-length", type=int, default=3, help="with --speculate: tokens drafted a round (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in input order")
     p.add_argument("--no-compare", action="store_true", help="do not time a dense run beside the exit run")
     return p
@@ -91,12 +97,24 @@ def run(args: argparse.Namespace) -> int:
         sources, prompts = ["--prompt"], [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
     if args.dense and args.exit:
         raise AdainferError("--exit", "cannot be combined with --dense")
+    if (args.draft_layers is not None or args.draft_length != 3) and not args.speculate:
+        raise AdainferError("--draft-layers/--draft-length", "only apply with --speculate")
+    if args.speculate and args.exit:
+        raise AdainferError("--exit", "cannot be combined with --speculate (its answers are the dense model's)")
+    check_counts(draft_length=args.draft_length)
     engine = load(args.model, args.dtype, args.device, args.threads, progress=not args.json)
+    draft = None
+    if args.speculate:
+        from adainfer.speculative import Draft, parse_layers
+
+        L = engine.model.config.n_layers
+        spec = args.draft_layers or f"0-{max(0, -(-2 * L // 3) - 1)}"
+        draft = Draft(parse_layers(spec, L), args.draft_length)
     candidates = args.candidates
     if (args.prompt is None and args.prompts is None and candidates is None and args.exit is None
             and args.max_new_tokens == 1 and shipped_classifier(engine.model.fingerprint, DEFAULT_CANDIDATES)):
         candidates = DEFAULT_CANDIDATES
-    exit = None if args.dense else (args.exit or SHIPPED)
+    exit = None if args.dense or args.speculate else (args.exit or SHIPPED)
     choice = engine.resolve_exit(exit, candidates, args.min_layers, args.check_head)
     if args.decode != "eager" and args.max_new_tokens > 1 and not args.json and args.device == "cpu":
         print(f"compiling the {args.decode} decode graph (first use on this machine: about a minute)...",
@@ -104,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     results = engine.generate(list(prompts), args.max_new_tokens, exit=choice, mode=args.exit_mode,
                               sampling=sampling, batch_size=args.batch_size, check_head=args.check_head,
                               decode=args.decode, truncate=args.truncate, sources=list(sources),
-                              compare_dense=choice.rule is not None and not args.json and not args.no_compare)
+                              compare_dense=(choice.rule is not None or draft is not None) and not args.json
+                              and not args.no_compare, speculate=draft)
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -113,12 +132,18 @@ def run(args: argparse.Namespace) -> int:
     weights = "int4 weights, " if args.decode == "int4" else ""
     print(f"model: {engine.path} ({model.config.arch}, {model.config.n_layers} layers), {str(model.dtype)[6:]}, "
           f"{weights}{args.decode} decode, {torch.get_num_threads()} threads")
-    print(f"exit: {choice.description}")
+    if draft is not None:
+        print(f"speculative: blocks {args.draft_layers or f'0-{len(draft.layers) - 1}'} ({len(draft.layers)} of "
+              f"{model.config.n_layers}) draft {draft.length} tokens a round, the whole model verifies")
+    else:
+        print(f"exit: {choice.description}")
     for i, r in enumerate(results):
         shown = r.prompt if len(r.prompt) <= 70 else "..." + r.prompt[-67:]
         print(f"[{i + 1}] {shown!r}")
         depth = f"exit at layer {r.layers_run[0]}/{r.num_layers}" if r.layers_run[0] < r.num_layers else \
             f"layers {r.layers_run[0]}/{r.num_layers}"
+        if r.accepted is not None:
+            depth = f"{len(r.token_ids) / max(1, len(r.accepted)):.2f} tokens per verify"
         line = f"    answer: {r.text!r}   {depth}   {1000 * r.seconds:.1f} ms"
         if r.dense_seconds is not None:
             speedup = r.dense_seconds / r.seconds if r.seconds else float("nan")

@@ -1,0 +1,139 @@
+"""Self-speculative greedy decoding: the model's own blocks draft, the whole model verifies (issue 18, item 1, greedy).
+
+A draft is a cheaper run of the same model: a subset of its blocks (`Draft.layers`), or its first k blocks read
+through a translator where one maps block k. Each round, every row drafts g tokens one at a time, then the whole
+model runs once over the row's last token and its g drafts (a short prefill) and keeps the longest prefix of drafts
+it agrees with plus its own next token: 1 to g + 1 tokens a round, and with greedy decoding exactly the dense
+model's tokens.
+
+The draft shares the verifier's KV cache: its blocks write their keys and values at the drafted positions, which the
+verify pass then overwrites for every block. Rows accept different counts in the same round; a rejected position
+stays in the cache as a hole (`KVCache.valid` false), which attention skips and the positions of later tokens do not
+count (adainfer.model.default_positions), so a row's cache holds exactly what a dense run's holds, at other slots.
+Rows are independent: a batch gives each row's tokens alone.
+
+Left out for now (issue 18): sampling by the speculative rejection rule, adaptive draft lengths, cheap draft heads,
+calibrated draft files, and the decode graphs. Sliding-window models are refused (their window counts cache slots,
+which holes would shift).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adainfer.errors import AdainferError
+from adainfer.exit import Plan
+from adainfer.generate import Generation, check_prompts, left_pad
+from adainfer.model import Decoder, KVCache
+
+
+@dataclass
+class Draft:
+    """What drafts: `layers` (block indices in order; None: all) with `length` tokens a round; `translator` reads
+    the last block's state when the layers are the first k blocks and it maps block k."""
+
+    layers: list[int] | None
+    length: int = 3
+    translator: object | None = None
+
+    def plan(self, model: Decoder) -> Plan:
+        L = model.config.n_layers
+        layers = list(range(L)) if self.layers is None else list(self.layers)
+        prefix = layers == list(range(len(layers)))
+        return Plan(layers=layers, translator=self.translator if prefix and len(layers) < L else None)
+
+
+@dataclass
+class Speculation(Generation):
+    accepted: list[int] = field(default_factory=list)  # drafts accepted in each verify round
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """"0-19" or "0,1,8-29" -> block indices, checked against the model (--draft-layers)."""
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise AdainferError("--draft-layers", f"expected block indices like 0-19 or 0,1,8-29, got {spec!r}") from None
+    if not layers or any(not 0 <= i < n_layers for i in layers) or layers != sorted(set(layers)):
+        raise AdainferError("--draft-layers", f"{spec!r}: need increasing block indices in 0..{n_layers - 1}")
+    return layers
+
+
+def speculative_generate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: Draft,
+                         eos_id: int | None = None) -> list[Speculation]:
+    """Greedy generation for one batch of prompts, drafted by `draft` and verified by the whole model: the same tokens
+    as adainfer.generate.generate(..., mode="none")."""
+    return speculate(model, ids, max_new_tokens, draft, eos_id)[0]
+
+
+@torch.inference_mode()
+def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: Draft, eos_id: int | None = None
+              ) -> tuple[list[Speculation], KVCache]:
+    """speculative_generate, and the KV cache it leaves (holes and all: what the tests compare with a dense run's)."""
+    if max_new_tokens < 1:
+        raise AdainferError("--max-new-tokens", f"must be at least 1, got {max_new_tokens}")
+    if draft.length < 1:
+        raise AdainferError("--draft-length", f"must be at least 1, got {draft.length}")
+    if model.config.sliding_window is not None:
+        raise AdainferError("--speculate", "sliding-window models are not supported yet (rejected drafts leave holes "
+                                           "in the cache, and the window counts cache slots)")
+    check_prompts(ids, model, max_new_tokens)
+    g = draft.length
+    pad = model.config.pad_id if model.config.pad_id is not None else 0
+    tokens, pad_mask = left_pad(ids, pad, model.device)
+    B, T = tokens.shape
+    # Each round writes g + 1 slots and emits at least one token: room for the worst case.
+    cache = KVCache(model.config, B, T + max_new_tokens * (g + 1), model.dtype, model.device)
+    out = model(tokens, pad_mask=pad_mask, cache=cache)
+    cache.length = T
+    results = [Speculation() for _ in range(B)]
+    token = out.token  # (B,) the newest token, not yet in the cache
+    done = torch.zeros(B, dtype=torch.bool)
+    draft_plan = draft.plan(model)
+    L = model.config.n_layers
+
+    def emit(b: int, t: int, layers: int) -> None:
+        if done[b]:
+            return
+        results[b].token_ids.append(t)
+        results[b].layers_run.append(layers)
+        if (eos_id is not None and t == eos_id) or len(results[b].token_ids) == max_new_tokens:
+            done[b] = True
+
+    for b in range(B):
+        emit(b, int(token[b]), L)
+    rows = torch.arange(B, device=model.device)
+    while not bool(done.all()):
+        start = cache.length
+        drafted, x = [], token
+        for _ in range(g):  # the draft, one token at a time, writing its blocks' K/V at the drafted slots
+            o = model(x[:, None], cache=cache, plan=draft_plan)
+            cache.length += 1
+            x = o.token
+            drafted.append(x)
+        cache.length = start
+        cache.valid[:, start:start + g + 1] = False  # the verify pass marks its own slots
+        seq = torch.stack([token, *drafted], dim=1)  # (B, g + 1)
+        verify = model(seq, cache=cache, plan=Plan(hidden_states=True))
+        cache.length = start + g + 1
+        picks = model.head(verify.hidden_states[-1].reshape(B * (g + 1), -1)).argmax(-1).view(B, g + 1)
+        agree = (picks[:, :g] == seq[:, 1:]).long().cumprod(1).sum(1)  # (B,) leading drafts the model agrees with
+        for b in range(B):
+            n = int(agree[b])
+            if not done[b]:
+                results[b].accepted.append(n)
+            for j in range(n):
+                emit(b, int(seq[b, j + 1]), L)  # every emitted token is the whole model's
+            emit(b, int(picks[b, n]), L)
+        # Rejected drafts stay as holes: slots start + n + 1 .. start + g hold nothing a later token may see.
+        slots = start + torch.arange(g + 1, device=model.device)
+        hole = slots[None, :] > (start + agree.to(model.device))[:, None]  # (B, g + 1)
+        cache.valid[rows[:, None], slots[None, :].expand(B, -1)] &= ~hole
+        cache.padded = cache.padded or bool(hole.any())
+        token = picks[rows, agree.to(model.device)]
+    return results, cache
