@@ -101,6 +101,9 @@ class ModelConfig:
             check_rope_scaling(self.rope_scaling, where)
             self._validate_family(where)
         else:
+            set_ = [f.name for f in fields(self) if f.name in FAMILY_PIECES and getattr(self, f.name) != f.default]
+            if set_:
+                raise AdainferError(where, f"OPT has none of the Llama-family pieces; {', '.join(set_)} set")
             if self.n_kv_heads != self.n_heads or self.head_dim * self.n_heads != self.dim:
                 raise AdainferError(where, "OPT needs n_kv_heads == n_heads and head_dim * n_heads == dim")
         if not (isinstance(self.norm_eps, (int, float)) and math.isfinite(self.norm_eps) and self.norm_eps > 0):
@@ -115,7 +118,10 @@ class ModelConfig:
         return self
 
     def _validate_family(self, where: object) -> None:
-        if self.activation not in ACTIVATIONS:
+        for name in ("qkv_bias", "o_bias", "qk_norm", "norm_unit_offset", "sandwich_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise AdainferError(where, f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise AdainferError(where, f"activation {self.activation!r} is not supported ({', '.join(ACTIVATIONS)})")
         for name in ("embed_scale", "attn_scale", "rope_local_theta", "final_softcap"):
             value = getattr(self, name)
@@ -123,8 +129,8 @@ class ModelConfig:
                                       or not math.isfinite(value) or value <= 0):
                 raise AdainferError(where, f"{name} must be a positive number, got {value!r}")
         w = self.sliding_window
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
-            raise AdainferError(where, f"sliding_window must be a positive integer or null, got {w!r}")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= 1 << 24):
+            raise AdainferError(where, f"sliding_window must be a positive integer (at most 2^24) or null, got {w!r}")
         types = self.layer_types
         if types is not None:
             if not isinstance(types, list) or len(types) != self.n_layers or any(t not in LAYER_TYPES for t in types):

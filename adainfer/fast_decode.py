@@ -48,6 +48,7 @@ from adainfer.quant import (
 )
 
 DECODE_MODES = ("eager", "compiled", "int4")
+MAX_GRAPHS = 32  # captured decode steps kept per model (batch sizes x depths x translators)
 
 
 def quantize_model(model: Decoder) -> None:
@@ -123,7 +124,7 @@ class Captured:
     every time (the KV cache at the input position), so the warm-up runs before capture may write it too.
     graph=False runs the same static-buffer path without capture (how the CPU tests exercise it)."""
 
-    def __init__(self, fn, inputs: list[torch.Tensor], graph: bool = True):
+    def __init__(self, fn, inputs: list[torch.Tensor], graph: bool = True, pool=None):
         self.fn, self.inputs, self.graph = fn, [t.clone() for t in inputs], None
         if not graph:
             return
@@ -134,7 +135,9 @@ class Captured:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # `pool`: one memory pool for all of a DecodeGraph's captures. They never replay at once and each output is
+        # cloned out right after its replay, so one graph's intermediates may reuse another's memory.
+        with torch.cuda.graph(self.graph, pool=pool):
             self.output = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -157,7 +160,8 @@ class DecodeGraph:
         self.model, self.quantized = model, mode == "int4"
         # capture=True on the CPU runs the captured path's static buffers without a CUDA graph (tests).
         self.capture = (compile and model.device.type == "cuda") if capture is None else capture
-        self.graphs: dict[tuple, Captured] = {}
+        self.graphs: dict[tuple, Captured] = {}  # in order of last use, at most MAX_GRAPHS
+        self.mempool = None
         self.pool: dict[int, KVCache] = {}
         if self.capture or not compile:
             self.step = decode_one_token
@@ -222,9 +226,16 @@ class DecodeGraph:
         if self.pool.get(tokens.shape[0]) is not cache:
             raise AdainferError("decode", "a captured decode step writes the graph's own KV cache (DecodeGraph.cache), "
                                           "whose addresses its graphs hold")
+        if reader is not None and not (depth in reader.maps and depth < model.config.n_layers):
+            reader = None  # not read at this depth: the same graph whichever translator the rule carries
         key = (tokens.shape[0], depth, id(cache), id(reader))
-        graph = self.graphs.get(key)
+        graph = self.graphs.pop(key, None)
         if graph is None:
+            while len(self.graphs) >= MAX_GRAPHS:  # least recently used first (each new rule brings new maps)
+                self.graphs.pop(next(iter(self.graphs)))
+            if tokens.is_cuda and self.mempool is None:
+                self.mempool = torch.cuda.graph_pool_handle()
+
             def step(tokens, positions, write_pos):
                 cos = sin = None
                 if model.config.rotary:
@@ -232,7 +243,8 @@ class DecodeGraph:
                 return decode_one_token(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, False,
                                         depth, reader)
 
-            graph = self.graphs[key] = Captured(step, [tokens, positions, write_pos], graph=tokens.is_cuda)
+            graph = Captured(step, [tokens, positions, write_pos], graph=tokens.is_cuda, pool=self.mempool)
+        self.graphs[key] = graph  # (re)inserted last: the dict is in order of use
         return graph(tokens, positions, write_pos)
 
 

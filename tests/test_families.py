@@ -32,6 +32,14 @@ def prompts(n, seed=0, lo=10, hi=30):
             for _ in range(n)]
 
 
+def middle_gap(traces) -> float:
+    """A gap threshold halfway between the two checked gaps nearest the median: no row sits on it, so a float
+    rounding difference between a batch and one row cannot flip an exit."""
+    gaps = np.sort(traces.features["gap"][:, :-1].ravel())
+    m = len(gaps) // 2
+    return float(gaps[m - 1] + gaps[m]) / 2
+
+
 def hf_greedy(hf, ids, n):
     with torch.no_grad():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=258)
@@ -64,6 +72,23 @@ def test_sliding_layers_keep_only_their_window(converted, preset):
     batch = prompts(2, seed=5)
     want = [hf_greedy(hf, ids, 60) for ids in batch]
     assert [g.token_ids for g in generate(model, batch, 60)] == want
+
+
+@pytest.mark.parametrize("arch, extra, message", [
+    ("opt", {"sliding_window": 4}, "OPT has none"), ("opt", {"attn_scale": -1.0}, "OPT has none"),
+    ("qwen2", {"sliding_window": 10 ** 30}, "sliding_window"), ("qwen2", {"norm_unit_offset": "no"}, "true or false"),
+    ("gemma3", {"activation": "relu"}, "activation"), ("gemma3", {"final_softcap": 0.0}, "final_softcap"),
+    ("mistral", {"layer_types": ["sliding_attention"]}, "layer_types"),
+    ("qwen3", {"layer_types": ["sliding_attention", "full_attention"]}, "sliding_window is not set"),
+])
+def test_bad_family_pieces_are_refused(arch, extra, message):
+    from adainfer.config import ModelConfig
+    from adainfer.errors import AdainferError
+
+    base = dict(arch=arch, vocab_size=10, dim=8, n_layers=2, n_heads=2, n_kv_heads=2, hidden_dim=16, max_seq_len=32)
+    ModelConfig.from_dict(base)
+    with pytest.raises(AdainferError, match=message):
+        ModelConfig.from_dict({**base, **extra})
 
 
 # ---------------------------------------------------------------- GGUF files of each family
@@ -160,10 +185,13 @@ def write_family_gguf(hf, family: str, arch: str, path, qtype_name: str, sentenc
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "default")
         chars = _bytes_to_unicode()
-        tokens = [chars[b] for b in range(256)] + ["<s>", "</s>", "<pad>", "<unk>"]
+        # Two merged tokens in the last two ids: "12" and "34" join digits that GPT-2's split keeps together and
+        # Qwen2's splits apart, so a wrong pre-tokenizer changes the ids.
+        tokens = [chars[b] for b in range(256)] + ["<s>", "</s>", "12", "34"]
         w.add_token_list(tokens)
-        w.add_token_types([1] * 256 + [3] * 4)
-        w.add_token_scores([0.0] * len(tokens))  # no merges: every byte is a token already
+        w.add_token_types([1] * 256 + [3] * 2 + [1] * 2)
+        w.add_token_scores([0.0] * len(tokens))
+        w.add_token_merges(["1 2", "3 4"])
         w.add_bos_token_id(256)
         w.add_eos_token_id(257)
         w.add_add_bos_token(False)
@@ -227,6 +255,9 @@ def test_gguf_of_each_family_matches_transformers(tmp_path, family, qtype):
         hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
         text = "GGUF tokenizers: byte-level, ünïcödé, 12345 digits!"
         assert tok.encode(text) == hf_tok(text, add_special_tokens=False).input_ids
+        digits = tok.encode("12345")  # Qwen2's split: one digit a piece; GPT-2's: "12345" merged to 12, 34, 5
+        assert digits == ([ord("1"), ord("2"), ord("3"), ord("4"), ord("5")] if arch.startswith("qwen") else
+                          [258, 259, ord("5")])
 
 
 def test_gemma_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
@@ -262,7 +293,7 @@ def test_exits_on_every_family(converted, preset):
     tokens, mask = left_pad(batch, 0)
     hs = model(tokens, pad_mask=mask, plan=Plan(hidden_states=True)).hidden_states
     traces = collect(model, batch, progress=False)
-    threshold = float(np.median(traces.features["gap"][:, :-1]))
+    threshold = middle_gap(traces)
     rule = ExitRule(gap_rule(threshold))
     out = model(tokens, pad_mask=mask, plan=Plan(exit=rule, record_features=True))
     for rec in out.features:
@@ -295,7 +326,7 @@ def test_exit_generation_in_a_batch_equals_one_by_one(converted, preset):
     model, _ = load_model(folder, "float32")
     batch = prompts(4, seed=6)
     traces = collect(model, batch, progress=False)
-    plan = Plan(exit=ExitRule(gap_rule(float(np.median(traces.features["gap"][:, :-1])))))
+    plan = Plan(exit=ExitRule(gap_rule(middle_gap(traces))))
     for mode in ("sequence", "token"):
         together = generate(model, batch, 16, plan, mode=mode)
         assert len({tuple(g.layers_run) for g in together}) > 1, "rows should exit at different layers"

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan
-from adainfer.fast_decode import DecodeGraph, decode_graph, quantize_model
+from adainfer.fast_decode import MAX_GRAPHS, DecodeGraph, decode_graph, quantize_model
 from adainfer.generate import generate, left_pad
 from adainfer.loading import load_model
 from adainfer.model import KVCache
@@ -68,8 +68,14 @@ def test_graph_at_any_depth_with_a_translator_matches_the_block_loop(converted, 
     assert float((plain - translated).abs().max()) > 1e-3, "the translator must change the depth-2 reading"
     if capture:
         # one step function per (batch size, depth, cache, translator), the cache the graph's own
+        # (at depth 3, the model's last block, the translator is not read: the plain graph serves)
         assert sorted((k[0], k[1], k[3] == id(reader)) for k in graph.graphs) == [(3, 1, False), (3, 2, False),
-                                                                                  (3, 2, True), (3, 3, True)]
+                                                                                  (3, 2, True), (3, 3, False)]
+        # every new rule brings its own translator object: the graphs that read it are kept to MAX_GRAPHS, least
+        # recently used dropped first
+        for seed in range(MAX_GRAPHS + 4):
+            step_logits(model, graph, 1, 2, random_translator(model.config.dim, [2], scale=0.1, seed=seed))
+        assert len(graph.graphs) == MAX_GRAPHS
         with pytest.raises(AdainferError, match="graph's own KV cache"):
             graph(torch.zeros(3, 1, dtype=torch.long), KVCache(model.config, 3, 8, model.dtype))
 
