@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import random_translator, run_cli
+from test_gguf import HF_TO_GGUF as LLAMA_TO_GGUF
 from test_gguf import llama_cpp_permute
 from tiny import PRESETS, VOCAB, _bytes_to_unicode, hf_model, save_hf
 
@@ -93,24 +94,11 @@ def test_bad_family_pieces_are_refused(arch, extra, message):
 
 # ---------------------------------------------------------------- GGUF files of each family
 
-HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
+# test_gguf's Llama names, plus the families' biases and q/k norms; Gemma names its norms apart (GEMMA_NORMS)
+HF_TO_GGUF = {**{k: v for k, v in LLAMA_TO_GGUF.items() if k != "post_attention_layernorm.weight"},
+              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+              "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+              "self_attn.k_norm.weight": "attn_k_norm.weight"}
 LLAMA_NORMS = {"post_attention_layernorm.weight": "ffn_norm.weight"}
 GEMMA_NORMS = {"post_attention_layernorm.weight": "post_attention_norm.weight",
                "pre_feedforward_layernorm.weight": "ffn_norm.weight",
