@@ -244,6 +244,7 @@ def main(argv=None) -> int:
               "llama-3.2-1b", "command": " ".join(sys.argv)}
     if not args.skip_tests:
         result["tests"] = run_tests()
+        write_json(Path(args.out), result)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     timer = Timer(args.device, args.repeats)
     with tempfile.TemporaryDirectory() as root:
@@ -254,10 +255,18 @@ def main(argv=None) -> int:
     result["weight_read_limit_ms"] = 1e3 * weight_bytes(ours) / bw
     print(f"weights {result['weight_GB']:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s: weight-read limit "
           f"{result['weight_read_limit_ms']:.3f} ms/token")
-    result["decode"], _ = bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128, args.hf_compile)
-    result["prefill"] = bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048))
-    result["kernel"] = bench_kernel(bw) if args.device == "cuda" else None
-    result["bar"] = bar(result)
+    sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
+                                               args.hf_compile)[0],
+                "prefill": lambda: bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048)),
+                "kernel": lambda: bench_kernel(bw) if args.device == "cuda" else None}
+    for name, section in sections.items():  # a failing section is reported, the others still run
+        try:
+            result[name] = section()
+        except Exception as e:  # noqa: BLE001 (a measurement script: say what broke and go on)
+            result[name], result[f"{name}_error"] = None, f"{type(e).__name__}: {e}"
+            print(f"{name} failed: {result[f'{name}_error']}", file=sys.stderr)
+        write_json(Path(args.out), result)  # what is measured so far, should the run be cut off
+    result["bar"] = bar(result) if result["decode"] and result["prefill"] else []
     print()
     print_table(result["bar"], ["goal", "target", "measured", "met"])
     result["seconds"] = time.perf_counter() - t0
