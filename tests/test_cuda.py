@@ -82,7 +82,7 @@ def test_clis_on_cuda(folder, tmp_path):
         proc = run_cli("adainfer.calibrate", "--model", folder, "--prompts", rows, "--device", "cuda", "--dtype", dtype,
                        "--out", tmp_path / f"c-{dtype}.json")
         assert proc.returncode == 0, proc.stderr
-        proc = run_cli("adainfer.eval", "--model", folder, "--task-file", rows, "--method", "dense", "gap-rule",
-                       "--device", "cuda", "--dtype", dtype, "--out", tmp_path / f"e-{dtype}.json")
+        proc = run_cli("adainfer.eval", "--model", folder, "--task-file", rows, "--shots", "0", "--method", "dense",
+                       "gap-rule", "--device", "cuda", "--dtype", dtype, "--out", tmp_path / f"e-{dtype}.json")
         assert proc.returncode == 0, proc.stderr
         assert json.loads((tmp_path / f"e-{dtype}.json").read_text())
