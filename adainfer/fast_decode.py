@@ -37,7 +37,7 @@ import shutil
 import torch
 
 from adainfer.errors import AdainferError
-from adainfer.model import Context, Decoder, KVCache, default_positions, rope_cos_sin
+from adainfer.model import Context, Decoder, KVCache, default_positions
 from adainfer.quant import (
     INT4_GROUP,
     QuantWeight,
@@ -113,7 +113,7 @@ def decode_one_token(model: Decoder, tokens: torch.Tensor, positions: torch.Tens
     for i, block in enumerate(model.layers[:n]):
         h = block(h, ctx, i)
     x = h[:, -1]  # (B, dim)
-    if reader is not None and n in reader.maps and n < model.config.n_layers:
+    if reader is not None and reader.reads(n, model.config.n_layers):
         x = reader.read(n, x)
     return model.softcap(model.head_q8(model.head_input(x))) if quantized else model.head(x)
 
@@ -209,9 +209,7 @@ class DecodeGraph:
             write_pos = torch.tensor([length], device=tokens.device)
             if self.capture:
                 return self._replay(tokens, positions, write_pos, cache, depth, reader)
-            cos = sin = None
-            if model.config.rotary:
-                cos, sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # (B, 1, 1, hd)
+            cos, sin = model.rotary_tables(positions)  # (B, 1, 1, hd)
             if self.step is not decode_one_token and not getattr(cache, "dynamic", False):
                 # One graph for every cache size (the batch size stays static); marked once per cache.
                 full = [t for kv in (cache.k, cache.v) for t, ring in zip(kv, cache.rings) if not ring]
@@ -226,7 +224,7 @@ class DecodeGraph:
         if self.pool.get(tokens.shape[0]) is not cache:
             raise AdainferError("decode", "a captured decode step writes the graph's own KV cache (DecodeGraph.cache), "
                                           "whose addresses its graphs hold")
-        if reader is not None and not (depth in reader.maps and depth < model.config.n_layers):
+        if reader is not None and not reader.reads(depth, model.config.n_layers):
             reader = None  # not read at this depth: the same graph whichever translator the rule carries
         key = (tokens.shape[0], depth, id(cache), id(reader))
         graph = self.graphs.pop(key, None)
@@ -237,9 +235,7 @@ class DecodeGraph:
                 self.mempool = torch.cuda.graph_pool_handle()
 
             def step(tokens, positions, write_pos):
-                cos = sin = None
-                if model.config.rotary:
-                    cos, sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # (B, 1, 1, hd)
+                cos, sin = model.rotary_tables(positions)  # (B, 1, 1, hd)
                 return decode_one_token(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, False,
                                         depth, reader)
 

@@ -408,9 +408,7 @@ class Decoder(nn.Module):
                 rows: torch.Tensor | None = None) -> Context:
         """Masks and rotary tables for one forward over tokens at `positions` (B, T), on cache rows `rows`."""
         B, T = positions.shape
-        cos = sin = None
-        if self.config.rotary:
-            cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
+        cos, sin = self.rotary_tables(positions)
         start = cache.length if cache is not None else 0
         S = start + T
         padded = pad_mask is not None and not bool(pad_mask.all())
@@ -431,6 +429,12 @@ class Decoder(nn.Module):
         # zero attention weights of later queries (0 * NaN). Let every query see its own position.
         mask |= (keys[None, :] == queries[:, None])[None]
         return Context(cos, sin, mask[:, None], False, cache, rows, **local)
+
+    def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """cos, sin (B, 1, T, hd) for positions (B, T); (None, None) for OPT's learned positions."""
+        if not self.config.rotary:
+            return None, None
+        return rope_cos_sin(self.inv_freq, positions, self.dtype)
 
     def local_tables(self, positions: torch.Tensor, start, valid: torch.Tensor | None, B: int, T: int, S: int,
                      ring: int | None = None, written: bool = False) -> dict:
@@ -524,7 +528,7 @@ class Decoder(nn.Module):
             if rule is not None:
                 state = rule.remember(h[:, -1], ctx.record, state)
         else:  # a run stopped before the model's last block (exit_at, a layer subset) reads through its map too
-            through = reader is not None and n_run in reader.maps and n_run < self.config.n_layers
+            through = reader is not None and reader.reads(n_run, self.config.n_layers)
             exits.finish(reader.read(n_run, h[:, -1]) if through else h[:, -1])
         logits, layers = exits.answers()
         token = logits.argmax(-1)

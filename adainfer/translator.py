@@ -49,6 +49,11 @@ class Translator:
     def layers(self) -> list[int]:
         return sorted(self.maps)
 
+    def reads(self, n: int, n_layers: int) -> bool:
+        """Whether a run that stops after block n answers through this translator: it maps block n, and block n is
+        not the model's last (whose output the head reads as it is)."""
+        return n in self.maps and n < n_layers
+
     def read(self, n: int, h: torch.Tensor) -> torch.Tensor:
         """The reading of (b, dim) states after block n, in their dtype (computed in float32)."""
         m = self.maps[n]
