@@ -18,6 +18,7 @@ ARCHS = ("llama", "opt", "qwen2", "qwen3", "mistral", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 FORMAT_VERSION = 1
+MAX_LAYERS = 4096  # the converters build per-layer lists from a file's layer count before validate() sees it
 
 
 @dataclass

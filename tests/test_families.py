@@ -248,6 +248,25 @@ def test_gguf_of_each_family_matches_transformers(tmp_path, family, qtype):
                           [258, 259, ord("5")])
 
 
+def test_gguf_layer_count_is_bounded_before_per_layer_lists(tmp_path):
+    import gguf
+
+    from adainfer.errors import AdainferError
+
+    path = tmp_path / "huge.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(1 << 31)  # a gemma3 layer_types list of 2^31 entries would hang the converter
+    w.add_embedding_length(64)
+    w.add_head_count(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(AdainferError, match="block_count 2147483648 is not in 1..4096"):
+        convert(path, tmp_path / "ours", progress=False)
+    assert not (tmp_path / "ours").exists()
+
+
 def test_gemma_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
     """Gemma's GGUF vocabulary: SentencePiece-style pieces with byte fallback, no space prefix, BOS added."""
     from transformers import AutoTokenizer

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from adainfer.checks import GGUFFile
-from adainfer.config import ModelConfig
+from adainfer.config import MAX_LAYERS, ModelConfig
 from adainfer.errors import AdainferError
 
 GGUF_WEIGHT_MAP = {
@@ -84,6 +84,8 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     elif arch == "qwen3":
         pieces = dict(qk_norm=True)
     elif arch == "gemma3":
+        if not 0 < n_layers <= MAX_LAYERS:  # before the per-layer list below
+            raise AdainferError(g.path, f"GGUF metadata {arch}.block_count {n_layers} is not in 1..{MAX_LAYERS}")
         window = get("attention.sliding_window", 4096)
         types = ["sliding_attention" if (i + 1) % GEMMA_SWA_PATTERN else "full_attention" for i in range(n_layers)]
         # llama.cpp's query scale: 1/sqrt(head_dim), but 1/sqrt(dim / heads) for the 27B (62 layers), which is what

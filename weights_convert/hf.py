@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from adainfer.checks import check_safetensors
-from adainfer.config import ModelConfig, check_rope_scaling
+from adainfer.config import MAX_LAYERS, ModelConfig, check_rope_scaling
 from adainfer.errors import AdainferError
 
 LLAMA_WEIGHT_MAP = {
@@ -109,9 +109,6 @@ def config_from_hf(hf: dict, where: object) -> ModelConfig:
 
 def _first(x):
     return x[0] if isinstance(x, list) and x else (x if not isinstance(x, list) else None)
-
-
-MAX_LAYERS = 4096  # per-layer lists are built from it before our config's own checks
 
 
 def _rope(params: object, hf: dict, where: object, theta_key: str = "rope_theta", default_theta: float = 10000.0,
