@@ -43,6 +43,16 @@ def converted(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A 6-layer tiny Llama, so that rows can exit at several different layers (one per module: tests may round its
+    head to int8 or otherwise decorate it)."""
+    from adainfer.loading import load_model
+
+    return load_model(make_converted("llama-gqa-tied", tmp_path_factory.mktemp("deep"), seed=21, n_layers=6)[1],
+                      "float32")[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(converted):
     """A converted tiny Llama (GQA, tied) folder for CLI tests."""

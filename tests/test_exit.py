@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny import make_converted, truncated_copy
+from tiny import truncated_copy
 
 from adainfer.calibration import fit_svm, fold_scaler
 from adainfer.errors import AdainferError
@@ -21,13 +21,6 @@ def prompts(n, seed=0, lo=3, hi=30):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
             for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    """A 6-layer tiny Llama, so that rows can exit at several different layers."""
-    return load_model(make_converted("llama-gqa-tied", tmp_path_factory.mktemp("deep"), seed=21, n_layers=6)[1],
-                      "float32")[0]
 
 
 def test_inline_decision_equals_sklearn():

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from helpers import random_translator, run_cli
 from test_calibrate_cli import _prompts_file
 from test_exit import prompts
-from tiny import make_converted
 
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule, never_rule
@@ -19,13 +18,6 @@ from adainfer.generate import generate, left_pad
 from adainfer.loading import load_model
 from adainfer.traces import collect, fit_translator_on, oracle_layers, simulate, translated
 from adainfer.translator import Translator, cv_penalty, fit_layer, identity, parse_kind, ridge
-
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    """A 6-layer tiny Llama, so that rows can exit at several different layers."""
-    return load_model(make_converted("llama-gqa-tied", tmp_path_factory.mktemp("deep"), seed=21, n_layers=6)[1],
-                      "float32")[0]
 
 
 def test_ridge_equals_the_closed_form():
