@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the held-out prompts in these dtypes (e.g. bfloat16 for a classifier fitted in "
                         "float32) and report the classifier there against that dtype's dense answers")
     p.add_argument("--threads", type=int)
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="under torchrun: ranks per model replica, tensor parallel (default 1: data parallel only, "
+                        "each rank runs its share of the prompts)")
     p.add_argument("--out", type=Path, required=True, help="classifier file to write (JSON)")
     p.add_argument("--report", type=Path, help="also write the held-out report as JSON here")
     p.add_argument("--traces", type=Path,
@@ -76,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from adainfer import distributed
     from adainfer.calibration import FitOptions, calibrate, calibration_set, check_fit, print_report
     from adainfer.engine import load
     from adainfer.translator import parse_kind
 
+    world = distributed.init(args.device, args.tp)
     # Options and prompts first: bad input is refused before the model loads.
     check_fit(FitOptions(args.classifier, tuple(args.features), args.threshold, args.first_layer,
                          args.target_agreement, args.stride), args.label, args.holdout, args.batch_size,
@@ -88,13 +93,16 @@ def run(args: argparse.Namespace) -> int:
     data = calibration_set(tasks=args.task, task_file=args.task_file, prompts_file=args.prompts, labels=args.labels,
                            demos=args.demos, data=args.data, shots=args.shots, template=args.template,
                            limit=args.limit, seed=args.seed, candidates=args.candidates)
-    engine = load(args.model, args.dtype, args.device, threads=args.threads)
+    with world.main_first():  # the default model is fetched and converted once, by rank 0
+        engine = load(args.model, args.dtype, args.device, threads=args.threads, progress=world.main)
     clf = calibrate(engine, data, label=args.label, classifier=args.classifier, features=args.features,
                     threshold=args.threshold, first_layer=args.first_layer, target_agreement=args.target_agreement,
                     stride=args.stride, holdout=args.holdout, seed=args.seed, batch_size=args.batch_size,
                     check_dtypes=args.check_dtype, traces=args.traces, default=args.default,
                     translator=args.translator, translator_positions=args.translator_positions,
-                    check_cost=args.check_cost)
+                    check_cost=args.check_cost, progress=world.main)
+    if not world.main:  # rank 0 prints and writes for every rank
+        return 0
     print_report(clf)
     clf.save(args.out)
     if args.report:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adainfer import distributed
 from adainfer.errors import AdainferError
 from adainfer.exit import FEATURES, ExitClassifier, ExitRule, gap_rule
 from adainfer.traces import (
@@ -144,7 +145,9 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
         raise AdainferError("--first-layer", f"must be between 1 and {L - 1}, got {first_layer}")
 
     if check_cost is None:
-        opts.check_cost = measure_check_cost(model, ids, cand_ids, check_head, L // 2 if kind else None)
+        # A timing: rank 0's, so that every data-parallel rank tunes alike (adainfer.distributed).
+        opts.check_cost = distributed.world().broadcast(
+            measure_check_cost(model, ids, cand_ids, check_head, L // 2 if kind else None))
     elif not check_cost >= 0:
         raise AdainferError("--check-cost", f"must be 0 or more, got {check_cost}")
     hidden = translator_positions if kind else None

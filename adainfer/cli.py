@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from adainfer import distributed
 from adainfer.errors import AdainferError
 
 
@@ -17,5 +18,6 @@ def cli_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
     try:
         return run(args) or 0
     except AdainferError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = distributed.world().rank
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from adainfer import distributed
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan, shipped_classifier
 from adainfer.fast_decode import decode_graph, prepare_check_head
@@ -168,8 +169,10 @@ class Engine:
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         self._warm_up(ids[order[0]][-8:], {len(b) for b in batches}, graph, decode, max_new_tokens > 1, dense_plan)
         eos = model.config.eos_id
-        results: list[Result | None] = [None] * len(ids)
-        for batch in batches:
+
+        def run(b: int) -> list[Result]:
+            """Batch b's answers (whichever process runs it)."""
+            batch = batches[b]
             seeds = [sampling.seed + i for i in batch]
             t0 = time.perf_counter()
             if speculate is not None:
@@ -184,13 +187,19 @@ class Engine:
                 dense = generate(model, [ids[i] for i in batch], max_new_tokens, dense_plan, eos, "none", sampling,
                                  row_seeds=seeds, graph=graph)
                 dense_seconds = time.perf_counter() - t0
-            for j, i in enumerate(batch):
-                results[i] = Result(
-                    prompts[i], tok.decode(gens[j].token_ids), gens[j].token_ids, gens[j].layers_run, self.num_layers,
-                    round(seconds / len(batch), 6), round(seconds, 6), len(batch), dropped[i],
-                    None if dense is None else tok.decode(dense[j].token_ids),
-                    None if dense is None else round(dense_seconds / len(batch), 6),
-                    getattr(gens[j], "accepted", None))
+            return [Result(prompts[i], tok.decode(gens[j].token_ids), gens[j].token_ids, gens[j].layers_run,
+                           self.num_layers, round(seconds / len(batch), 6), round(seconds, 6), len(batch), dropped[i],
+                           None if dense is None else tok.decode(dense[j].token_ids),
+                           None if dense is None else round(dense_seconds / len(batch), 6),
+                           getattr(gens[j], "accepted", None))
+                    for j, i in enumerate(batch)]
+
+        # Data-parallel ranks each run their share of the batches (adainfer.distributed); answers in input order.
+        parts = distributed.world().map(run, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
+        results: list[Result | None] = [None] * len(ids)
+        for batch, got in zip(batches, parts):
+            for i, r in zip(batch, got):
+                results[i] = r
         return results
 
     def _warm_up(self, warm: list[int], sizes: set[int], graph, decode: str, cached: bool, plan: Plan) -> None:

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on 4-bit block weights, an 8-bit head and int8 activations, C++ kernels built on first use; "
                         "CPU; lossy, see README)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="under torchrun: ranks per model replica, tensor parallel (default 1: every rank holds the "
+                        "whole model and runs its share of the prompts)")
     p.add_argument("--exit", type=Path, help="exit classifier file (default: the one shipped for the default model)")
     p.add_argument("--dense", action="store_true", help="no early exit: run every layer")
     p.add_argument("--candidates", nargs="+", metavar="TEXT",
@@ -83,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The CLI over adainfer.engine: read the prompts, load, generate, print."""
+    from adainfer import distributed
     from adainfer.engine import SHIPPED, check_counts, load
     from adainfer.exit import shipped_classifier
     from adainfer.generate import Sampling
 
     check_counts(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)  # before anything loads
+    world = distributed.init(args.device, args.tp)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     if args.prompts:
         from adainfer.prompts import read_prompts
@@ -102,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if args.speculate and args.exit:
         raise AdainferError("--exit", "cannot be combined with --speculate (its answers are the dense model's)")
     check_counts(draft_length=args.draft_length)
-    engine = load(args.model, args.dtype, args.device, args.threads, progress=not args.json)
+    with world.main_first():  # the default model is fetched and converted once, by rank 0
+        engine = load(args.model, args.dtype, args.device, args.threads, progress=not args.json and world.main)
     draft = None
     if args.speculate:
         from adainfer.speculative import Draft, parse_layers
@@ -116,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         candidates = DEFAULT_CANDIDATES
     exit = None if args.dense or args.speculate else (args.exit or SHIPPED)
     choice = engine.resolve_exit(exit, candidates, args.min_layers, args.check_head)
-    if args.decode != "eager" and args.max_new_tokens > 1 and not args.json and args.device == "cpu":
+    if args.decode != "eager" and args.max_new_tokens > 1 and not args.json and args.device == "cpu" and world.main:
         print(f"compiling the {args.decode} decode graph (first use on this machine: about a minute)...",
               file=sys.stderr, flush=True)
     results = engine.generate(list(prompts), args.max_new_tokens, exit=choice, mode=args.exit_mode,
@@ -124,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
                               decode=args.decode, truncate=args.truncate, sources=list(sources),
                               compare_dense=(choice.rule is not None or draft is not None) and not args.json
                               and not args.no_compare, speculate=draft)
+    if not world.main:  # rank 0 prints for every rank
+        return 0
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict(), ensure_ascii=False))

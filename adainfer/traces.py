@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adainfer import distributed
 from adainfer.exit import ExitClassifier, ExitRule, Plan
 from adainfer.generate import left_pad
 from adainfer.model import Decoder
@@ -97,35 +98,58 @@ def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), 
     top1 = np.zeros((len(ids), L), dtype=np.int64)
     top1_also = np.zeros((len(ids), L), dtype=np.int64) if also is not None else None
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     pad = model.config.pad_id if model.config.pad_id is not None else 0
+    world = distributed.world()
     t0 = time.perf_counter()
-    with tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            tokens, mask = left_pad([ids[i] for i in rows], pad, model.device)
-            out = model(tokens, pad_mask=mask, plan=plan)
-            for rec in out.features:
-                n = rec["layer"]
-                t = rec["top1"] if candidates is None else candidates[rec["top1"]]
-                top1[rows, n - 1] = t.cpu().numpy()
-                for f in features:
-                    feats[f][rows, n - 1] = rec[f].float().cpu().numpy()
-                if also is not None:
-                    top1_also[rows, n - 1] = also[rec["logits"][:, also].argmax(-1).cpu()].numpy()
-            top1[rows, L - 1] = out.token.cpu().numpy()
+
+    def run(b: int) -> dict:
+        """One batch's readings (batch b, whichever process runs it)."""
+        rows = batches[b]
+        tokens, mask = left_pad([ids[i] for i in rows], pad, model.device)
+        out = model(tokens, pad_mask=mask, plan=plan)
+        got = {"top1": np.zeros((len(rows), L), dtype=np.int64),
+               "feats": {f: np.zeros((len(rows), L - 1), dtype=np.float32) for f in features}}
+        if also is not None:
+            got["also"] = np.zeros((len(rows), L), dtype=np.int64)
+        for rec in out.features:
+            n = rec["layer"]
+            t = rec["top1"] if candidates is None else candidates[rec["top1"]]
+            got["top1"][:, n - 1] = t.cpu().numpy()
+            for f in features:
+                got["feats"][f][:, n - 1] = rec[f].float().cpu().numpy()
             if also is not None:
-                top1_also[rows, L - 1] = also[out.logits[:, also].argmax(-1).cpu()].numpy()
-            if hidden is not None:
-                hs = torch.stack(out.hidden_states[1:], 1)  # (B, L, T, dim): after blocks 1 .. L
-                states[rows] = hs[:, :, -1].float().cpu().numpy()
-                T = tokens.shape[1]
-                for j, i in enumerate(rows):
-                    n = len(ids[i])  # left-padded: the prompt holds the last n positions
-                    pick = np.random.default_rng([seed, i]).permutation(np.arange(2, n - 1))[:hidden]
-                    if len(pick):
-                        samples.append(hs[j, :, T - n + np.sort(pick)].transpose(0, 1).half().cpu().numpy())
-                        sample_rows += [i] * len(pick)
-            bar.update(len(rows))
+                got["also"][:, n - 1] = also[rec["logits"][:, also].argmax(-1).cpu()].numpy()
+        got["top1"][:, L - 1] = out.token.cpu().numpy()
+        if also is not None:
+            got["also"][:, L - 1] = also[out.logits[:, also].argmax(-1).cpu()].numpy()
+        if hidden is not None:
+            hs = torch.stack(out.hidden_states[1:], 1)  # (B, L, T, dim): after blocks 1 .. L
+            got["states"] = hs[:, :, -1].float().cpu().numpy()
+            got["samples"], got["sample_rows"] = [], []
+            T = tokens.shape[1]
+            for j, i in enumerate(rows):
+                n = len(ids[i])  # left-padded: the prompt holds the last n positions
+                pick = np.random.default_rng([seed, i]).permutation(np.arange(2, n - 1))[:hidden]
+                if len(pick):
+                    got["samples"].append(hs[j, :, T - n + np.sort(pick)].transpose(0, 1).half().cpu().numpy())
+                    got["sample_rows"] += [i] * len(pick)
+        bar.update(len(rows))
+        return got
+
+    # Across data-parallel ranks each runs its share of the batches (adainfer.distributed); assembled in batch order.
+    with tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress or not world.main) as bar:
+        parts = world.map(run, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
+    for rows, got in zip(batches, parts):
+        top1[rows] = got["top1"]
+        for f in features:
+            feats[f][rows] = got["feats"][f]
+        if also is not None:
+            top1_also[rows] = got["also"]
+        if hidden is not None:
+            states[rows] = got["states"]
+            samples += got["samples"]
+            sample_rows += got["sample_rows"]
     if hidden is not None:
         samples = np.concatenate(samples) if samples else np.zeros((0, L, model.config.dim), np.float16)
     return Traces(feats, top1, L, np.array([len(p) for p in ids]), time.perf_counter() - t0, top1_also,
@@ -150,12 +174,15 @@ def collect_cached(model: Decoder, ids: list[list[int]], path: Path | None, feat
                    also=None, hidden: int | None = None, seed: int = 0) -> Traces:
     """collect(), reusing the traces saved at `path` when they came from the same model, prompts and settings."""
     key = traces_key(model, ids, features, candidates, model.dtype, hidden, seed)
-    if path is not None and Path(path).is_file():
+    world = distributed.world()
+    cached = None
+    if path is not None and Path(path).is_file() and world.main:
         cached = Traces.load(path, key, None if also is None else also.cpu().numpy(), hidden is not None)
-        if cached is not None:
-            return cached
+    cached = world.broadcast(cached)  # rank 0 reads the cache: every rank takes it, or every rank collects
+    if cached is not None:
+        return cached
     traces = collect(model, ids, features, candidates, batch_size, progress, desc, also, hidden, seed)
-    if path is not None:
+    if path is not None and world.main:
         traces.save(path, key)
     return traces
 

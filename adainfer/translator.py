@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,19 +86,24 @@ class Translator:
                                        f"{max(self.maps, default=0) + 1} layers, not this one")
 
     def save(self, path: Path) -> str:
-        """Write atomically; return the file's sha256."""
-        from safetensors.torch import save_file
+        """Write atomically; return the file's sha256 (the same maps give the same bytes in any process)."""
+        from safetensors.torch import save
 
         path = Path(path)
         tensors = {f"layer.{n}.{k}": t.detach().float().cpu().contiguous() for n, m in self.maps.items()
                    for k, t in m.items()}
         meta = {"format": FORMAT, "info": json.dumps({"version": VERSION, "kind": self.kind, "dim": self.dim,
                                                         "rank": self.rank, "model": self.model, "fit": self.fit})}
+        raw = save(tensors, metadata=meta)
+        # safetensors writes the metadata in hash-map order, which changes from process to process: sort it, so that
+        # the classifier's sha256 of this file is reproducible (a data-parallel fit equals a single-process one).
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors pads it
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # safetensors creates it private; make it like the files beside it
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
         tmp.replace(path)
         return sha256(path)
 

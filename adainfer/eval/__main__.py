@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int)
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="under torchrun: ranks per model replica, tensor parallel (default 1: data parallel only, "
+                        "each rank runs its share of the batches)")
     p.add_argument("--calibration-prompts", type=int, default=32,
                    help="train-split prompts for ShortGPT's Block Influence (default 32)")
     p.add_argument("--out", type=Path, required=True,
@@ -56,25 +59,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from adainfer import distributed
     from adainfer.engine import load
     from adainfer.eval.harness import evaluate
     from adainfer.eval.methods import check_classifiers, parse_method
     from adainfer.eval.report import table
     from adainfer.tasks import task_source
 
+    world = distributed.init(args.device, args.tp)
     for spec in args.method:
         parse_method(spec)  # bad input is refused before the model loads
     task = task_source(args.task, args.data, args.task_file, args.labels, args.demos)
     model = args.model
-    if model is None:
-        from adainfer.default_model import default_model_dir
+    with world.main_first():  # the default model is fetched and converted once, by rank 0
+        if model is None:
+            from adainfer.default_model import default_model_dir
 
-        model = default_model_dir()
-    check_classifiers(args.method, model, args.exit)  # before the model loads and ShortGPT calibrates
-    engine = load(model, args.dtype, args.device, threads=args.threads)
+            model = default_model_dir(progress=world.main)
+        check_classifiers(args.method, model, args.exit)  # before the model loads and ShortGPT calibrates
+        engine = load(model, args.dtype, args.device, threads=args.threads, progress=world.main)
     results = evaluate(engine, task, args.method, shots=args.shots, task_file=args.task_file, exit=args.exit,
                        limit=args.limit, template=args.template, seed=args.seed, batch_size=args.batch_size,
-                       calibration_prompts=args.calibration_prompts, out=args.out, figures=not args.no_figures)
+                       calibration_prompts=args.calibration_prompts, out=args.out, figures=not args.no_figures,
+                       progress=world.main)
+    if not world.main:  # rank 0 prints and writes for every rank
+        return 0
     for run in results.runs:
         print(f"\n{results.task}, {run['shots']}-shot, {run['rows']} rows")
         print(table(run))

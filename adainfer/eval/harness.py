@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adainfer import distributed
 from adainfer.errors import AdainferError
 from adainfer.eval.metrics import summarize
 from adainfer.tasks import Task
@@ -91,7 +92,7 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
         traces = None if out is None else Path(out).with_name(f"{Path(out).stem}_{k}shot_traces.npz")
         run = evaluate_shots(model, tok, ids, golds, cands, built, batch_size, traces, progress)
         results.runs.append({"shots": k, **run})
-    if out is not None:
+    if out is not None and distributed.world().main:  # one writer among data-parallel ranks
         write_results(out, results.to_dict())
         results.files.append(Path(out))
         if figures:
@@ -129,11 +130,27 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
                 None if t.top1_candidates is None else float(1 - oracle_layers(t, True).mean() / L))
     records = {m.name: [None] * len(ids) for m in methods}
     seconds = dict.fromkeys(records, 0.0)
-    for b, batch in enumerate(tqdm(batches, desc="methods", unit="batch", file=sys.stderr, disable=not progress)):
+    world = distributed.world()
+
+    def run(b: int) -> dict:
+        """Every method on batch b: its rows' records and seconds per method."""
+        got = {m.name: ({}, 0.0) for m in methods}
         # The first run on a new batch shape pays for allocations the others reuse: rotate who goes first.
         for m in methods[b % len(methods):] + methods[:b % len(methods)]:
-            seconds[m.name] += run_batch(model, tok, ids, golds, cands, batch, m.plan, depths.get(m.name),
-                                         records[m.name], m.translator)
+            got[m.name] = (got[m.name][0], run_batch(model, tok, ids, golds, cands, batches[b], m.plan,
+                                                     depths.get(m.name), got[m.name][0], m.translator))
+        bar.update(1)
+        return got
+
+    # Data-parallel ranks each run their share of the batches (adainfer.distributed), gathered in batch order.
+    with tqdm(total=len(batches), desc="methods", unit="batch", file=sys.stderr,
+              disable=not progress or not world.main) as bar:
+        parts = world.map(run, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
+    for got in parts:
+        for name, (recs, spent) in got.items():
+            seconds[name] += spent
+            for i, rec in recs.items():
+                records[name][i] = rec
     run = {"rows": len(ids), "per_layer": per_layer_stats(traces, golds), "methods": {}}
     if read is not None:  # the same curves with each layer read through the translator
         run["per_layer_translated"] = {**per_layer_stats(read, golds), "translator": reader.describe()}

@@ -1,0 +1,166 @@
+"""torch.distributed runs (adainfer.distributed, adainfer.parallel) as a user launches them: torchrun with 2 CPU
+processes on gloo, against one process with the same threads per process (a CPU matmul's rounding depends on the
+thread count, so equality is asked of runs that each use one thread)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import ROOT, run_cli
+
+from adainfer.distributed import World
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo runs here on Linux and macOS")
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    """`torchrun --nproc_per_node N -m ...` as a user runs it (through this interpreter)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(free_port()), "-m", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory):
+    """A 6-layer tiny Llama folder (rows exit at different layers) and task data in the layout of shared/data."""
+    from tiny import make_converted
+
+    root = tmp_path_factory.mktemp("dist")
+    folder = make_converted("llama-gqa-tied", root / "m", seed=21, n_layers=6)[1]
+    data = root / "data"
+    (data / "sst2").mkdir(parents=True)
+    (data / "sst2/train.jsonl").write_text("".join(
+        json.dumps({"text": f"good film {'very ' * (i % 5)}{i}", "label": i % 2}) + "\n" for i in range(40)))
+    (data / "sst2/dev.jsonl").write_text("".join(
+        json.dumps({"text": f"fine movie {'so ' * (i % 7)}{i}", "label": i % 2}) + "\n" for i in range(30)))
+    return folder, data
+
+
+def without_timings(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_share_balances_whole_items_by_cost():
+    costs = [5, 1, 1, 1, 1, 1]
+    shares = [World(rank=r, size=2).share(costs) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(6))
+    assert shares == [[0], [1, 2, 3, 4, 5]]  # 5 against 5
+    # with tensor parallelism the two ranks of a replica run the same share
+    four = [World(rank=r, size=4, tp=2).share(costs) for r in range(4)]
+    assert four[0] == four[1] and four[2] == four[3] and sorted(four[0] + four[2]) == list(range(6))
+
+
+def test_data_parallel_eval_equals_one_process(six, tmp_path):
+    folder, data = six
+    args = ["adainfer.eval", "--model", folder, "--task", "sst2", "--data", data, "--shots", "2", "--limit", "20",
+            "--method", "dense", "gap-rule", "oracle", "skip-last-1", "shortgpt-1", "--dtype", "float32",
+            "--batch-size", "4", "--no-figures"]
+    one = run_cli(*args, "--threads", "1", "--out", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--out", tmp_path / "two.json")
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone prints and writes
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["runs"][0] for n in ("one", "two"))
+    assert a["per_layer"] == b["per_layer"]
+    for name, m in a["methods"].items():
+        assert without_timings(m["records"]) == without_timings(b["methods"][name]["records"]), name
+        for key in ("accuracy", "pruning_ratio", "avg_layers", "flops_ratio"):
+            assert m["summary"][key] == b["methods"][name]["summary"][key]
+    assert len({r["layers_run"] for r in a["methods"]["gap-rule"]["records"]}) >= 1
+    # again, reading the traces rank 0 saved beside the results: the same rows
+    again = torchrun(*args, "--out", tmp_path / "two.json")
+    assert again.returncode == 0, again.stderr
+    c = json.loads((tmp_path / "two.json").read_text())["runs"][0]
+    assert without_timings(c["methods"]["oracle"]["records"]) == without_timings(a["methods"]["oracle"]["records"])
+
+
+@pytest.mark.parametrize("translator", ["none", "affine"])
+def test_data_parallel_calibration_writes_the_same_files(six, tmp_path, translator):
+    folder, data = six
+    args = ["adainfer.calibrate", "--model", folder, "--task", "sst2", "--data", data, "--shots", "2", "--limit",
+            "40", "--dtype", "float32", "--check-cost", "0.1", "--translator", translator, "--translator-positions",
+            "3"]
+    one = run_cli(*args, "--threads", "1", "--out", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--out", tmp_path / "two.json")
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    if translator != "none":  # each names its own translator file, by name and sha256
+        assert a.pop("translator").pop("file") == "one.translator.safetensors"
+        assert b.pop("translator").pop("file") == "two.translator.safetensors"
+        assert (tmp_path / "one.translator.safetensors").read_bytes() == \
+            (tmp_path / "two.translator.safetensors").read_bytes()
+    assert a == b
+
+
+def test_data_parallel_run_answers_in_input_order(six, tmp_path):
+    folder, _ = six
+    prompts = tmp_path / "p.jsonl"
+    texts = ["hello there", "a b c d e f g", "x", "the film was good and", "what"]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    args = ["adainfer.run", "--model", folder, "--prompts", prompts, "--max-new-tokens", "8", "--batch-size", "2",
+            "--json", "--dtype", "float32", "--exit-mode", "token", "--exit"]
+    clf = tmp_path / "gap.json"
+    from adainfer.exit import ExitClassifier
+
+    ExitClassifier("svm", ["gap"], [1.0], -0.02, 1, 1).save(clf)  # fires at different layers for different tokens
+    one = run_cli(*args, clf, "--threads", "1")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, clf)
+    assert two.returncode == 0, two.stderr
+    a = [json.loads(line) for line in one.stdout.splitlines()]
+    b = [json.loads(line) for line in two.stdout.splitlines()]
+    assert [r["prompt"] for r in b] == texts
+    assert [(r["token_ids"], r["layers_run"]) for r in a] == [(r["token_ids"], r["layers_run"]) for r in b]
+
+
+def test_a_killed_rank_ends_the_run_without_a_file(six, tmp_path):
+    folder, data = six
+    out = tmp_path / "killed.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "adainfer.eval", "--model", str(folder), "--task", "sst2", "--data", str(data), "--shots", "2",
+           "--limit", "30", "--batch-size", "1", "--method", "dense", "gap-rule", "oracle", "--dtype", "float32",
+           "--out", str(out), "--no-figures"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", ADAINFER_TEST_TAG=str(tmp_path)))
+    try:
+        t0 = time.time()
+        while (pid := rank_pid(1, str(tmp_path))) is None and time.time() - t0 < 120:
+            time.sleep(0.05)
+        assert pid is not None, "rank 1 never started"
+        time.sleep(2.0)  # into the run (loading, traces)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert time.time() - killed < 60, "the other rank was left waiting"
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+    assert "FAILED" in err
+
+
+def rank_pid(rank: int, tag: str) -> int | None:
+    """The pid of this test's torchrun worker `rank` (found by its environment)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"ADAINFER_TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env and \
+                b"TORCHELASTIC_RUN_ID" in b"".join(env):
+            return int(pid)
+    return None
