@@ -194,7 +194,7 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
             "penalty": {n: round(f["penalty"], 4) for n, f in fitted.fit["layers"].items()}}
         clf.calibration["heldout_without_translator"] = plain
     for name in check_dtypes:  # the same held-out prompts, features and dense answers in another dtype
-        other = load_model(engine.path, name)[0]
+        other = load_model(engine.path, name, engine.model.device, distributed.world())[0]
         t = collect_cached(other, [ids[i] for i in held], None, opts.features, cand_ids, batch_size, progress,
                            desc=f"held-out in {name}", hidden=0 if kind else None)
         if kind:
@@ -218,7 +218,7 @@ def measure_check_cost(model, ids: list[list[int]], candidates: torch.Tensor | N
 
     prompt = sorted(ids, key=len)[len(ids) // 2]
     tokens = torch.tensor([prompt], device=model.device)
-    weight = model.head_weight if candidates is None else model.head_weight[candidates]
+    weight = model.head_rows(candidates)
     check_head = check_head if candidates is None else "full"
     prepare_check_head(model, check_head, candidates, "--check-head")
     reader = None if translated_layer is None else identity(model.config.dim, [translated_layer]).to(model.device)

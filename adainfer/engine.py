@@ -232,7 +232,7 @@ def load(path: str | Path | None = None, dtype: str = "auto", device: str = "cpu
         from adainfer.default_model import default_model_dir
 
         path = default_model_dir(progress=progress)
-    model, tok = load_model(path, dtype, device)
+    model, tok = load_model(path, dtype, device, distributed.world())
     if tok is None:
         raise AdainferError(path, "the model folder has no tokenizer.json or tokenizer.model")
     return Engine(model, tok, path)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from adainfer.errors import AdainferError
+from adainfer.quant import head_logits
 from adainfer.translator import Translator, sha256
 from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
@@ -201,13 +202,17 @@ def compute_features(names, top2, h_last: torch.Tensor | None, record: dict | No
     return out
 
 
-def probe(model, h_last: torch.Tensor, weight: torch.Tensor, check_head: str = "full"
+def probe(model, h_last: torch.Tensor, weight: torch.Tensor | None, check_head: str = "full"
           ) -> tuple[Top2, torch.Tensor | None]:
-    """The exit check on last-token states (b, dim) against head rows `weight` of `model` (an adainfer Decoder):
+    """The exit check on last-token states (b, dim) against head rows `weight` of `model` (an adainfer Decoder; None:
+    the whole head, read in shards under tensor parallelism):
     Top2, and on the CPU path the float32 logits it computed (so that an exiting row need not run the head again).
     check_head "int8": the features come from the model's int8 head (a quarter of float32's bytes) and no logits are
     returned, so a row that exits takes its answer from the head at full precision."""
     c = model.config
+    if weight is None and model.shard is not None:  # tensor parallel: four numbers per row and rank, no logits
+        return model.shard.top2(model.softcap(head_logits(model.head_input(h_last), model.head_weight))), None
+    weight = model.head_weight if weight is None else weight
     if h_last.is_cuda and c.final_softcap is None:  # fused kernel, logits never written
         if c.rotary and not c.norm_unit_offset and model.norm is not None:  # Llama's final RMSNorm folded in
             return lm_head_top2(h_last, weight, model.norm.weight, c.norm_eps), None

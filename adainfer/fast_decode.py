@@ -183,11 +183,11 @@ class DecodeGraph:
         hold its addresses): one per batch size, replaced (with its graphs) by a larger one when it is outgrown."""
         model = self.model
         if not self.capture:
-            return KVCache(model.config, batch, max_len, model.dtype, model.device)
+            return KVCache(model.local, batch, max_len, model.dtype, model.device)
         cache = self.pool.get(batch)
         if cache is None or cache.max_len < max_len:
             size = max(64, 1 << (max_len - 1).bit_length())
-            cache = self.pool[batch] = KVCache(model.config, batch, size, model.dtype, model.device)
+            cache = self.pool[batch] = KVCache(model.local, batch, size, model.dtype, model.device)
             self.graphs = {k: g for k, g in self.graphs.items() if k[0] != batch}
         cache.valid.zero_()
         cache.length, cache.padded = 0, False
@@ -250,6 +250,9 @@ def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
         raise AdainferError("--decode", f"unknown mode {mode!r} (choose {', '.join(DECODE_MODES)})")
     if mode == "eager":
         return None
+    if model.shard is not None:
+        raise AdainferError("--decode", f"{mode} decoding is not built for tensor-parallel runs (--tp): use --decode "
+                                        "eager")
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None and not (mode == "compiled" and model.device.type == "cuda"):
         raise AdainferError("--decode", f"{mode} decoding compiles C++ through torch.compile and needs a C++ compiler; "

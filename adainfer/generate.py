@@ -108,7 +108,7 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
     B, T = tokens.shape
     cache = None
     if max_new_tokens > 1:  # a decode graph hands out its own (on a GPU its captured graphs hold the addresses)
-        cache = KVCache(model.config, B, T + max_new_tokens - 1, model.dtype, model.device) if graph is None else \
+        cache = KVCache(model.local, B, T + max_new_tokens - 1, model.dtype, model.device) if graph is None else \
             graph.cache(B, T + max_new_tokens - 1)
     out = model(tokens, pad_mask=pad_mask, cache=cache, plan=plan)
     results = [Generation(logits=out.logits[b] if keep_logits else None) for b in range(B)]

@@ -19,6 +19,7 @@ from adainfer.checks import check_safetensors
 from adainfer.config import ModelConfig
 from adainfer.errors import AdainferError
 from adainfer.model import Decoder, rope_inv_freq
+from adainfer.parallel import Shard, make_shard, split_of
 from adainfer.quant import CPU_PREFERS_BF16
 from adainfer.tokenizer import TextTokenizer, load_tokenizer
 
@@ -36,9 +37,11 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu",
+def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu", world=None,
                ) -> tuple[Decoder, TextTokenizer | None]:
-    """(decoder in eval mode, tokenizer or None) from a folder written by weights_convert."""
+    """(decoder in eval mode, tokenizer or None) from a folder written by weights_convert. With a `world`
+    (adainfer.distributed.World) of tensor-parallel replicas, this rank's slice (adainfer.parallel), reading only its
+    slices of the file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdainferError(folder, "no such model folder")
@@ -47,6 +50,7 @@ def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: st
     if not weights.is_file():
         raise AdainferError(weights, "model.safetensors not found")
     infos = check_safetensors(weights)
+    shard = None if world is None else make_shard(world, config)
     expected = file_shapes(config)
     for name, shape in expected.items():
         if name not in infos:
@@ -63,21 +67,23 @@ def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: st
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     try:
         with safe_open(weights, framework="pt") as f:
-            disk = {name: f.get_tensor(name) for name in expected}
+            disk = {name: read_slice(f, name, config, shard) for name in expected}
+            # The fingerprint reads sampled values of every tensor: a rank holding slices reads those elements only.
+            fprint = fingerprint(config, disk if shard is None else _Sampled(f, expected))
     except Exception as e:
         raise AdainferError(weights, f"cannot read tensors: {e}") from None
     for name, t in disk.items():
         if not bool(torch.isfinite(t).all()):
             raise AdainferError(weights, f"tensor {name} holds inf or NaN values")
     with torch.device("meta"):
-        model = Decoder(config)
+        model = Decoder(config, shard)
     model.load_state_dict(fuse_state(disk, config, dtype, device), strict=True, assign=True)
     model.inv_freq = rope_inv_freq(config).to(device) if config.rotary else torch.zeros(0, device=device)
     if config.rope_local_theta is not None:
         model.inv_freq_local = rope_inv_freq(config, local=True).to(device)
     model.embed_mult = float(torch.tensor(config.embed_scale, dtype=dtype))  # Gemma multiplies in its dtype
     model.eval().requires_grad_(False)
-    model.fingerprint = fingerprint(config, disk)
+    model.fingerprint = fprint
     return model, load_tokenizer(folder, config)
 
 
@@ -94,6 +100,46 @@ def folder_fingerprint(folder: Path | str) -> str:
             return fingerprint(config, _LazyTensors(f, names))
     except Exception as e:
         raise AdainferError(weights, f"cannot read tensors: {e}") from None
+
+
+def read_slice(f, name: str, config: ModelConfig, shard: Shard | None) -> torch.Tensor:
+    """Tensor `name` of an open safetensors file, or this rank's slice of it (adainfer.parallel.SPLIT)."""
+    how = None if shard is None else split_of(name)
+    if how is None:
+        return f.get_tensor(name)
+    dim, unit = how
+    start, end = shard.span(config, unit)
+    part = f.get_slice(name)
+    return part[start:end] if dim == 0 else part[:, start:end]
+
+
+class _Sampled(Mapping):
+    """name -> an object that gives fingerprint() the elements it samples of that tensor, reading only those rows."""
+
+    def __init__(self, f, shapes: dict[str, tuple[int, ...]]):
+        self.f, self.shapes = f, shapes
+
+    def __getitem__(self, name: str):
+        return _SampledTensor(self.f.get_slice(name), self.shapes[name])
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+class _SampledTensor:
+    def __init__(self, part, shape: tuple[int, ...]):
+        self.part, self.shape = part, torch.Size(shape)
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """Elements `idx` of the flattened tensor."""
+        if len(self.shape) == 1:
+            return self.part[:][idx]
+        cols = int(torch.Size(self.shape[1:]).numel())
+        rows = (idx // cols).tolist()
+        return torch.stack([self.part[r:r + 1].reshape(-1)[i % cols] for r, i in zip(rows, idx.tolist())])
 
 
 class _LazyTensors(Mapping):
@@ -155,11 +201,12 @@ def fingerprint(config: ModelConfig, tensors: Mapping[str, torch.Tensor], sample
     cfg = config.fingerprint_dict()
     h.update(json.dumps(cfg, sort_keys=True).encode())
     for name in sorted(tensors):
-        t = tensors[name].detach().reshape(-1)
-        n = t.numel()
+        t = tensors[name]
+        n = t.shape.numel()
         k = min(samples, n)
         idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)  # first and last element included
-        values = t[idx].float().to(torch.bfloat16).view(torch.int16).cpu().numpy()
+        picked = t.take(idx) if isinstance(t, _SampledTensor) else t.detach().reshape(-1)[idx]
+        values = picked.float().to(torch.bfloat16).view(torch.int16).cpu().numpy()
         h.update(f"{name}:{list(tensors[name].shape)}:".encode())
         h.update(values.astype("<i2").tobytes())
     return h.hexdigest()[:16]

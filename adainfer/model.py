@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adainfer.config import ModelConfig
+from adainfer.errors import AdainferError
 from adainfer.exit import Exits, Output, Plan, probe
 from adainfer.quant import QuantWeight, head_logits, linear, load_q4q8_kernel, quantize_int8
 
@@ -30,10 +31,14 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__(in_features, out_features, bias=bias)
         self.q4: QuantWeight | None = None
+        self.reduce = None  # tensor parallel (adainfer.parallel.Shard): a row-parallel layer's partial sums add up
 
     def forward(self, x: torch.Tensor, quantized: bool = False) -> torch.Tensor:
         if quantized and self.q4 is not None:
             y = self.q4(x).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        if self.reduce is not None:  # each rank holds some input columns; the bias is added once, after the sum
+            y = self.reduce.all_reduce(linear(x, self.weight))
             return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
 
@@ -342,19 +347,26 @@ class Context:
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard=None):
+        """`shard` (adainfer.parallel.Shard): this rank's slice of a tensor-parallel replica; `config` stays the whole
+        model's, `local` is the slice's (its heads and MLP units), and the vocabulary rows are the shard's."""
         super().__init__()
-        self.config = config
+        self.config, self.shard = config, shard
+        self.local = config if shard is None else shard.local(config)
         opt = config.arch == "opt"
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.embed_dim)
+        vocab = config.vocab_size if shard is None else shard.hi - shard.lo
+        self.tok_embeddings = nn.Embedding(vocab, config.embed_dim)
         # OPT's learned positions start at index 2 (a fairseq leftover); Llama rotates q and k instead.
         self.pos_embeddings = nn.Embedding(config.max_seq_len + 2, config.dim) if opt else None
         proj = opt and config.embed_dim != config.dim
         self.project_in = Linear(config.embed_dim, config.dim, bias=False) if proj else None
         self.project_out = Linear(config.dim, config.embed_dim, bias=False) if proj else None
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(self.local, i) for i in range(config.n_layers))
+        if shard is not None:  # o and down are row-parallel
+            for block in self.layers:
+                block.attention.wo.reduce = block.feed_forward.w2.reduce = shard
         self.norm = make_norm(config, config.dim) if (config.pre_norm and config.final_norm) else None
-        self.output = None if config.tie_embeddings else Linear(config.embed_dim, config.vocab_size, bias=False)
+        self.output = None if config.tie_embeddings else Linear(config.embed_dim, vocab, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config) if not opt else torch.zeros(0), persistent=False)
         local = config.rope_local_theta is not None
         self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True) if local else torch.zeros(0),
@@ -383,12 +395,24 @@ class Decoder(nn.Module):
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """States (..., dim) -> logits (..., V) over the whole vocabulary."""
+        if self.shard is not None:
+            return self.head(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
         return self.softcap(linear(self.head_input(h), self.head_weight))
 
     def head(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Last-token states (b, dim) -> float32 logits (b, V) over head rows `weight` (default: all): the final norm,
-        the head, the family's soft-capping."""
+        """Last-token states (b, dim) -> float32 logits (b, V) over head rows `weight` (default: all; see
+        head_rows): the final norm, the head, the family's soft-capping. Tensor parallel: each rank scores its
+        vocabulary rows and the whole is gathered."""
+        if weight is None and self.shard is not None:
+            return self.shard.gather(self.softcap(head_logits(self.head_input(h), self.head_weight)))
         return self.softcap(head_logits(self.head_input(h), self.head_weight if weight is None else weight))
+
+    def head_rows(self, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The head rows of token `ids` (k, dim) for head(h, weight) and the exit check; None (all rows) for None."""
+        if ids is None:
+            return None
+        return self.head_weight[ids] if self.shard is None else self.shard.rows(self.head_weight, ids)
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """Gemma's final_logit_softcapping, cap * tanh(logits / cap); the identity for the other families."""
@@ -398,6 +422,8 @@ class Decoder(nn.Module):
     def int8_head(self) -> QuantWeight:
         """The head rounded to int8 (quant.quantize_int8), built on first use (~0.3 s for the default model, and the
         kernels' build the first time on a machine) and again when the head's weights have been replaced."""
+        if self.shard is not None:
+            raise AdainferError("--check-head", "the int8 check head is not built for tensor-parallel runs (--tp)")
         if self.head_q8 is None or self.head_q8.built_from != self.head_weight.data_ptr():
             load_q4q8_kernel(what="--check-head int8")
             self.head_q8 = QuantWeight(*quantize_int8(self.head_weight))
@@ -468,7 +494,7 @@ class Decoder(nn.Module):
         return tables
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if self.shard is None else self.shard.embed(self.tok_embeddings.weight, tokens)
         if self.embed_mult != 1.0:
             h = h * self.embed_mult
         if self.project_in is not None:
@@ -493,7 +519,7 @@ class Decoder(nn.Module):
         order = list(range(self.config.n_layers)) if plan.layers is None else list(plan.layers)
         n_run = len(order) if plan.exit_at is None else min(plan.exit_at, len(order))
         rule, reader = plan.exit, plan.translator
-        weight = self.head_weight if plan.candidates is None else self.head_weight[plan.candidates]
+        weight = self.head_rows(plan.candidates)  # None: the whole vocabulary
         exits = Exits(lambda x: self.head(x, weight), B, n_run, plan.sync_every)
         features, hiddens = [], ([h] if plan.hidden_states else None)
         ctx.record = {} if rule is not None and rule.needs_record else None

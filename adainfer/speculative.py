@@ -88,7 +88,7 @@ def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: 
     tokens, pad_mask = left_pad(ids, pad, model.device)
     B, T = tokens.shape
     # Each round writes g + 1 slots and emits at least one token: room for the worst case.
-    cache = KVCache(model.config, B, T + max_new_tokens * (g + 1), model.dtype, model.device)
+    cache = KVCache(model.local, B, T + max_new_tokens * (g + 1), model.dtype, model.device)
     out = model(tokens, pad_mask=pad_mask, cache=cache)
     cache.length = T
     results = [Speculation() for _ in range(B)]

@@ -249,7 +249,7 @@ def translated(traces: Traces, model: Decoder, translator, candidates: torch.Ten
         raise ValueError("translated() needs traces collected with hidden=...")
     out = copy_readings(traces)
     feats, top1, cand = out.features, out.top1, out.top1_candidates
-    weight = model.head_weight if candidates is None else model.head_weight[candidates]
+    weight = model.head_rows(candidates)
     also = None if traces.also is None else torch.from_numpy(traces.also).to(model.device)
     for n in translator.layers:
         if n >= traces.n_layers:

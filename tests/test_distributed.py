@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 from helpers import ROOT, run_cli
 
 from adainfer.distributed import World
+from adainfer.errors import AdainferError
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo runs here on Linux and macOS")
 
@@ -164,3 +167,114 @@ def rank_pid(rank: int, tag: str) -> int | None:
                 b"TORCHELASTIC_RUN_ID" in b"".join(env):
             return int(pid)
     return None
+
+
+# ---------------------------------------------------------------- tensor parallel
+
+
+@pytest.mark.parametrize("preset", ["llama-gqa-tied", "qwen2-window", "gemma3-local", "opt-125m-like",
+                                    "opt-350m-like"])
+def test_tensor_parallel_equals_one_process(tmp_path, preset):
+    """Logits within 1e-5 (float32), the same exit layers and tokens with a rule that fires at different layers for
+    different rows (full vocabulary and candidates), the same greedy generations (dense, sequence and token modes)."""
+    from tiny import make_converted
+
+    layers = None if preset.startswith("gemma3") else 6  # gemma3's preset names its 4 layers' types
+    folder = make_converted(preset, tmp_path / "m", seed=21, n_layers=layers)[1]
+    worker = ROOT / "tests" / "tp_worker.py"
+    first = run_cli("tp_worker", folder, tmp_path / "probe.json", "0", cwd=worker.parent)
+    assert first.returncode == 0, first.stderr
+    gaps = sorted(g for layer in json.loads((tmp_path / "probe.json").read_text())["gaps"] for g in layer)
+    # fires for some rows at some layers: midway across the widest space between two gaps of the middle third, so
+    # that the last-bit differences of a tensor-parallel sum cannot move a row across it
+    k = max(range(len(gaps) // 3, len(gaps) * 5 // 6), key=lambda i: gaps[i + 1] - gaps[i])
+    threshold = str((gaps[k] + gaps[k + 1]) / 2)
+    one = run_cli("tp_worker", folder, tmp_path / "one.json", threshold, cwd=worker.parent)
+    assert one.returncode == 0, one.stderr
+    two = torchrun_script(worker, folder, tmp_path / "two.json", threshold, "--tp", "2")
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert abs(np.array(a["logits"]) - np.array(b["logits"])).max() < 1e-5
+    assert abs(np.array(a["exit_logits"]) - np.array(b["exit_logits"])).max() < 1e-5
+    assert a["fingerprint"] == b["fingerprint"]  # read from sampled rows of the slices' file
+    assert len(set(a["exit_layers"])) > 1 or len({n for g in a["generate_token"] for n in g[1]}) > 1
+    for key in ("exit_layers", "exit_tokens", "candidate_layers", "candidate_tokens", "generate_none",
+                "generate_sequence", "generate_token"):
+        assert a[key] == b[key], key
+    # each rank holds (and read) half of every split tensor: heads, MLP units, vocabulary rows
+    for name, shape in a["local_shapes"].items():
+        half = b["local_shapes"][name]
+        if "wqkv" in name or name.endswith(("w1.weight", "w1.bias", "w3.weight", "tok_embeddings.weight",
+                                                   "output.weight")):
+            assert half[0] * 2 == shape[0] and half[1:] == shape[1:], name
+        elif name.endswith(("wo.weight", "w2.weight")):
+            assert half[1] * 2 == shape[1] and half[0] == shape[0], name
+        else:
+            assert half == shape, name
+
+
+def torchrun_script(script, *args, nproc=2, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(free_port()), str(script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_tensor_parallel_eval_and_run_cli(six, tmp_path):
+    """--tp 2 through the CLIs: eval's per-row answers and layers, and run's
+    generations, as one process gives them; 4 ranks = 2 replicas x TP 2 split the prompts too."""
+    folder, data = six
+    args = ["adainfer.eval", "--model", folder, "--task", "sst2", "--data", data, "--shots", "2", "--limit", "12",
+            "--method", "dense", "gap-rule", "oracle", "--dtype", "float32", "--batch-size", "4", "--no-figures"]
+    one = run_cli(*args, "--threads", "1", "--out", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--tp", "2", "--out", tmp_path / "two.json")
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["runs"][0]["methods"] for n in ("one", "two"))
+    keys = ("prediction", "layers_run")  # (the byte tokenizer's label words share a first token: no candidates)
+    for name in a:
+        assert [[r[k] for k in keys] for r in a[name]["records"]] == \
+            [[r[k] for k in keys] for r in b[name]["records"]], name
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ["hello there", "a b c d e f g", "x", "what"]))
+    run = ["adainfer.run", "--model", folder, "--prompts", prompts, "--max-new-tokens", "6", "--batch-size", "2",
+           "--json", "--dtype", "float32", "--dense"]
+    one = run_cli(*run, "--threads", "1")
+    four = torchrun(*run, "--tp", "2", nproc=4)
+    assert four.returncode == 0, four.stderr
+    assert [json.loads(x)["token_ids"] for x in one.stdout.splitlines()] == \
+        [json.loads(x)["token_ids"] for x in four.stdout.splitlines()]
+
+
+def test_tensor_parallel_refusals(six):
+    folder, _ = six
+    bad = torchrun("adainfer.run", "--model", folder, "--prompt", "hi", "--tp", "3")
+    assert bad.returncode != 0 and "--tp: 3 does not divide the 2 ranks" in bad.stderr
+    bad = torchrun("adainfer.run", "--model", folder, "--prompt", "hi", "--tp", "2", "--max-new-tokens", "3",
+                   "--decode", "compiled", "--dense")
+    assert bad.returncode != 0 and "not built for tensor-parallel runs" in bad.stderr
+    from adainfer.config import ModelConfig
+    from adainfer.parallel import make_shard
+
+    config = ModelConfig.load(folder / "config.json")  # 4 query heads, 2 key/value heads
+    with pytest.raises(AdainferError, match="n_kv_heads = 2 is not a multiple of 4"):
+        make_shard(World(rank=0, size=4, tp=4), config)
+
+
+def test_vocabulary_shards_merge_to_the_whole_top2():
+    """merge_top2 over any split of the vocabulary (uneven, empty shards, ties across and within shards) equals the
+    top-2 of the whole logits: what every rank computes from the all-gathered partials."""
+    from adainfer.parallel import merge_top2, partial_top2
+    from kernels.top2 import top2_from_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 261) * 3
+    x[1, 10] = x[1, 200] = 50  # equal maxima in two shards: the smaller id wins, as argmax
+    x[2, 3] = x[2, 4] = 40  # within one shard
+    want = top2_from_logits(x)
+    for bounds in ([0, 131, 261], [0, 87, 174, 261], [0, 261, 261], [0, 0, 1, 261]):
+        got = merge_top2(torch.stack([partial_top2(x[:, a:b], a) for a, b in zip(bounds, bounds[1:])]))
+        assert torch.equal(got.top1, want.top1)
+        torch.testing.assert_close(got.p1, want.p1, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(got.p2, want.p2, atol=2e-6, rtol=1e-5)
