@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adainfer import distributed
+from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.exit import FEATURES, ExitClassifier, ExitRule, gap_rule
 from adainfer.traces import (
@@ -146,7 +146,7 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
 
     if check_cost is None:
         # A timing: rank 0's, so that every data-parallel rank tunes alike (adainfer.distributed).
-        opts.check_cost = distributed.world().broadcast(
+        opts.check_cost = current_world().broadcast(
             measure_check_cost(model, ids, cand_ids, check_head, L // 2 if kind else None))
     elif not check_cost >= 0:
         raise AdainferError("--check-cost", f"must be 0 or more, got {check_cost}")
@@ -194,7 +194,7 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
             "penalty": {n: round(f["penalty"], 4) for n, f in fitted.fit["layers"].items()}}
         clf.calibration["heldout_without_translator"] = plain
     for name in check_dtypes:  # the same held-out prompts, features and dense answers in another dtype
-        other = load_model(engine.path, name, engine.model.device, distributed.world())[0]
+        other = load_model(engine.path, name, engine.model.device, current_world())[0]
         t = collect_cached(other, [ids[i] for i in held], None, opts.features, cand_ids, batch_size, progress,
                            desc=f"held-out in {name}", hidden=0 if kind else None)
         if kind:

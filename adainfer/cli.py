@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from adainfer import distributed
+from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 
 
@@ -18,6 +18,6 @@ def cli_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
     try:
         return run(args) or 0
     except AdainferError as e:
-        rank = distributed.world().rank
+        rank = current_world().rank
         print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
         return 2

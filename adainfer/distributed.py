@@ -107,7 +107,7 @@ class World:
 _world = World()
 
 
-def world() -> World:
+def current_world() -> World:
     """The World set up by `init` (one process, one replica until then)."""
     return _world
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from adainfer import distributed
+from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan, shipped_classifier
 from adainfer.fast_decode import decode_graph, prepare_check_head
@@ -127,9 +127,9 @@ class Engine:
         seed sampling.seed + i), early exit by `exit` (see resolve_exit) beyond the first token in `mode`
         (none | sequence | token, adainfer.generate), `batch_size` prompts per forward. `decode`: eager |
         compiled | int4 (adainfer.fast_decode). `truncate`: cut prompts longer than the context to their last
-        tokens instead of refusing them. `compare_dense`: time a dense run of each batch beside it. `speculate`: greedy
-        self-speculative decoding with this draft (adainfer.speculative; the exit rule is not used: the answers are
-        the dense model's). Every prompt is
+        tokens instead of refusing them. `compare_dense`: time a dense run of each batch beside it. `speculate`:
+        self-speculative decoding with this draft (adainfer.speculative; the exit rule is not used: greedy answers are
+        the dense model's tokens, sampled ones follow its distribution). Every prompt is
         checked before anything runs, so a bad one costs the others nothing; `sources` name them in errors (default
         "prompt N")."""
         model, tok = self.model, self.tokenizer
@@ -140,8 +140,6 @@ class Engine:
         if mode not in MODES:
             raise AdainferError("--exit-mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
         if speculate is not None:  # the answers are the dense model's: no exit rule, no candidates
-            if sampling is not None and sampling.temperature > 0:
-                raise AdainferError("--speculate", "greedy only for now (speculative sampling is not built yet)")
             if decode != "eager" or candidates:
                 raise AdainferError("--speculate", "runs the eager block loop over the full vocabulary (not with "
                                                    "--decode compiled / int4 or --candidates yet)")
@@ -176,7 +174,8 @@ class Engine:
             seeds = [sampling.seed + i for i in batch]
             t0 = time.perf_counter()
             if speculate is not None:
-                gens = speculative_generate(model, [ids[i] for i in batch], max_new_tokens, speculate, eos)
+                gens = speculative_generate(model, [ids[i] for i in batch], max_new_tokens, speculate, eos, sampling,
+                                            seeds)
             else:
                 gens = generate(model, [ids[i] for i in batch], max_new_tokens, plan, eos, mode, sampling,
                                 row_seeds=seeds, graph=graph)
@@ -195,7 +194,7 @@ class Engine:
                     for j, i in enumerate(batch)]
 
         # Data-parallel ranks each run their share of the batches (adainfer.distributed); answers in input order.
-        parts = distributed.world().map(run, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
+        parts = current_world().map(run, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
         results: list[Result | None] = [None] * len(ids)
         for batch, got in zip(batches, parts):
             for i, r in zip(batch, got):
@@ -232,7 +231,7 @@ def load(path: str | Path | None = None, dtype: str = "auto", device: str = "cpu
         from adainfer.default_model import default_model_dir
 
         path = default_model_dir(progress=progress)
-    model, tok = load_model(path, dtype, device, distributed.world())
+    model, tok = load_model(path, dtype, device, current_world())
     if tok is None:
         raise AdainferError(path, "the model folder has no tokenizer.json or tokenizer.model")
     return Engine(model, tok, path)

@@ -63,18 +63,26 @@ class Sampling:
         """(b, V) float32 logits -> (b,) indices into V."""
         if self.temperature == 0:
             return logits.argmax(-1)
+        return draw(self.probs(logits), generators).to(logits.device)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits -> the distribution a token is drawn from (temperature > 0), float32 on the CPU."""
         logits = logits.float() / self.temperature
         if self.top_k:
-            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest set reaching top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1).cpu()
-        return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)]).to(
-            logits.device)
+        return logits.softmax(-1).cpu()
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One index per row of (b, V) CPU probabilities, row b from generators[b] (so a row's draws do not depend on its
+    batch)."""
+    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
 
 
 def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan: Plan | None = None,

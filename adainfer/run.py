@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true",
                    help="cut prompts longer than the context to their last tokens (default: refuse them)")
     p.add_argument("--speculate", action="store_true",
-                   help="greedy self-speculative decoding: a subset of the model's blocks drafts, the whole model "
-                        "verifies; the same tokens as --dense (the exit classifier is not used)")
+                   help="self-speculative decoding: a subset of the model's blocks drafts, the whole model "
+                        "verifies; greedy: the same tokens as --dense; with --temperature: the same distribution as "
+                        "dense sampling (the speculative rejection rule); the exit classifier is not used")
     p.add_argument("--draft-layers", metavar="SPEC",
                    help="with --speculate: the drafting blocks, e.g. 0-19 or 0,1,8-29 (default: the first two thirds)")
     p.add_argument("--draft-length", type=int, default=3, help="with --speculate: tokens drafted a round (default 3)")

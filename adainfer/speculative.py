@@ -1,10 +1,11 @@
-"""Self-speculative greedy decoding: the model's own blocks draft, the whole model verifies (issue 18, item 1, greedy).
+"""Self-speculative decoding: the model's own blocks draft, the whole model verifies (issue 18).
 
 A draft is a cheaper run of the same model: a subset of its blocks (`Draft.layers`), or its first k blocks read
 through a translator where one maps block k. Each round, every row drafts g tokens one at a time, then the whole
 model runs once over the row's last token and its g drafts (a short prefill) and keeps the longest prefix of drafts
 it agrees with plus its own next token: 1 to g + 1 tokens a round, and with greedy decoding exactly the dense
-model's tokens.
+model's tokens. With sampling, drafts are drawn from the draft's distribution and kept or replaced by the
+speculative rejection rule (`accept`), so that every token has the dense model's distribution.
 
 The draft shares the verifier's KV cache: its blocks write their keys and values at the drafted positions, which the
 verify pass then overwrites for every block. Rows accept different counts in the same round; a rejected position
@@ -12,7 +13,7 @@ stays in the cache as a hole (`KVCache.valid` false), which attention skips and 
 count (adainfer.model.default_positions), so a row's cache holds exactly what a dense run's holds, at other slots.
 Rows are independent: a batch gives each row's tokens alone.
 
-Left out for now (issue 18): sampling by the speculative rejection rule, adaptive draft lengths, cheap draft heads,
+Left out for now (issue 18): adaptive draft lengths, cheap draft heads,
 calibrated draft files, and the decode graphs. Sliding-window models are refused (their window counts cache slots,
 which holes would shift).
 """
@@ -25,7 +26,7 @@ import torch
 
 from adainfer.errors import AdainferError
 from adainfer.exit import Plan
-from adainfer.generate import Generation, check_prompts, left_pad
+from adainfer.generate import Generation, Sampling, check_prompts, draw, left_pad
 from adainfer.model import Decoder, KVCache
 
 
@@ -65,14 +66,18 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 
 
 def speculative_generate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: Draft,
-                         eos_id: int | None = None) -> list[Speculation]:
-    """Greedy generation for one batch of prompts, drafted by `draft` and verified by the whole model: the same tokens
-    as adainfer.generate.generate(..., mode="none")."""
-    return speculate(model, ids, max_new_tokens, draft, eos_id)[0]
+                         eos_id: int | None = None, sampling: Sampling | None = None,
+                         row_seeds: list[int] | None = None) -> list[Speculation]:
+    """Generation for one batch of prompts, drafted by `draft` and verified by the whole model. Greedy (no
+    `sampling`, or temperature 0): the same tokens as adainfer.generate.generate(..., mode="none"). Sampling: the
+    same distribution as dense sampling with `sampling` (row b seeded with row_seeds[b], default b), by the
+    speculative rejection rule."""
+    return speculate(model, ids, max_new_tokens, draft, eos_id, sampling, row_seeds)[0]
 
 
 @torch.inference_mode()
-def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: Draft, eos_id: int | None = None
+def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: Draft, eos_id: int | None = None,
+              sampling: Sampling | None = None, row_seeds: list[int] | None = None
               ) -> tuple[list[Speculation], KVCache]:
     """speculative_generate, and the KV cache it leaves (holes and all: what the tests compare with a dense run's)."""
     if max_new_tokens < 1:
@@ -87,12 +92,14 @@ def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: 
     pad = model.config.pad_id if model.config.pad_id is not None else 0
     tokens, pad_mask = left_pad(ids, pad, model.device)
     B, T = tokens.shape
+    sample = sampling is not None and sampling.temperature > 0
+    gens = [torch.Generator().manual_seed(s) for s in (row_seeds or range(B))] if sample else None
     # Each round writes g + 1 slots and emits at least one token: room for the worst case.
     cache = KVCache(model.local, B, T + max_new_tokens * (g + 1), model.dtype, model.device)
     out = model(tokens, pad_mask=pad_mask, cache=cache)
     cache.length = T
     results = [Speculation() for _ in range(B)]
-    token = out.token  # (B,) the newest token, not yet in the cache
+    token = sampling.pick(out.logits, gens) if sample else out.token  # (B,) the newest token, not yet in the cache
     done = torch.zeros(B, dtype=torch.bool)
     draft_plan = draft.plan(model)
     L = model.config.n_layers
@@ -110,30 +117,68 @@ def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: 
     rows = torch.arange(B, device=model.device)
     while not bool(done.all()):
         start = cache.length
-        drafted, x = [], token
+        drafted, q, x = [], [], token
         for _ in range(g):  # the draft, one token at a time, writing its blocks' K/V at the drafted slots
             o = model(x[:, None], cache=cache, plan=draft_plan)
             cache.length += 1
-            x = o.token
+            if sample:
+                q.append(sampling.probs(o.logits))  # (B, V) what the draft drew from
+                x = draw(q[-1], gens).to(model.device)
+            else:
+                x = o.token
             drafted.append(x)
         cache.length = start
         cache.valid[:, start:start + g + 1] = False  # the verify pass marks its own slots
         seq = torch.stack([token, *drafted], dim=1)  # (B, g + 1)
         verify = model(seq, cache=cache, plan=Plan(hidden_states=True))
         cache.length = start + g + 1
-        picks = model.head(verify.hidden_states[-1].reshape(B * (g + 1), -1)).argmax(-1).view(B, g + 1)
-        agree = (picks[:, :g] == seq[:, 1:]).long().cumprod(1).sum(1)  # (B,) leading drafts the model agrees with
+        logits = model.head(verify.hidden_states[-1].reshape(B * (g + 1), -1)).view(B, g + 1, -1)
+        if sample:
+            agree, nxt = accept(sampling.probs(logits), torch.stack(q, 1), seq[:, 1:].cpu(), gens)
+        else:
+            picks = logits.argmax(-1)
+            agree = (picks[:, :g] == seq[:, 1:]).long().cumprod(1).sum(1)  # (B,) leading drafts the model agrees with
+            nxt = picks[rows, agree.to(model.device)]
         for b in range(B):
             n = int(agree[b])
             if not done[b]:
                 results[b].accepted.append(n)
             for j in range(n):
-                emit(b, int(seq[b, j + 1]), L)  # every emitted token is the whole model's
-            emit(b, int(picks[b, n]), L)
+                emit(b, int(seq[b, j + 1]), L)  # greedy: every emitted token is the whole model's
+            emit(b, int(nxt[b]), L)
         # Rejected drafts stay as holes: slots start + n + 1 .. start + g hold nothing a later token may see.
         slots = start + torch.arange(g + 1, device=model.device)
         hole = slots[None, :] > (start + agree.to(model.device))[:, None]  # (B, g + 1)
         cache.valid[rows[:, None], slots[None, :].expand(B, -1)] &= ~hole
         cache.padded = cache.padded or bool(hole.any())
-        token = picks[rows, agree.to(model.device)]
+        token = nxt.to(model.device)
     return results, cache
+
+
+def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, gens: list[torch.Generator]
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative rejection rule (Leviathan et al. 2023; Chen et al. 2023), row by row with each row's
+    generator: draft j, drawn from q[:, j], is kept with probability min(1, p[:, j] / q[:, j]) of its token while
+    every draft before it was; the first one refused is replaced by a draw from the residual max(0, p - q)
+    (renormalised), and when all g are kept, one more token is drawn from p[:, g]. So each emitted token has the whole
+    model's distribution p. p (B, g + 1, V) the model's distributions at the g + 1 verified positions, q (B, g, V) the
+    draft's, drafts (B, g) -> (kept drafts (B,), the next token (B,))."""
+    B, g = drafts.shape
+    kept, nxt = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        u = torch.rand(g, generator=gens[b])
+        n = 0
+        while n < g:
+            t = int(drafts[b, n])
+            if not u[n] * q[b, n, t] < p[b, n, t]:  # refused (u < p / q, written without dividing)
+                break
+            n += 1
+        if n < g:
+            residual = (p[b, n] - q[b, n]).clamp(min=0)
+            # p == q on every token leaves no residual, but then no draft is refused (u < 1)
+            dist = residual if float(residual.sum()) > 0 else p[b, n]
+        else:
+            dist = p[b, g]
+        kept[b] = n
+        nxt[b] = int(torch.multinomial(dist, 1, generator=gens[b]))
+    return kept, nxt

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adainfer import distributed
+from adainfer.distributed import current_world
 from adainfer.exit import ExitClassifier, ExitRule, Plan
 from adainfer.generate import left_pad
 from adainfer.model import Decoder
@@ -100,7 +100,7 @@ def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     pad = model.config.pad_id if model.config.pad_id is not None else 0
-    world = distributed.world()
+    world = current_world()
     t0 = time.perf_counter()
 
     def run(b: int) -> dict:
@@ -174,7 +174,7 @@ def collect_cached(model: Decoder, ids: list[list[int]], path: Path | None, feat
                    also=None, hidden: int | None = None, seed: int = 0) -> Traces:
     """collect(), reusing the traces saved at `path` when they came from the same model, prompts and settings."""
     key = traces_key(model, ids, features, candidates, model.dtype, hidden, seed)
-    world = distributed.world()
+    world = current_world()
     cached = None
     if path is not None and Path(path).is_file() and world.main:
         cached = Traces.load(path, key, None if also is None else also.cpu().numpy(), hidden is not None)

@@ -99,3 +99,60 @@ def test_run_cli_speculate(deep, tmp_path):
     assert r.returncode == 0 and "tokens per verify" in r.stdout and "same answer" in r.stdout, r.stdout + r.stderr
     r = run_cli(*base, "--draft-layers", "0-3")
     assert r.returncode == 2 and "only apply with --speculate" in r.stderr
+
+
+def test_speculative_sampling_has_the_dense_distribution(deep):
+    """1500 rows of one prompt, each with its own seed, sampled speculatively (temperature 1, top-k 5, a 2-block draft
+    of 2 tokens): the counts of the 2nd and 3rd tokens pass a chi-square test against the dense model's exact
+    marginals (enumerated over the first tokens), and fail one against the draft's own (so the test can tell)."""
+    from scipy.stats import chisquare
+
+    from adainfer.exit import Plan
+    from adainfer.generate import Sampling
+
+    model, _ = deep
+    prompt, n = [5, 17, 99, 3], 1500
+    sampling = Sampling(temperature=1.0, top_k=5)
+    gens = speculative_generate(model, [prompt] * n, 3, Draft([0, 1], 2), sampling=sampling,
+                                row_seeds=list(range(n)))
+    assert all(len(g.token_ids) == 3 for g in gens)
+
+    def dist(seq, layers=None):  # the distribution a token after `seq` is drawn from
+        return sampling.probs(model(torch.tensor([seq]), plan=Plan(layers=layers)).logits)[0]
+
+    def marginal(layers=None):  # exact P(2nd token), P(3rd token): the first from the whole model, then `layers`
+        second, third = torch.zeros(260), torch.zeros(260)
+        p0 = dist(prompt)
+        for x in p0.nonzero()[:, 0].tolist():
+            p1 = dist(prompt + [x], layers)
+            second += p0[x] * p1
+            for y in p1.nonzero()[:, 0].tolist():
+                third += p0[x] * p1[y] * dist(prompt + [x, y], layers)
+        return second, third
+
+    def pvalue(observed, expected):
+        expected = expected * n
+        big = expected >= 5  # categories too rare for the test are pooled
+        obs = torch.cat([observed[big], observed[~big].sum()[None]])
+        exp = torch.cat([expected[big], expected[~big].sum()[None]])
+        obs, exp = obs[exp > 0], exp[exp > 0]
+        return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+
+    counts = [torch.bincount(torch.tensor([g.token_ids[k] for g in gens]), minlength=260).double() for k in (1, 2)]
+    dense, drafty = marginal(), marginal([0, 1])
+    for k in range(2):
+        assert pvalue(counts[k], dense[k].double()) > 1e-3
+    assert min(pvalue(counts[k], drafty[k].double()) for k in range(2)) < 1e-3
+
+
+def test_speculative_sampling_rows_are_their_own(deep):
+    """A row's sampled tokens depend on its seed, not on its batch."""
+    from adainfer.generate import Sampling
+
+    model, _ = deep
+    rows = prompts(4, seed=7)
+    sampling = Sampling(temperature=0.8, top_p=0.9)
+    together = speculative_generate(model, rows, 10, Draft([0, 2], 3), sampling=sampling, row_seeds=[11, 12, 13, 14])
+    alone = [speculative_generate(model, [r], 10, Draft([0, 2], 3), sampling=sampling, row_seeds=[11 + i])[0]
+             for i, r in enumerate(rows)]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adainfer import distributed
+from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.eval.metrics import summarize
 from adainfer.tasks import Task
@@ -92,7 +92,7 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
         traces = None if out is None else Path(out).with_name(f"{Path(out).stem}_{k}shot_traces.npz")
         run = evaluate_shots(model, tok, ids, golds, cands, built, batch_size, traces, progress)
         results.runs.append({"shots": k, **run})
-    if out is not None and distributed.world().main:  # one writer among data-parallel ranks
+    if out is not None and current_world().main:  # one writer among data-parallel ranks
         write_results(out, results.to_dict())
         results.files.append(Path(out))
         if figures:
@@ -130,7 +130,7 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
                 None if t.top1_candidates is None else float(1 - oracle_layers(t, True).mean() / L))
     records = {m.name: [None] * len(ids) for m in methods}
     seconds = dict.fromkeys(records, 0.0)
-    world = distributed.world()
+    world = current_world()
 
     def run(b: int) -> dict:
         """Every method on batch b: its rows' records and seconds per method."""
