@@ -412,7 +412,14 @@ class Decoder(nn.Module):
         """The head rows of token `ids` (k, dim) for head(h, weight) and the exit check; None (all rows) for None."""
         if ids is None:
             return None
-        return self.head_weight[ids] if self.shard is None else self.shard.rows(self.head_weight, ids)
+        if self.shard is not None:
+            return self.shard.rows(self.head_weight, ids)
+        # Kept for the next call with the same ids (a draft head of thousands of rows is gathered once, not per step).
+        w = self.head_weight
+        memo = getattr(self, "_head_rows", None)
+        if memo is None or memo[1] is not w or memo[2] != w._version or not torch.equal(memo[0], ids):
+            memo = self._head_rows = (ids.clone(), w, w._version, w[ids])  # _version: in-place edits of the head
+        return memo[3]
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """Gemma's final_logit_softcapping, cap * tanh(logits / cap); the identity for the other families."""

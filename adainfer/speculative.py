@@ -13,7 +13,7 @@ stays in the cache as a hole (`KVCache.valid` false), which attention skips and 
 count (adainfer.model.default_positions), so a row's cache holds exactly what a dense run's holds, at other slots.
 Rows are independent: a batch gives each row's tokens alone.
 
-Left out for now (issue 18): adaptive draft lengths, cheap draft heads,
+Left out for now (issue 18): adaptive draft lengths, an int8 draft head,
 calibrated draft files, and the decode graphs. Sliding-window models are refused (their window counts cache slots,
 which holes would shift).
 """
@@ -38,12 +38,28 @@ class Draft:
     layers: list[int] | None
     length: int = 3
     translator: object | None = None
+    # The draft's head: these token ids' rows only (None: all). A frequent-token subset (frequent_tokens) reads a
+    # fraction of the LM head's bytes; the verifier still scores the whole vocabulary, so the output is unchanged.
+    vocab: torch.Tensor | None = None
 
     def plan(self, model: Decoder) -> Plan:
         L = model.config.n_layers
         layers = list(range(L)) if self.layers is None else list(self.layers)
         prefix = layers == list(range(len(layers)))
-        return Plan(layers=layers, translator=self.translator if prefix and len(layers) < L else None)
+        vocab = None if self.vocab is None else self.vocab.to(model.device)
+        return Plan(layers=layers, translator=self.translator if prefix and len(layers) < L else None,
+                    candidates=vocab)
+
+
+def frequent_tokens(tok, texts: list[str], k: int) -> torch.Tensor:
+    """The `k` token ids most frequent in `texts` (ties: the lower id), sorted: a draft head's rows (FR-Spec's
+    frequency-ranked subset), to be counted on text like what the model will write."""
+    counts: dict[int, int] = {}
+    for text in texts:
+        for t in tok.encode(text):
+            counts[t] = counts.get(t, 0) + 1
+    top = sorted(counts, key=lambda t: (-counts[t], t))[:k]
+    return torch.tensor(sorted(top), dtype=torch.long)
 
 
 @dataclass
@@ -121,8 +137,10 @@ def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: 
         for _ in range(g):  # the draft, one token at a time, writing its blocks' K/V at the drafted slots
             o = model(x[:, None], cache=cache, plan=draft_plan)
             cache.length += 1
-            if sample:
-                q.append(sampling.probs(o.logits))  # (B, V) what the draft drew from
+            if sample:  # (B, V) what the draft draws from (zero off its head's rows)
+                q.append(sampling.probs(o.logits) if draft.vocab is None else
+                         torch.zeros(B, model.config.vocab_size).index_copy_(1, draft.vocab.cpu(),
+                                                                             sampling.probs(o.logits)))
                 x = draw(q[-1], gens).to(model.device)
             else:
                 x = o.token

@@ -6,11 +6,12 @@
    exactly: same batches, same thread count per process), and rows per second of wall-clock (the whole command,
    model load included, and the model's own seconds).
 2. `python -m adainfer.run --dense --json` generating `--new-tokens` greedy tokens for AG News openings, one process
-   (1 thread) against `torchrun --nproc_per_node 2 ... --tp 2`: tokens compared, wall-clock.
+   (1 thread) against `torchrun --nproc_per_node N ... --tp N` (`--tp`; default the smallest N that splits the
+   model's heads: 3 for the default model's 9 query / 3 key-value heads): tokens compared, wall-clock.
 
 Every configuration runs as a separate command, one after another (the machine's cores are shared between ranks).
 
-    python benchmarks/bench_distributed.py [--rows 64] [--ranks 2] [--new-tokens 32] [--out results/bench_distributed.json]
+    python benchmarks/bench_distributed.py [--rows 64] [--ranks 2] [--new-tokens 32] [--tp N] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def command(args: list, ranks: int = 1, threads: int = 1) -> tuple[float, subpro
     return seconds, proc
 
 
+def tp_size(folder: Path | None) -> int:
+    from adainfer.config import ModelConfig
+
+    if folder is None:
+        from adainfer.default_model import default_model_dir
+
+        folder = default_model_dir(progress=False)
+    c = ModelConfig.load(Path(folder) / "config.json")
+    return next(n for n in range(2, c.n_heads + 1) if not (c.n_heads % n or c.n_kv_heads % n or c.hidden_dim % n))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="converted model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -58,6 +70,9 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=2, help="data-parallel ranks (default 2)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--gen-rows", type=int, default=8)
+    p.add_argument("--tp", type=int, help="tensor-parallel ranks for the generation (default: the smallest N > 1 "
+                                          "that divides the model's heads, key/value heads and MLP width; 3 for "
+                                          "SmolLM2-135M's 9 / 3 heads)")
     p.add_argument("--out", type=Path, default=Path("results/bench_distributed.json"))
     args = p.parse_args()
     model = [] if args.model is None else ["--model", args.model]
@@ -105,11 +120,12 @@ def main() -> None:
     gen = ["adainfer.run", *model, "--prompts", prompts, "--max-new-tokens", args.new_tokens, "--dense", "--json",
            "--dtype", "float32", "--batch-size", "1"]
     w1, single = command([*gen, "--threads", "1"])
-    w2, tp = command([*gen, "--tp", "2"], 2, 1)
+    n = args.tp or tp_size(args.model)
+    w2, tp = command([*gen, "--tp", n], n, 1)
     tokens = [[json.loads(x)["token_ids"] for x in proc.stdout.splitlines()] for proc in (single, tp)]
-    checks["--tp 2 generation == 1 process"] = tokens[0] == tokens[1]
+    checks[f"--tp {n} generation == 1 process"] = tokens[0] == tokens[1]
     gen_rows = [{"generate": "1 process x 1 thread", "wall_s": round(w1, 1)},
-                {"generate": "torchrun 2 ranks, --tp 2", "wall_s": round(w2, 1)}]
+                {"generate": f"torchrun {n} ranks, --tp {n}", "wall_s": round(w2, 1)}]
     print()
     print_table(gen_rows, ["generate", "wall_s"])
     print()

@@ -29,14 +29,15 @@ from adainfer.exit import Plan  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 from adainfer.model import KVCache  # noqa: E402
-from adainfer.speculative import Draft, parse_layers, speculative_generate  # noqa: E402
+from adainfer.speculative import Draft, frequent_tokens, parse_layers, speculative_generate  # noqa: E402
+from adainfer.tasks import load_task  # noqa: E402
 
 
 def step_costs(model, ids: list[int], draft: Draft, repeats: int) -> dict:
     """Median seconds of a dense decode step, a draft step and a verify pass of g + 1 tokens, after a prompt."""
     x = torch.tensor([ids])
     g = draft.length
-    cache = KVCache(model.config, 1, len(ids) + g + 2, model.dtype)
+    cache = KVCache(model.local, 1, len(ids) + g + 2, model.dtype)
     model(x, cache=cache)
     cache.length = len(ids)
     one, seq = torch.tensor([[ids[-1]]]), torch.tensor([ids[-1:] * (g + 1)])
@@ -62,6 +63,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=20, help="prompts per set (default 20)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--drafts", nargs="+", default=["0,1,8-29:2", "0-23:3"], help="BLOCKS:LENGTH, e.g. 0-19:3")
+    p.add_argument("--draft-vocab", nargs="+", type=int, default=[0], metavar="K",
+                   help="draft heads: the K most frequent tokens of train-split text (AG News train, SQuAD's "
+                        "demonstration pool; 0: the whole head), each with every draft")
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=20)
@@ -76,10 +80,14 @@ def main() -> None:
         args.model = default_model_dir(progress=False)
     model, tok = load_model(args.model, args.dtype)
     L = model.config.n_layers
+    corpus = [ex.x for ex in load_task("agnews", args.data).train[:3000]] + \
+        [f"{ex.x} {' '.join(ex.answers)}" for ex in load_task("squad", args.data).train]
     drafts = {}
     for spec in args.drafts:
         blocks, _, length = spec.rpartition(":")
-        drafts[spec] = Draft(parse_layers(blocks, L), int(length))
+        for k in args.draft_vocab:
+            vocab = frequent_tokens(tok, corpus, k) if k else None
+            drafts[spec + (f" top{k}" if k else "")] = Draft(parse_layers(blocks, L), int(length), vocab=vocab)
     sets = {"squad": squad_prompts(args.data, args.rows), "open": open_prompts(args.data, args.rows)}
     rows = []
     for set_name, prompts in sets.items():
@@ -106,6 +114,7 @@ def main() -> None:
                 predicted = per_verify * costs["dense_step_ms"] / (
                     draft.length * costs["draft_step_ms"] + costs["verify_ms"])
                 rows.append({"set": set_name, "batch": B, "draft": name, "draft_blocks": len(draft.layers),
+                             "draft_head_rows": model.config.vocab_size if draft.vocab is None else len(draft.vocab),
                              "identical_rows": sum(r.token_ids == d for r, d in zip(out, dense_out)) / len(out),
                              "accepted_per_round": sum(rounds) / max(1, len(rounds)),
                              "tokens_per_verify": per_verify,

@@ -101,10 +101,12 @@ def test_run_cli_speculate(deep, tmp_path):
     assert r.returncode == 2 and "only apply with --speculate" in r.stderr
 
 
-def test_speculative_sampling_has_the_dense_distribution(deep):
+@pytest.mark.parametrize("half_vocab", [False, True])
+def test_speculative_sampling_has_the_dense_distribution(deep, half_vocab):
     """1500 rows of one prompt, each with its own seed, sampled speculatively (temperature 1, top-k 5, a 2-block draft
-    of 2 tokens): the counts of the 2nd and 3rd tokens pass a chi-square test against the dense model's exact
-    marginals (enumerated over the first tokens), and fail one against the draft's own (so the test can tell)."""
+    of 2 tokens, its head all rows or every other one): the counts of the 2nd and 3rd tokens pass a chi-square test
+    against the dense model's exact marginals (enumerated over the first tokens), and fail one against the draft's
+    own (so the test can tell)."""
     from scipy.stats import chisquare
 
     from adainfer.exit import Plan
@@ -113,7 +115,8 @@ def test_speculative_sampling_has_the_dense_distribution(deep):
     model, _ = deep
     prompt, n = [5, 17, 99, 3], 1500
     sampling = Sampling(temperature=1.0, top_k=5)
-    gens = speculative_generate(model, [prompt] * n, 3, Draft([0, 1], 2), sampling=sampling,
+    vocab = torch.arange(0, 260, 2) if half_vocab else None
+    gens = speculative_generate(model, [prompt] * n, 3, Draft([0, 1], 2, vocab=vocab), sampling=sampling,
                                 row_seeds=list(range(n)))
     assert all(len(g.token_ids) == 3 for g in gens)
 
@@ -142,7 +145,27 @@ def test_speculative_sampling_has_the_dense_distribution(deep):
     dense, drafty = marginal(), marginal([0, 1])
     for k in range(2):
         assert pvalue(counts[k], dense[k].double()) > 1e-3
-    assert min(pvalue(counts[k], drafty[k].double()) for k in range(2)) < 1e-3
+    if not half_vocab:
+        assert min(pvalue(counts[k], drafty[k].double()) for k in range(2)) < 1e-3
+
+
+def test_a_draft_head_of_some_rows_changes_no_greedy_token(deep):
+    """A draft reading a vocabulary subset (one that leaves out tokens the model writes) still gives the dense
+    tokens; its rows are gathered once (Decoder.head_rows), and a subset of frequent tokens is sorted ids."""
+    from adainfer.speculative import frequent_tokens
+
+    model, folder = deep
+    rows = prompts(3, seed=5)
+    dense = [g.token_ids for g in generate(model, rows, 12)]
+    some = torch.arange(0, 260, 3)
+    for draft in (Draft([0, 1, 4, 5], 2, vocab=some), Draft(None, 3, vocab=some)):
+        assert [g.token_ids for g in speculative_generate(model, rows, 12, draft)] == dense
+    assert model.head_rows(some) is model.head_rows(some.clone())  # the same gathered rows
+    from adainfer.loading import load_model as load
+
+    tok = load(folder, "float32")[1]
+    ids = frequent_tokens(tok, ["aab", "ab"], 2)
+    assert ids.tolist() == sorted(ids.tolist()) and len(ids) == 2
 
 
 def test_speculative_sampling_rows_are_their_own(deep):
