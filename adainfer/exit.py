@@ -298,6 +298,8 @@ class Plan:
     check_head: str = "full"  # "int8": CPU exit features from an int8 copy of the head; answers at full precision
     translator: object | None = None  # adainfer.translator.Translator: checks, and rows that stop before the last
     #                                   block (exits, exit_at), read the layer through its map
+    answer: bool = True  # False (with hidden_states, no exit rule): no final head, Output.logits / token None (a
+    #                      caller that reads the head over every position itself: the speculative verify pass)
 
     def __post_init__(self):
         if self.translator is None and self.exit is not None:
@@ -306,7 +308,7 @@ class Plan:
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # (B, V) or (B, n_candidates), float32: the last token at each row's exit layer
+    logits: torch.Tensor | None  # (B, V) or (B, n_candidates), float32: the last token at each row's exit layer
     layers_run: torch.Tensor  # (B,) int64: blocks each row ran
     token: torch.Tensor  # (B,) int64: argmax of logits, mapped back to vocabulary ids in candidate mode
     features: list = field(default_factory=list)  # with record_features: one dict per checked layer

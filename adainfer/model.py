@@ -561,6 +561,8 @@ class Decoder(nn.Module):
             if rule is not None:
                 state = rule.remember(h[:, -1], ctx.record, state)
         else:  # a run stopped before the model's last block (exit_at, a layer subset) reads through its map too
+            if not plan.answer and rule is None:
+                return Output(None, exits.layers, None, features, hiddens)
             through = reader is not None and reader.reads(n_run, self.config.n_layers)
             exits.finish(reader.read(n_run, h[:, -1]) if through else h[:, -1])
         logits, layers = exits.answers()

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-layers", metavar="SPEC",
                    help="with --speculate: the drafting blocks, e.g. 0-19 or 0,1,8-29 (default: the first two thirds)")
     p.add_argument("--draft-length", type=int, default=3, help="with --speculate: tokens drafted a round (default 3)")
+    p.add_argument("--draft-min-prob", type=float, default=0.0, metavar="P",
+                   help="with --speculate: a row stops drafting in a round at a token its draft gives less than P "
+                        "(default 0: always --draft-length)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in input order")
     p.add_argument("--no-compare", action="store_true", help="do not time a dense run beside the exit run")
     return p
@@ -103,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
         sources, prompts = ["--prompt"], [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
     if args.dense and args.exit:
         raise AdainferError("--exit", "cannot be combined with --dense")
-    if (args.draft_layers is not None or args.draft_length != 3) and not args.speculate:
-        raise AdainferError("--draft-layers/--draft-length", "only apply with --speculate")
+    if (args.draft_layers is not None or args.draft_length != 3 or args.draft_min_prob) and not args.speculate:
+        raise AdainferError("--draft-layers/--draft-length/--draft-min-prob", "only apply with --speculate")
+    if not 0 <= args.draft_min_prob < 1:
+        raise AdainferError("--draft-min-prob", f"must be in [0, 1), got {args.draft_min_prob}")
     if args.speculate and args.exit:
         raise AdainferError("--exit", "cannot be combined with --speculate (its answers are the dense model's)")
     check_counts(draft_length=args.draft_length)
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
         L = engine.model.config.n_layers
         spec = args.draft_layers or f"0-{max(0, -(-2 * L // 3) - 1)}"
-        draft = Draft(parse_layers(spec, L), args.draft_length)
+        draft = Draft(parse_layers(spec, L), args.draft_length, min_prob=args.draft_min_prob)
     candidates = args.candidates
     if (args.prompt is None and args.prompts is None and candidates is None and args.exit is None
             and args.max_new_tokens == 1 and shipped_classifier(engine.model.fingerprint, DEFAULT_CANDIDATES)):

@@ -13,7 +13,7 @@ stays in the cache as a hole (`KVCache.valid` false), which attention skips and 
 count (adainfer.model.default_positions), so a row's cache holds exactly what a dense run's holds, at other slots.
 Rows are independent: a batch gives each row's tokens alone.
 
-Left out for now (issue 18): adaptive draft lengths, an int8 draft head,
+Left out for now (issue 18): an int8 draft head,
 calibrated draft files, and the decode graphs. Sliding-window models are refused (their window counts cache slots,
 which holes would shift).
 """
@@ -41,6 +41,10 @@ class Draft:
     # The draft's head: these token ids' rows only (None: all). A frequent-token subset (frequent_tokens) reads a
     # fraction of the LM head's bytes; the verifier still scores the whole vocabulary, so the output is unchanged.
     vocab: torch.Tensor | None = None
+    # Adaptive length: a row stops drafting in a round at the first token its draft gives less than this
+    # probability (SWIFT's and Kangaroo's rule: an unsure draft is likely refused, and costs a draft step); the round
+    # ends when every row has stopped or drafted `length`. 0: always `length`.
+    min_prob: float = 0.0
 
     def plan(self, model: Decoder) -> Plan:
         L = model.config.n_layers
@@ -134,7 +138,9 @@ def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: 
     while not bool(done.all()):
         start = cache.length
         drafted, q, x = [], [], token
-        for _ in range(g):  # the draft, one token at a time, writing its blocks' K/V at the drafted slots
+        offered = torch.zeros(B, dtype=torch.long)  # drafts each row puts to the verifier this round
+        drafting = ~done.clone()
+        while len(drafted) < g and bool(drafting.any()):  # one token at a time, its blocks' K/V at the drafted slots
             o = model(x[:, None], cache=cache, plan=draft_plan)
             cache.length += 1
             if sample:  # (B, V) what the draft draws from (zero off its head's rows)
@@ -144,18 +150,24 @@ def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: 
                 x = draw(q[-1], gens).to(model.device)
             else:
                 x = o.token
+            if draft.min_prob > 0:
+                sure = (q[-1] if sample else o.logits.softmax(-1)).amax(-1).cpu() >= draft.min_prob
+                drafting &= sure
+            offered += drafting.long()
             drafted.append(x)
+        k = len(drafted)
         cache.length = start
-        cache.valid[:, start:start + g + 1] = False  # the verify pass marks its own slots
-        seq = torch.stack([token, *drafted], dim=1)  # (B, g + 1)
-        verify = model(seq, cache=cache, plan=Plan(hidden_states=True))
-        cache.length = start + g + 1
-        logits = model.head(verify.hidden_states[-1].reshape(B * (g + 1), -1)).view(B, g + 1, -1)
+        cache.valid[:, start:start + k + 1] = False  # the verify pass marks its own slots
+        seq = torch.stack([token, *drafted], dim=1)  # (B, k + 1)
+        verify = model(seq, cache=cache, plan=Plan(hidden_states=True, answer=False))  # the head once, below
+        cache.length = start + k + 1
+        logits = model.head(verify.hidden_states[-1].reshape(B * (k + 1), -1)).view(B, k + 1, -1)
         if sample:
-            agree, nxt = accept(sampling.probs(logits), torch.stack(q, 1), seq[:, 1:].cpu(), gens)
+            agree, nxt = accept(sampling.probs(logits), torch.stack(q, 1), seq[:, 1:].cpu(), gens, offered)
         else:
             picks = logits.argmax(-1)
-            agree = (picks[:, :g] == seq[:, 1:]).long().cumprod(1).sum(1)  # (B,) leading drafts the model agrees with
+            agree = (picks[:, :k] == seq[:, 1:]).long().cumprod(1).sum(1).cpu()  # (B,) leading drafts it agrees with
+            agree = torch.minimum(agree, offered)
             nxt = picks[rows, agree.to(model.device)]
         for b in range(B):
             n = int(agree[b])
@@ -165,38 +177,39 @@ def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: 
                 emit(b, int(seq[b, j + 1]), L)  # greedy: every emitted token is the whole model's
             emit(b, int(nxt[b]), L)
         # Rejected drafts stay as holes: slots start + n + 1 .. start + g hold nothing a later token may see.
-        slots = start + torch.arange(g + 1, device=model.device)
-        hole = slots[None, :] > (start + agree.to(model.device))[:, None]  # (B, g + 1)
+        slots = start + torch.arange(k + 1, device=model.device)
+        hole = slots[None, :] > (start + agree.to(model.device))[:, None]  # (B, k + 1)
         cache.valid[rows[:, None], slots[None, :].expand(B, -1)] &= ~hole
         cache.padded = cache.padded or bool(hole.any())
         token = nxt.to(model.device)
     return results, cache
 
 
-def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, gens: list[torch.Generator]
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, gens: list[torch.Generator],
+           offered: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The speculative rejection rule (Leviathan et al. 2023; Chen et al. 2023), row by row with each row's
     generator: draft j, drawn from q[:, j], is kept with probability min(1, p[:, j] / q[:, j]) of its token while
     every draft before it was; the first one refused is replaced by a draw from the residual max(0, p - q)
-    (renormalised), and when all g are kept, one more token is drawn from p[:, g]. So each emitted token has the whole
-    model's distribution p. p (B, g + 1, V) the model's distributions at the g + 1 verified positions, q (B, g, V) the
-    draft's, drafts (B, g) -> (kept drafts (B,), the next token (B,))."""
+    (renormalised), and when all offered drafts are kept, one more token is drawn from p after them. So each emitted
+    token has the whole model's distribution p. p (B, g + 1, V) the model's distributions at the g + 1 verified
+    positions, q (B, g, V) the draft's, drafts (B, g), offered (B,) how many of its drafts each row puts forward
+    (default g; the rest are not tested: the next token is drawn from p where the row stopped) -> (kept drafts (B,),
+    the next token (B,))."""
     B, g = drafts.shape
     kept, nxt = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     for b in range(B):
         u = torch.rand(g, generator=gens[b])
-        n = 0
-        while n < g:
+        n, limit, refused = 0, g if offered is None else int(offered[b]), False
+        while n < limit and not refused:
             t = int(drafts[b, n])
-            if not u[n] * q[b, n, t] < p[b, n, t]:  # refused (u < p / q, written without dividing)
-                break
-            n += 1
-        if n < g:
+            refused = not u[n] * q[b, n, t] < p[b, n, t]  # u < p / q, written without dividing
+            n += 0 if refused else 1
+        if refused:
             residual = (p[b, n] - q[b, n]).clamp(min=0)
             # p == q on every token leaves no residual, but then no draft is refused (u < 1)
             dist = residual if float(residual.sum()) > 0 else p[b, n]
-        else:
-            dist = p[b, g]
+        else:  # every offered draft kept: the token after them, from the model
+            dist = p[b, n]
         kept[b] = n
         nxt[b] = int(torch.multinomial(dist, 1, generator=gens[b]))
     return kept, nxt

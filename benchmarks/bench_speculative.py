@@ -42,7 +42,7 @@ def step_costs(model, ids: list[int], draft: Draft, repeats: int) -> dict:
     cache.length = len(ids)
     one, seq = torch.tensor([[ids[-1]]]), torch.tensor([ids[-1:] * (g + 1)])
     plans = {"dense_step_ms": (one, Plan()), "draft_step_ms": (one, draft.plan(model)),
-             "verify_ms": (seq, Plan(hidden_states=True))}
+             "verify_ms": (seq, Plan(hidden_states=True, answer=False))}
     out = {}
     for name, (tokens, plan) in plans.items():
         times = []

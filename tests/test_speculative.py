@@ -97,16 +97,20 @@ def test_run_cli_speculate(deep, tmp_path):
     assert got["token_ids"] == dense["token_ids"] and got["tokens_per_verify"] >= 1 and got["accepted"]
     r = run_cli(*base[:-1], "--speculate")  # the default draft: the first two thirds; the human-readable report
     assert r.returncode == 0 and "tokens per verify" in r.stdout and "same answer" in r.stdout, r.stdout + r.stderr
+    r = run_cli(*base, "--speculate", "--draft-min-prob", "0.5", "--temperature", "0")
+    assert r.returncode == 0 and json.loads(r.stdout)["token_ids"] == dense["token_ids"], r.stderr
+    r = run_cli(*base, "--speculate", "--draft-min-prob", "1.5")
+    assert r.returncode == 2 and "--draft-min-prob: must be in [0, 1)" in r.stderr
     r = run_cli(*base, "--draft-layers", "0-3")
     assert r.returncode == 2 and "only apply with --speculate" in r.stderr
 
 
-@pytest.mark.parametrize("half_vocab", [False, True])
-def test_speculative_sampling_has_the_dense_distribution(deep, half_vocab):
+@pytest.mark.parametrize("half_vocab, min_prob", [(False, 0.0), (True, 0.0), (False, 0.4)])
+def test_speculative_sampling_has_the_dense_distribution(deep, half_vocab, min_prob):
     """1500 rows of one prompt, each with its own seed, sampled speculatively (temperature 1, top-k 5, a 2-block draft
-    of 2 tokens, its head all rows or every other one): the counts of the 2nd and 3rd tokens pass a chi-square test
-    against the dense model's exact marginals (enumerated over the first tokens), and fail one against the draft's
-    own (so the test can tell)."""
+    of 2 tokens, its head all rows or every other one, or drafting only while it is sure): the counts of the 2nd and
+    3rd tokens pass a chi-square test against the dense model's exact marginals (enumerated over the first tokens),
+    and fail one against the draft's own (so the test can tell)."""
     from scipy.stats import chisquare
 
     from adainfer.exit import Plan
@@ -116,8 +120,8 @@ def test_speculative_sampling_has_the_dense_distribution(deep, half_vocab):
     prompt, n = [5, 17, 99, 3], 1500
     sampling = Sampling(temperature=1.0, top_k=5)
     vocab = torch.arange(0, 260, 2) if half_vocab else None
-    gens = speculative_generate(model, [prompt] * n, 3, Draft([0, 1], 2, vocab=vocab), sampling=sampling,
-                                row_seeds=list(range(n)))
+    gens = speculative_generate(model, [prompt] * n, 3, Draft([0, 1], 2, vocab=vocab, min_prob=min_prob),
+                                sampling=sampling, row_seeds=list(range(n)))
     assert all(len(g.token_ids) == 3 for g in gens)
 
     def dist(seq, layers=None):  # the distribution a token after `seq` is drawn from
@@ -145,20 +149,24 @@ def test_speculative_sampling_has_the_dense_distribution(deep, half_vocab):
     dense, drafty = marginal(), marginal([0, 1])
     for k in range(2):
         assert pvalue(counts[k], dense[k].double()) > 1e-3
-    if not half_vocab:
+    if min_prob:  # some rounds stopped early
+        assert any(n < 2 for g in gens for n in g.accepted)
+    if not half_vocab and not min_prob:
         assert min(pvalue(counts[k], drafty[k].double()) for k in range(2)) < 1e-3
 
 
 def test_a_draft_head_of_some_rows_changes_no_greedy_token(deep):
-    """A draft reading a vocabulary subset (one that leaves out tokens the model writes) still gives the dense
-    tokens; its rows are gathered once (Decoder.head_rows), and a subset of frequent tokens is sorted ids."""
+    """A draft reading a vocabulary subset (one that leaves out tokens the model writes), or stopping when unsure,
+    still gives the dense tokens; its rows are gathered once (Decoder.head_rows), and a subset of frequent tokens is
+    sorted ids."""
     from adainfer.speculative import frequent_tokens
 
     model, folder = deep
     rows = prompts(3, seed=5)
     dense = [g.token_ids for g in generate(model, rows, 12)]
     some = torch.arange(0, 260, 3)
-    for draft in (Draft([0, 1, 4, 5], 2, vocab=some), Draft(None, 3, vocab=some)):
+    for draft in (Draft([0, 1, 4, 5], 2, vocab=some), Draft(None, 3, vocab=some), Draft([0, 5], 4, min_prob=0.05),
+                  Draft([0, 1, 2], 3, min_prob=0.99)):
         assert [g.token_ids for g in speculative_generate(model, rows, 12, draft)] == dense
     assert model.head_rows(some) is model.head_rows(some.clone())  # the same gathered rows
     from adainfer.loading import load_model as load
