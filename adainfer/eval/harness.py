@@ -132,24 +132,24 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
     seconds = dict.fromkeys(records, 0.0)
     world = current_world()
 
-    def run(b: int) -> dict:
-        """Every method on batch b: its rows' records and seconds per method."""
-        got = {m.name: ({}, 0.0) for m in methods}
+    def run(b: int) -> tuple[dict, dict]:
+        """Every method on batch b: per method, its rows' records (row -> record) and its seconds."""
+        recs, spent = {m.name: {} for m in methods}, {}
         # The first run on a new batch shape pays for allocations the others reuse: rotate who goes first.
         for m in methods[b % len(methods):] + methods[:b % len(methods)]:
-            got[m.name] = (got[m.name][0], run_batch(model, tok, ids, golds, cands, batches[b], m.plan,
-                                                     depths.get(m.name), got[m.name][0], m.translator))
+            spent[m.name] = run_batch(model, tok, ids, golds, cands, batches[b], m.plan, depths.get(m.name),
+                                      recs[m.name], m.translator)
         bar.update(1)
-        return got
+        return recs, spent
 
     # Data-parallel ranks each run their share of the batches (adainfer.distributed), gathered in batch order.
     with tqdm(total=len(batches), desc="methods", unit="batch", file=sys.stderr,
               disable=not progress or not world.main) as bar:
         parts = world.map(run, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
-    for got in parts:
-        for name, (recs, spent) in got.items():
-            seconds[name] += spent
-            for i, rec in recs.items():
+    for recs, spent in parts:
+        for name in records:
+            seconds[name] += spent[name]
+            for i, rec in recs[name].items():
                 records[name][i] = rec
     run = {"rows": len(ids), "per_layer": per_layer_stats(traces, golds), "methods": {}}
     if read is not None:  # the same curves with each layer read through the translator
