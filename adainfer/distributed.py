@@ -119,6 +119,9 @@ def init(device: str = "cpu", tp: int = 1) -> World:
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise AdainferError("--tp", f"must be at least 1, got {tp!r}")
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1 and tp > 1:
+        raise AdainferError("--tp", f"{tp} ranks hold the model between them: launch with torchrun --nproc_per_node "
+                                    f"{tp} (or a multiple of {tp}); this process runs alone")
     if size % tp:
         raise AdainferError("--tp", f"{tp} does not divide the {size} ranks torchrun started (WORLD_SIZE)")
     if size == 1:

@@ -249,6 +249,8 @@ def test_tensor_parallel_eval_and_run_cli(six, tmp_path):
 
 def test_tensor_parallel_refusals(six):
     folder, _ = six
+    alone = run_cli("adainfer.run", "--model", folder, "--prompt", "hi", "--tp", "2")
+    assert alone.returncode == 2 and "launch with torchrun --nproc_per_node 2" in alone.stderr
     bad = torchrun("adainfer.run", "--model", folder, "--prompt", "hi", "--tp", "3")
     assert bad.returncode != 0 and "--tp: 3 does not divide the 2 ranks" in bad.stderr
     bad = torchrun("adainfer.run", "--model", folder, "--prompt", "hi", "--tp", "2", "--max-new-tokens", "3",
