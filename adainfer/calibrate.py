@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache of the per-layer traces (.npz): reused when model, prompts and settings match, so "
                         "that refitting with other options skips running the model")
     p.add_argument("--default", action="store_true", help="mark the file as the model's default classifier")
+    d = p.add_argument_group("speculative drafts (--draft: write a draft file for run --speculate --draft FILE "
+                             "instead of an exit classifier)")
+    d.add_argument("--draft", action="store_true",
+                   help="measure a self-speculative draft on the prompts (greedy continuations, drafts accepted, "
+                        "the step costs on this machine) and write it with the speed it predicts; a draft predicted "
+                        "slower than dense makes run --speculate run dense and say why")
+    d.add_argument("--draft-layers", metavar="SPEC", help="drafting blocks, e.g. 0,1,8-29 (default: first two "
+                                                          "thirds)")
+    d.add_argument("--draft-length", type=int, default=3, help="tokens drafted a round (default 3)")
+    d.add_argument("--draft-min-prob", type=float, default=0.0, metavar="P", help="adaptive length (run's option)")
+    d.add_argument("--draft-vocab", type=int, default=0, metavar="K",
+                   help="the draft's head: the K most frequent tokens of the prompts' text (default 0: all rows)")
+    d.add_argument("--draft-tokens", type=int, default=32, help="tokens generated per prompt to measure (default 32)")
     return p
 
 
@@ -85,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     from adainfer.translator import parse_kind
 
     world = distributed.init(args.device, args.tp)
+    if args.draft and world.size > 1:
+        from adainfer.errors import AdainferError
+
+        raise AdainferError("--draft", "times decode steps in one process: run it without torchrun")
     # Options and prompts first: bad input is refused before the model loads.
     check_fit(FitOptions(args.classifier, tuple(args.features), args.threshold, args.first_layer,
                          args.target_agreement, args.stride), args.label, args.holdout, args.batch_size,
@@ -95,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
                            limit=args.limit, seed=args.seed, candidates=args.candidates)
     with world.main_first():  # the default model is fetched and converted once, by rank 0
         engine = load(args.model, args.dtype, args.device, threads=args.threads, progress=world.main)
+    if args.draft:
+        return write_draft(engine, data, args)
     clf = calibrate(engine, data, label=args.label, classifier=args.classifier, features=args.features,
                     threshold=args.threshold, first_layer=args.first_layer, target_agreement=args.target_agreement,
                     stride=args.stride, holdout=args.holdout, seed=args.seed, batch_size=args.batch_size,
@@ -110,6 +129,38 @@ def run(args: argparse.Namespace) -> int:
         args.report.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}" + ("" if clf.translator is None else
                                  f" and {args.out.with_name(args.out.stem + '.translator.safetensors')}"))
+    return 0
+
+
+def write_draft(engine, data, args: argparse.Namespace) -> int:
+    """calibrate --draft: measure the draft on the calibration prompts, write the draft file, print the verdict."""
+    from adainfer.engine import check_counts
+    from adainfer.errors import AdainferError
+    from adainfer.eval.harness import machine
+    from adainfer.speculative import Draft, frequent_tokens, measure_draft, parse_layers, save_draft
+
+    check_counts(draft_length=args.draft_length, draft_tokens=args.draft_tokens)
+    if not 0 <= args.draft_min_prob < 1:
+        raise AdainferError("--draft-min-prob", f"must be in [0, 1), got {args.draft_min_prob}")
+    model, tok = engine.model, engine.tokenizer
+    L = model.config.n_layers
+    spec = args.draft_layers or f"0-{max(0, -(-2 * L // 3) - 1)}"
+    vocab = frequent_tokens(tok, data.prompts, args.draft_vocab) if args.draft_vocab else None
+    draft = Draft(parse_layers(spec, L), args.draft_length, vocab=vocab, min_prob=args.draft_min_prob)
+    ids = [tok.encode(p) for p in data.prompts]
+    report = measure_draft(model, ids, draft, args.draft_tokens, eos_id=model.config.eos_id)
+    report.update({"layers_spec": spec, "head_rows": len(vocab) if vocab is not None else model.config.vocab_size,
+                   "dtype": str(model.dtype)[6:], "prompts_from": data.description, "machine": machine()})
+    save_draft(draft, args.out, {"fingerprint": model.fingerprint, "name": model.config.name or str(engine.path),
+                                 "n_layers": L}, report)
+    print(f"draft: blocks {spec} ({len(draft.layers)} of {L}), {draft.length} tokens a round, "
+          f"{report['head_rows']} head rows")
+    print(f"accepted per round {report['accepted_per_round']:.2f}, tokens per verify "
+          f"{report['tokens_per_verify']:.2f}; dense step {report['dense_step_ms']:.1f} ms, draft step "
+          f"{report['draft_step_ms']:.1f} ms, verify {report['verify_ms']:.1f} ms")
+    verdict = "faster than dense" if report["pays"] else "slower than dense: run --speculate with it runs dense"
+    print(f"predicted speed {report['predicted_speed_vs_dense']:.2f}x dense on this machine ({verdict})")
+    print(f"wrote {args.out}")
     return 0
 
 

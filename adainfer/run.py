@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-layers", metavar="SPEC",
                    help="with --speculate: the drafting blocks, e.g. 0-19 or 0,1,8-29 (default: the first two thirds)")
     p.add_argument("--draft-length", type=int, default=3, help="with --speculate: tokens drafted a round (default 3)")
+    p.add_argument("--draft", type=Path, metavar="FILE",
+                   help="with --speculate: a draft file from python -m adainfer.calibrate --draft (default: the one "
+                        "shipped for the model, if any, unless --draft-layers is given); a draft its calibration "
+                        "found slower than dense runs dense, saying so")
     p.add_argument("--draft-min-prob", type=float, default=0.0, metavar="P",
                    help="with --speculate: a row stops drafting in a round at a token its draft gives less than P "
                         "(default 0: always --draft-length)")
@@ -106,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
         sources, prompts = ["--prompt"], [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
     if args.dense and args.exit:
         raise AdainferError("--exit", "cannot be combined with --dense")
-    if (args.draft_layers is not None or args.draft_length != 3 or args.draft_min_prob) and not args.speculate:
-        raise AdainferError("--draft-layers/--draft-length/--draft-min-prob", "only apply with --speculate")
+    drafting = args.draft_layers is not None or args.draft_length != 3 or args.draft_min_prob
+    if (drafting or args.draft) and not args.speculate:
+        raise AdainferError("--draft/--draft-layers/--draft-length/--draft-min-prob", "only apply with --speculate")
+    if drafting and args.draft:
+        raise AdainferError("--draft", "give a draft file or --draft-layers/--draft-length/--draft-min-prob, not both")
     if not 0 <= args.draft_min_prob < 1:
         raise AdainferError("--draft-min-prob", f"must be in [0, 1), got {args.draft_min_prob}")
     if args.speculate and args.exit:
@@ -115,13 +122,23 @@ def run(args: argparse.Namespace) -> int:
     check_counts(draft_length=args.draft_length)
     with world.main_first():  # the default model is fetched and converted once, by rank 0
         engine = load(args.model, args.dtype, args.device, args.threads, progress=not args.json and world.main)
-    draft = None
+    draft, dense_why = None, None
     if args.speculate:
-        from adainfer.speculative import Draft, parse_layers
+        from adainfer.speculative import Draft, load_draft, parse_layers, shipped_draft
 
         L = engine.model.config.n_layers
-        spec = args.draft_layers or f"0-{max(0, -(-2 * L // 3) - 1)}"
-        draft = Draft(parse_layers(spec, L), args.draft_length, min_prob=args.draft_min_prob)
+        source = args.draft or (None if drafting else shipped_draft(engine.model.fingerprint))
+        if source is not None:
+            draft, report = load_draft(source, engine.model)
+            if not report.get("pays", True):
+                cpu = (report.get("machine") or {}).get("cpu")
+                dense_why = (f"running dense: the draft {source} was measured at "
+                             f"{report.get('predicted_speed_vs_dense')}x dense on {cpu} (give --draft-layers to run "
+                             "a draft anyway)")
+                draft = None
+        else:
+            spec = args.draft_layers or f"0-{max(0, -(-2 * L // 3) - 1)}"
+            draft = Draft(parse_layers(spec, L), args.draft_length, min_prob=args.draft_min_prob)
     candidates = args.candidates
     if (args.prompt is None and args.prompts is None and candidates is None and args.exit is None
             and args.max_new_tokens == 1 and shipped_classifier(engine.model.fingerprint, DEFAULT_CANDIDATES)):
@@ -138,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
                               and not args.no_compare, speculate=draft)
     if not world.main:  # rank 0 prints for every rank
         return 0
+    if dense_why:
+        print(f"speculative: {dense_why}", file=sys.stderr)
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -147,8 +166,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {engine.path} ({model.config.arch}, {model.config.n_layers} layers), {str(model.dtype)[6:]}, "
           f"{weights}{args.decode} decode, {torch.get_num_threads()} threads")
     if draft is not None:
-        print(f"speculative: blocks {args.draft_layers or f'0-{len(draft.layers) - 1}'} ({len(draft.layers)} of "
-              f"{model.config.n_layers}) draft {draft.length} tokens a round, the whole model verifies")
+        blocks = args.draft_layers or (str(args.draft) if args.draft else f"0-{len(draft.layers) - 1}")
+        print(f"speculative: blocks {blocks} ({len(draft.layers)} of {model.config.n_layers}) draft {draft.length} "
+              "tokens a round, the whole model verifies")
     else:
         print(f"exit: {choice.description}")
     for i, r in enumerate(results):

@@ -13,14 +13,20 @@ stays in the cache as a hole (`KVCache.valid` false), which attention skips and 
 count (adainfer.model.default_positions), so a row's cache holds exactly what a dense run's holds, at other slots.
 Rows are independent: a batch gives each row's tokens alone.
 
-Left out for now (issue 18): an int8 draft head,
-calibrated draft files, and the decode graphs. Sliding-window models are refused (their window counts cache slots,
-which holes would shift).
+A draft file (`save_draft` / `load_draft`, written by `python -m adainfer.calibrate --draft`) holds a draft measured
+on this machine (`measure_draft`: acceptance, step costs, predicted speed), bound to the model's fingerprint.
+
+Left out for now (issue 18): an int8 draft head, the search over block subsets, and the decode graphs.
+Sliding-window models are refused (their window counts cache slots, which holes would shift).
 """
 
 from __future__ import annotations
 
+import json
+import statistics
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -53,6 +59,102 @@ class Draft:
         vocab = None if self.vocab is None else self.vocab.to(model.device)
         return Plan(layers=layers, translator=self.translator if prefix and len(layers) < L else None,
                     candidates=vocab)
+
+
+DRAFT_FORMAT = "adainfer-draft"
+DRAFT_DIR = Path(__file__).parent / "drafts"
+
+
+def save_draft(draft: Draft, path: Path, model: dict, report: dict) -> None:
+    """A draft file: JSON with the blocks, length, adaptive threshold and head rows, bound to `model` (fingerprint,
+    name, layers) like an exit classifier, and `report` (measured acceptance, costs, predicted speed, verdict)."""
+    body = {"format": DRAFT_FORMAT, "version": 1, "model": model, "layers": draft.layers, "length": draft.length,
+            "min_prob": draft.min_prob, "vocab": None if draft.vocab is None else draft.vocab.tolist(),
+            "report": report}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load_draft(path: Path, model: Decoder) -> tuple[Draft, dict]:
+    """(Draft, its report) from a draft file, refused for another model or when malformed."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError:
+        raise AdainferError(path, "draft file not found or unreadable") from None
+    except ValueError as e:
+        raise AdainferError(path, f"malformed draft JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != DRAFT_FORMAT:
+        raise AdainferError(path, f"not a draft file (format {DRAFT_FORMAT!r})")
+    fp = (data.get("model") or {}).get("fingerprint")
+    if fp != model.fingerprint:
+        raise AdainferError(path, f"this draft was calibrated for another model (fingerprint {fp}, this model "
+                                  f"{model.fingerprint})")
+    L, V = model.config.n_layers, model.config.vocab_size
+    layers, vocab = data.get("layers"), data.get("vocab")
+    ok = (isinstance(layers, list) and layers and all(isinstance(i, int) and 0 <= i < L for i in layers) and
+          layers == sorted(set(layers)))
+    ok = ok and isinstance(data.get("length"), int) and data["length"] >= 1
+    ok = ok and isinstance(data.get("min_prob"), (int, float)) and 0 <= data["min_prob"] < 1
+    ok = ok and (vocab is None or isinstance(vocab, list) and vocab and all(isinstance(t, int) and 0 <= t < V
+                                                                             for t in vocab))
+    if not ok:
+        raise AdainferError(path, "draft file has bad layers, length, min_prob or vocab for this model")
+    draft = Draft(layers, data["length"], min_prob=float(data["min_prob"]),
+                  vocab=None if vocab is None else torch.tensor(vocab, dtype=torch.long))
+    return draft, data.get("report") or {}
+
+
+def shipped_draft(fingerprint: str | None) -> Path | None:
+    """The draft file shipped with the package for the model of this fingerprint, if there is one."""
+    for path in sorted(DRAFT_DIR.glob("*.json")):
+        try:
+            if json.loads(path.read_text()).get("model", {}).get("fingerprint") == fingerprint:
+                return path
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def step_costs(model: Decoder, ids: list[int], draft: Draft, repeats: int = 10) -> dict:
+    """Median milliseconds, after the prompt `ids` at batch 1: a dense decode step, a draft step, a verify pass of
+    length + 1 tokens (the forward and the head over its positions)."""
+    g = draft.length
+    cache = KVCache(model.local, 1, len(ids) + g + 2, model.dtype, model.device)
+    model(torch.tensor([ids], device=model.device), cache=cache)
+    cache.length = len(ids)
+    one = torch.tensor([[ids[-1]]], device=model.device)
+    seq = torch.tensor([ids[-1:] * (g + 1)], device=model.device)
+    plans = {"dense_step_ms": (one, Plan()), "draft_step_ms": (one, draft.plan(model)),
+             "verify_ms": (seq, Plan(hidden_states=True, answer=False))}
+    out = {}
+    for name, (tokens, plan) in plans.items():
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            o = model(tokens, cache=cache, plan=plan)
+            if name == "verify_ms":
+                model.head(o.hidden_states[-1][0])
+            times.append(time.perf_counter() - t0)
+        out[name] = 1e3 * statistics.median(times[1:])  # the first run allocates
+    return out
+
+
+def measure_draft(model: Decoder, ids: list[list[int]], draft: Draft, new_tokens: int = 32, repeats: int = 10,
+                  eos_id: int | None = None) -> dict:
+    """What a draft buys on this machine: greedy continuations of `ids` (one at a time), drafts accepted per round,
+    tokens per verify, the step costs (step_costs on the median prompt) and the speed they predict against dense,
+    tokens per verify x dense step / (length x draft step + verify)."""
+    out = [speculative_generate(model, [p], new_tokens, draft, eos_id)[0] for p in ids]
+    rounds = [n for r in out for n in r.accepted]
+    per_verify = sum(len(r.token_ids) for r in out) / max(1, len(rounds))
+    costs = step_costs(model, sorted(ids, key=len)[len(ids) // 2], draft, repeats)
+    predicted = per_verify * costs["dense_step_ms"] / (draft.length * costs["draft_step_ms"] + costs["verify_ms"])
+    return {"prompts": len(ids), "new_tokens": new_tokens, "accepted_per_round": sum(rounds) / max(1, len(rounds)),
+            "tokens_per_verify": per_verify, **{k: round(v, 3) for k, v in costs.items()},
+            "predicted_speed_vs_dense": round(predicted, 4), "pays": predicted > 1.0}
 
 
 def frequent_tokens(tok, texts: list[str], k: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ tokens; from them the speed-up the measured acceptance predicts, (tokens per ver
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,35 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_generation import open_prompts, squad_prompts  # noqa: E402
 from common import machine, print_table, write_json  # noqa: E402
 
-from adainfer.exit import Plan  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
-from adainfer.model import KVCache  # noqa: E402
-from adainfer.speculative import Draft, frequent_tokens, parse_layers, speculative_generate  # noqa: E402
+from adainfer.speculative import Draft, frequent_tokens, parse_layers, speculative_generate, step_costs  # noqa: E402
 from adainfer.tasks import load_task  # noqa: E402
-
-
-def step_costs(model, ids: list[int], draft: Draft, repeats: int) -> dict:
-    """Median seconds of a dense decode step, a draft step and a verify pass of g + 1 tokens, after a prompt."""
-    x = torch.tensor([ids])
-    g = draft.length
-    cache = KVCache(model.local, 1, len(ids) + g + 2, model.dtype)
-    model(x, cache=cache)
-    cache.length = len(ids)
-    one, seq = torch.tensor([[ids[-1]]]), torch.tensor([ids[-1:] * (g + 1)])
-    plans = {"dense_step_ms": (one, Plan()), "draft_step_ms": (one, draft.plan(model)),
-             "verify_ms": (seq, Plan(hidden_states=True, answer=False))}
-    out = {}
-    for name, (tokens, plan) in plans.items():
-        times = []
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            o = model(tokens, cache=cache, plan=plan)
-            if name == "verify_ms":
-                model.head(o.hidden_states[-1][0])
-            times.append(time.perf_counter() - t0)
-        out[name] = 1e3 * statistics.median(times[1:])
-    return out
 
 
 def main() -> None:

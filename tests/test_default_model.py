@@ -98,6 +98,11 @@ def test_default_model_conversion_and_fingerprint_are_pinned(default_model_dir):
         assert clf.model["fingerprint"] == FINGERPRINT and clf.calibration["split"] == "train"
         for held in ("heldout", "heldout_bfloat16"):  # fitted in float32; holds in bfloat16 too
             assert clf.calibration[held]["agreement_with_dense"] >= 0.97, (path, held)
+    # the shipped speculative draft is for it too, and says what its measurement found
+    from adainfer.speculative import load_draft, shipped_draft
+
+    draft, report = load_draft(shipped_draft(FINGERPRINT), load_model(default_model_dir, "float32")[0])
+    assert len(draft.layers) < 30 and report["pays"] == (report["predicted_speed_vs_dense"] > 1)
 
 
 def exit_layer(stdout: str) -> int:

@@ -187,3 +187,43 @@ def test_speculative_sampling_rows_are_their_own(deep):
     alone = [speculative_generate(model, [r], 10, Draft([0, 2], 3), sampling=sampling, row_seeds=[11 + i])[0]
              for i, r in enumerate(rows)]
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+
+
+def test_calibrate_a_draft_and_run_with_it(deep, tmp_path):
+    """calibrate --draft measures a draft and writes it bound to the model; run --speculate --draft FILE drafts with
+    it when its calibration found it faster, runs dense (saying why) when not, and refuses another model's file."""
+    model, folder = deep
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ["hello there", "once upon a", "x y z"]))
+    out = tmp_path / "draft.json"
+    r = run_cli("adainfer.calibrate", "--draft", "--model", folder, "--prompts", prompts, "--draft-layers", "0,1,4,5",
+                "--draft-length", "2", "--draft-vocab", "40", "--draft-tokens", "8", "--dtype", "float32",
+                "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "predicted speed" in r.stdout
+    data = json.loads(out.read_text())
+    report = data["report"]
+    assert data["model"]["fingerprint"] == model.fingerprint and data["layers"] == [0, 1, 4, 5]
+    assert len(data["vocab"]) <= 40 and report["tokens_per_verify"] >= 1 and report["verify_ms"] > 0
+    assert report["pays"] == (report["predicted_speed_vs_dense"] > 1)
+
+    base = ("adainfer.run", "--model", folder, "--prompt", "hello there", "--max-new-tokens", "12", "--dtype",
+            "float32", "--json")
+    dense = json.loads(run_cli(*base, "--dense").stdout)["token_ids"]
+    for pays in (True, False):
+        data["report"]["pays"] = pays
+        out.write_text(json.dumps(data))
+        r = run_cli(*base, "--speculate", "--draft", out)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert got["token_ids"] == dense
+        assert ("accepted" in got) == pays and ("running dense" in r.stderr) == (not pays)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**data, "model": {"fingerprint": "0" * 16}}))
+    r = run_cli(*base, "--speculate", "--draft", other)
+    assert r.returncode == 2 and "calibrated for another model" in r.stderr
+    other.write_text("{")
+    r = run_cli(*base, "--speculate", "--draft", other)
+    assert r.returncode == 2 and "malformed draft JSON" in r.stderr
+    r = run_cli(*base, "--speculate", "--draft", out, "--draft-layers", "0-2")
+    assert r.returncode == 2 and "not both" in r.stderr
