@@ -415,11 +415,13 @@ class Decoder(nn.Module):
         if self.shard is not None:
             return self.shard.rows(self.head_weight, ids)
         # Kept for the next call with the same ids (a draft head of thousands of rows is gathered once, not per step).
+        # The key: the ids, and the head's storage, version (in-place edits), dtype and device (.data swaps, .to()).
         w = self.head_weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
         memo = getattr(self, "_head_rows", None)
-        if memo is None or memo[1] is not w or memo[2] != w._version or not torch.equal(memo[0], ids):
-            memo = self._head_rows = (ids.clone(), w, w._version, w[ids])  # _version: in-place edits of the head
-        return memo[3]
+        if memo is None or memo[1] != key or memo[0].device != ids.device or not torch.equal(memo[0], ids):
+            memo = self._head_rows = (ids.clone(), key, w[ids])
+        return memo[2]
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """Gemma's final_logit_softcapping, cap * tanh(logits / cap); the identity for the other families."""

@@ -82,12 +82,17 @@ class Shard:
     def embed(self, weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> (B, T, dim), each rank looking up the ids in its rows (zeros for the others)."""
         mine = (tokens >= self.lo) & (tokens < self.hi)
-        h = F.embedding((tokens - self.lo).clamp(0, weight.shape[0] - 1), weight) * mine[..., None].to(weight.dtype)
+        if weight.shape[0] == 0:  # a rank with no vocabulary rows (a tiny vocabulary over many ranks)
+            h = torch.zeros(*tokens.shape, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        else:
+            h = F.embedding((tokens - self.lo).clamp(0, weight.shape[0] - 1), weight) * mine[..., None].to(weight.dtype)
         return self.all_reduce(h)
 
     def rows(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Whole head rows `ids` (k, dim) on every rank, from the shards that hold them (a candidate set)."""
         mine = (ids >= self.lo) & (ids < self.hi)
+        if weight.shape[0] == 0:
+            return self.all_reduce(torch.zeros(len(ids), weight.shape[1], dtype=weight.dtype, device=weight.device))
         out = weight[(ids - self.lo).clamp(0, weight.shape[0] - 1)] * mine[:, None].to(weight.dtype)
         return self.all_reduce(out.contiguous())
 

@@ -47,9 +47,9 @@ class Draft:
     # The draft's head: these token ids' rows only (None: all). A frequent-token subset (frequent_tokens) reads a
     # fraction of the LM head's bytes; the verifier still scores the whole vocabulary, so the output is unchanged.
     vocab: torch.Tensor | None = None
-    # Adaptive length: a row stops drafting in a round at the first token its draft gives less than this
-    # probability (SWIFT's and Kangaroo's rule: an unsure draft is likely refused, and costs a draft step); the round
-    # ends when every row has stopped or drafted `length`. 0: always `length`.
+    # Adaptive length: a row stops drafting in a round at the first position where the draft's most likely token
+    # has less than this probability (SWIFT's and Kangaroo's rule: an unsure draft is likely refused, and costs a
+    # draft step); the round ends when every row has stopped or drafted `length`. 0: always `length`.
     min_prob: float = 0.0
 
     def plan(self, model: Decoder) -> Plan:
@@ -98,8 +98,8 @@ def load_draft(path: Path, model: Decoder) -> tuple[Draft, dict]:
           layers == sorted(set(layers)))
     ok = ok and isinstance(data.get("length"), int) and data["length"] >= 1
     ok = ok and isinstance(data.get("min_prob"), (int, float)) and 0 <= data["min_prob"] < 1
-    ok = ok and (vocab is None or isinstance(vocab, list) and vocab and all(isinstance(t, int) and 0 <= t < V
-                                                                             for t in vocab))
+    ok = ok and (vocab is None or isinstance(vocab, list) and vocab and
+                 all(type(t) is int and 0 <= t < V for t in vocab) and vocab == sorted(set(vocab)))
     if not ok:
         raise AdainferError(path, "draft file has bad layers, length, min_prob or vocab for this model")
     draft = Draft(layers, data["length"], min_prob=float(data["min_prob"]),
@@ -145,8 +145,9 @@ def step_costs(model: Decoder, ids: list[int], draft: Draft, repeats: int = 10) 
 def measure_draft(model: Decoder, ids: list[list[int]], draft: Draft, new_tokens: int = 32, repeats: int = 10,
                   eos_id: int | None = None) -> dict:
     """What a draft buys on this machine: greedy continuations of `ids` (one at a time), drafts accepted per round,
-    tokens per verify, the step costs (step_costs on the median prompt) and the speed they predict against dense,
-    tokens per verify x dense step / (length x draft step + verify)."""
+    tokens per verify (every generated token, the prefill's first one included, over the verify rounds), the step
+    costs (step_costs on the median prompt) and the speed they predict against dense, tokens per verify x dense
+    step / (length x draft step + verify) (a draft with min_prob may draft fewer than `length`: then a bound)."""
     out = [speculative_generate(model, [p], new_tokens, draft, eos_id)[0] for p in ids]
     rounds = [n for r in out for n in r.accepted]
     per_verify = sum(len(r.token_ids) for r in out) / max(1, len(rounds))
@@ -249,7 +250,12 @@ def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: 
                 q.append(sampling.probs(o.logits) if draft.vocab is None else
                          torch.zeros(B, model.config.vocab_size).index_copy_(1, draft.vocab.cpu(),
                                                                              sampling.probs(o.logits)))
-                x = draw(q[-1], gens).to(model.device)
+                # Only rows still drafting draw (a row's generator must not depend on how long the others draft).
+                x = q[-1].argmax(-1)
+                live = drafting.nonzero()[:, 0].tolist()
+                if live:
+                    x[live] = draw(q[-1][live], [gens[b] for b in live])
+                x = x.to(model.device)
             else:
                 x = o.token
             if draft.min_prob > 0:
@@ -300,11 +306,11 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, gens: list[to
     B, g = drafts.shape
     kept, nxt = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     for b in range(B):
-        u = torch.rand(g, generator=gens[b])
         n, limit, refused = 0, g if offered is None else int(offered[b]), False
         while n < limit and not refused:
             t = int(drafts[b, n])
-            refused = not u[n] * q[b, n, t] < p[b, n, t]  # u < p / q, written without dividing
+            u = torch.rand(1, generator=gens[b])[0]  # one draw per draft tested: the row's own count
+            refused = not u * q[b, n, t] < p[b, n, t]  # u < p / q, written without dividing
             n += 0 if refused else 1
         if refused:
             residual = (p[b, n] - q[b, n]).clamp(min=0)
