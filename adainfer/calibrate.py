@@ -98,10 +98,15 @@ def run(args: argparse.Namespace) -> int:
     from adainfer.translator import parse_kind
 
     world = distributed.init(args.device, args.tp)
-    if args.draft and world.size > 1:
+    if args.draft:
+        from adainfer.engine import check_counts
         from adainfer.errors import AdainferError
+        from adainfer.speculative import check_draft
 
-        raise AdainferError("--draft", "times decode steps in one process: run it without torchrun")
+        if world.size > 1:
+            raise AdainferError("--draft", "times decode steps in one process: run it without torchrun")
+        check_counts(draft_tokens=args.draft_tokens)
+        check_draft(args.draft_length, args.draft_min_prob)
     # Options and prompts first: bad input is refused before the model loads.
     check_fit(FitOptions(args.classifier, tuple(args.features), args.threshold, args.first_layer,
                          args.target_agreement, args.stride), args.label, args.holdout, args.batch_size,
@@ -133,18 +138,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_draft(engine, data, args: argparse.Namespace) -> int:
-    """calibrate --draft: measure the draft on the calibration prompts, write the draft file, print the verdict."""
-    from adainfer.engine import check_counts
-    from adainfer.errors import AdainferError
+    """calibrate --draft (its options checked in run, before the model loads): measure the draft on the calibration
+    prompts, write the draft file, print the verdict."""
     from adainfer.eval.harness import machine
-    from adainfer.speculative import Draft, frequent_tokens, measure_draft, parse_layers, save_draft
+    from adainfer.speculative import Draft, default_layers, frequent_tokens, measure_draft, parse_layers, save_draft
 
-    check_counts(draft_length=args.draft_length, draft_tokens=args.draft_tokens)
-    if not 0 <= args.draft_min_prob < 1:
-        raise AdainferError("--draft-min-prob", f"must be in [0, 1), got {args.draft_min_prob}")
     model, tok = engine.model, engine.tokenizer
     L = model.config.n_layers
-    spec = args.draft_layers or f"0-{max(0, -(-2 * L // 3) - 1)}"
+    spec = args.draft_layers or default_layers(L)
     vocab = frequent_tokens(tok, data.prompts, args.draft_vocab) if args.draft_vocab else None
     draft = Draft(parse_layers(spec, L), args.draft_length, vocab=vocab, min_prob=args.draft_min_prob)
     ids = [tok.encode(p) for p in data.prompts]

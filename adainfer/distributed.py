@@ -85,6 +85,11 @@ class World:
             out.update(part)
         return [out[i] for i in range(n)]
 
+    def map_batches(self, fn: Callable[[int], Any], batches: list[list[int]], ids: list[list[int]]) -> list:
+        """map over batches of prompt indices sorted by length (adainfer.generate.length_batches), each costing its
+        rows x its longest prompt (its last)."""
+        return self.map(fn, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj`, on every rank (e.g. a timing measured once, so that every rank decides alike)."""
         if self.size == 1:

@@ -20,7 +20,7 @@ from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan, shipped_classifier
 from adainfer.fast_decode import decode_graph, prepare_check_head
-from adainfer.generate import MODES, Sampling, check_prompts, generate
+from adainfer.generate import MODES, Sampling, check_prompts, generate, length_batches
 from adainfer.loading import load_model
 from adainfer.model import Decoder
 from adainfer.speculative import Draft, speculative_generate
@@ -163,9 +163,9 @@ class Engine:
         sampling = sampling or Sampling()
 
         # Sorted by length so batches carry little padding; answers come back in input order.
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-        self._warm_up(ids[order[0]][-8:], {len(b) for b in batches}, graph, decode, max_new_tokens > 1, dense_plan)
+        batches = length_batches(ids, batch_size)
+        self._warm_up(ids[batches[0][0]][-8:], {len(b) for b in batches}, graph, decode, max_new_tokens > 1,
+                      dense_plan)
         eos = model.config.eos_id
 
         def run(b: int) -> list[Result]:
@@ -194,7 +194,7 @@ class Engine:
                     for j, i in enumerate(batch)]
 
         # Data-parallel ranks each run their share of the batches (adainfer.distributed); answers in input order.
-        parts = current_world().map(run, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
+        parts = current_world().map_batches(run, batches, ids)
         results: list[Result | None] = [None] * len(ids)
         for batch, got in zip(batches, parts):
             for i, r in zip(batch, got):

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from adainfer.errors import AdainferError
-from adainfer.quant import head_logits
 from adainfer.translator import Translator, sha256
 from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
@@ -211,7 +210,7 @@ def probe(model, h_last: torch.Tensor, weight: torch.Tensor | None, check_head: 
     returned, so a row that exits takes its answer from the head at full precision."""
     c = model.config
     if weight is None and model.shard is not None:  # tensor parallel: four numbers per row and rank, no logits
-        return model.shard.top2(model.softcap(head_logits(model.head_input(h_last), model.head_weight))), None
+        return model.shard.top2(model.head(h_last, model.head_weight)), None
     weight = model.head_weight if weight is None else weight
     if h_last.is_cuda and c.final_softcap is None:  # fused kernel, logits never written
         if c.rotary and not c.norm_unit_offset and model.norm is not None:  # Llama's final RMSNorm folded in

@@ -43,6 +43,13 @@ def left_pad(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Ten
     return tokens.to(device), (None if bool(mask.all()) else mask.to(device))
 
 
+def length_batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices sorted by length and cut into batches of `batch_size` (similar lengths together: little
+    padding)."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 MODES = ("none", "sequence", "token")
 
 

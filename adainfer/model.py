@@ -403,10 +403,9 @@ class Decoder(nn.Module):
     def head(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Last-token states (b, dim) -> float32 logits (b, V) over head rows `weight` (default: all; see
         head_rows): the final norm, the head, the family's soft-capping. Tensor parallel: each rank scores its
-        vocabulary rows and the whole is gathered."""
-        if weight is None and self.shard is not None:
-            return self.shard.gather(self.softcap(head_logits(self.head_input(h), self.head_weight)))
-        return self.softcap(head_logits(self.head_input(h), self.head_weight if weight is None else weight))
+        vocabulary rows and the whole is gathered (head(h, model.head_weight): this rank's rows' logits only)."""
+        logits = self.softcap(head_logits(self.head_input(h), self.head_weight if weight is None else weight))
+        return self.shard.gather(logits) if weight is None and self.shard is not None else logits
 
     def head_rows(self, ids: torch.Tensor | None) -> torch.Tensor | None:
         """The head rows of token `ids` (k, dim) for head(h, weight) and the exit check; None (all rows) for None."""

@@ -115,16 +115,16 @@ def run(args: argparse.Namespace) -> int:
         raise AdainferError("--draft/--draft-layers/--draft-length/--draft-min-prob", "only apply with --speculate")
     if drafting and args.draft:
         raise AdainferError("--draft", "give a draft file or --draft-layers/--draft-length/--draft-min-prob, not both")
-    if not 0 <= args.draft_min_prob < 1:
-        raise AdainferError("--draft-min-prob", f"must be in [0, 1), got {args.draft_min_prob}")
     if args.speculate and args.exit:
         raise AdainferError("--exit", "cannot be combined with --speculate (its answers are the dense model's)")
-    check_counts(draft_length=args.draft_length)
+    from adainfer.speculative import check_draft
+
+    check_draft(args.draft_length, args.draft_min_prob)
     with world.main_first():  # the default model is fetched and converted once, by rank 0
         engine = load(args.model, args.dtype, args.device, args.threads, progress=not args.json and world.main)
     draft, dense_why = None, None
     if args.speculate:
-        from adainfer.speculative import Draft, load_draft, parse_layers, shipped_draft
+        from adainfer.speculative import Draft, default_layers, load_draft, parse_layers, shipped_draft
 
         L = engine.model.config.n_layers
         source = args.draft or (None if drafting else shipped_draft(engine.model.fingerprint))
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                              "a draft anyway)")
                 draft = None
         else:
-            spec = args.draft_layers or f"0-{max(0, -(-2 * L // 3) - 1)}"
+            spec = args.draft_layers or default_layers(L)
             draft = Draft(parse_layers(spec, L), args.draft_length, min_prob=args.draft_min_prob)
     candidates = args.candidates
     if (args.prompt is None and args.prompts is None and candidates is None and args.exit is None

@@ -174,6 +174,19 @@ class Speculation(Generation):
     accepted: list[int] = field(default_factory=list)  # drafts accepted in each verify round
 
 
+def default_layers(n_layers: int) -> str:
+    """The draft's blocks when none are given: the first two thirds."""
+    return f"0-{max(0, -(-2 * n_layers // 3) - 1)}"
+
+
+def check_draft(length: int, min_prob: float) -> None:
+    """Refuse a draft length below 1 or an adaptive threshold outside [0, 1), named as their options."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise AdainferError("--draft-length", f"must be at least 1, got {length!r}")
+    if not 0 <= min_prob < 1:
+        raise AdainferError("--draft-min-prob", f"must be in [0, 1), got {min_prob}")
+
+
 def parse_layers(spec: str, n_layers: int) -> list[int]:
     """"0-19" or "0,1,8-29" -> block indices, checked against the model (--draft-layers)."""
     layers: list[int] = []
@@ -205,8 +218,7 @@ def speculate(model: Decoder, ids: list[list[int]], max_new_tokens: int, draft: 
     """speculative_generate, and the KV cache it leaves (holes and all: what the tests compare with a dense run's)."""
     if max_new_tokens < 1:
         raise AdainferError("--max-new-tokens", f"must be at least 1, got {max_new_tokens}")
-    if draft.length < 1:
-        raise AdainferError("--draft-length", f"must be at least 1, got {draft.length}")
+    check_draft(draft.length, draft.min_prob)
     if model.config.sliding_window is not None:
         raise AdainferError("--speculate", "sliding-window models are not supported yet (rejected drafts leave holes "
                                            "in the cache, and the window counts cache slots)")

@@ -17,7 +17,7 @@ import torch
 
 from adainfer.distributed import current_world
 from adainfer.exit import ExitClassifier, ExitRule, Plan
-from adainfer.generate import left_pad
+from adainfer.generate import left_pad, length_batches
 from adainfer.model import Decoder
 
 
@@ -97,8 +97,7 @@ def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), 
     feats = {f: np.zeros((len(ids), L - 1), dtype=np.float32) for f in features}
     top1 = np.zeros((len(ids), L), dtype=np.int64)
     top1_also = np.zeros((len(ids), L), dtype=np.int64) if also is not None else None
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = length_batches(ids, batch_size)
     pad = model.config.pad_id if model.config.pad_id is not None else 0
     world = current_world()
     t0 = time.perf_counter()
@@ -139,7 +138,7 @@ def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), 
 
     # Across data-parallel ranks each runs its share of the batches (adainfer.distributed); assembled in batch order.
     with tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress or not world.main) as bar:
-        parts = world.map(run, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
+        parts = world.map_batches(run, batches, ids)
     for rows, got in zip(batches, parts):
         top1[rows] = got["top1"]
         for f in features:

@@ -107,6 +107,7 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
     method), so that a slow spell of a shared machine, or the first run on a new shape, hits them all alike."""
     from tqdm import tqdm
 
+    from adainfer.generate import length_batches
     from adainfer.traces import collect_cached, oracle_layers, translated
 
     L = model.config.n_layers
@@ -116,8 +117,7 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
     traces = collect_cached(model, ids, traces_path, batch_size=batch_size, progress=progress, desc="traces",
                             also=cands, hidden=None if reader is None else 0)
     read = None if reader is None else translated(traces, model, reader)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = length_batches(ids, batch_size)
     methods = sorted(methods, key=lambda m: m.kind != "dense")
     depths = {}
     for m in methods:
@@ -145,7 +145,7 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
     # Data-parallel ranks each run their share of the batches (adainfer.distributed), gathered in batch order.
     with tqdm(total=len(batches), desc="methods", unit="batch", file=sys.stderr,
               disable=not progress or not world.main) as bar:
-        parts = world.map(run, len(batches), [len(b) * len(ids[b[-1]]) for b in batches])
+        parts = world.map_batches(run, batches, ids)
     for recs, spent in parts:
         for name in records:
             seconds[name] += spent[name]
