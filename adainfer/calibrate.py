@@ -77,9 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure a self-speculative draft on the prompts (greedy continuations, drafts accepted, "
                         "the step costs on this machine) and write it with the speed it predicts; a draft predicted "
                         "slower than dense makes run --speculate run dense and say why")
-    d.add_argument("--draft-layers", metavar="SPEC", help="drafting blocks, e.g. 0,1,8-29 (default: first two "
-                                                          "thirds)")
-    d.add_argument("--draft-length", type=int, default=3, help="tokens drafted a round (default 3)")
+    d.add_argument("--draft-layers", metavar="SPEC",
+                   help="drafting blocks, e.g. 0,1,8-29 (default: searched, by greedy block removal scored by the "
+                        "speed predicted on this machine)")
+    d.add_argument("--draft-length", type=int, default=3,
+                   help="tokens drafted a round (default 3; with the search: the longest it tries)")
+    d.add_argument("--draft-head", default="full", choices=["full", "int8"], help="the draft's head (run's option)")
+    d.add_argument("--draft-decode", nargs="+", default=["eager"], choices=["eager", "compiled", "int4"],
+                   metavar="MODE", help="decode modes to measure the draft in (eager, compiled, int4; default eager): "
+                                        "run --speculate --decode MODE reads that mode's verdict; the search is "
+                                        "scored in the first of them in the order eager, compiled, int4")
     d.add_argument("--draft-min-prob", type=float, default=0.0, metavar="P", help="adaptive length (run's option)")
     d.add_argument("--draft-vocab", type=int, default=0, metavar="K",
                    help="the draft's head: the K most frequent tokens of the prompts' text (default 0: all rows)")
@@ -106,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         if world.size > 1:
             raise AdainferError("--draft", "times decode steps in one process: run it without torchrun")
         check_counts(draft_tokens=args.draft_tokens)
-        check_draft(args.draft_length, args.draft_min_prob)
+        check_draft(args.draft_length, args.draft_min_prob, args.draft_head)
     # Options and prompts first: bad input is refused before the model loads.
     check_fit(FitOptions(args.classifier, tuple(args.features), args.threshold, args.first_layer,
                          args.target_agreement, args.stride), args.label, args.holdout, args.batch_size,
@@ -138,29 +145,61 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_draft(engine, data, args: argparse.Namespace) -> int:
-    """calibrate --draft (its options checked in run, before the model loads): measure the draft on the calibration
-    prompts, write the draft file, print the verdict."""
+    """calibrate --draft (its options checked in run, before the model loads): search the blocks (unless given),
+    measure the draft on the calibration prompts in each decode mode asked, write the draft file, print the
+    verdicts."""
+    from dataclasses import replace
+
+    from adainfer.draft_search import best_draft, cost_model, predict, search_blocks
     from adainfer.eval.harness import machine
-    from adainfer.speculative import Draft, default_layers, frequent_tokens, measure_draft, parse_layers, save_draft
+    from adainfer.fast_decode import decode_graph
+    from adainfer.generate import generate
+    from adainfer.speculative import Draft, frequent_tokens, measure_draft, parse_layers, save_draft
 
     model, tok = engine.model, engine.tokenizer
     L = model.config.n_layers
-    spec = args.draft_layers or default_layers(L)
-    vocab = frequent_tokens(tok, data.prompts, args.draft_vocab) if args.draft_vocab else None
-    draft = Draft(parse_layers(spec, L), args.draft_length, vocab=vocab, min_prob=args.draft_min_prob)
+    modes = sorted(dict.fromkeys(args.draft_decode), key=["eager", "compiled", "int4"].index)  # int4 rounds weights:
+    vocab = frequent_tokens(tok, data.prompts, args.draft_vocab) if args.draft_vocab else None  # it goes last
+    base = Draft(None, args.draft_length, vocab=vocab, min_prob=args.draft_min_prob, head=args.draft_head)
     ids = [tok.encode(p) for p in data.prompts]
-    report = measure_draft(model, ids, draft, args.draft_tokens, eos_id=model.config.eos_id)
-    report.update({"layers_spec": spec, "head_rows": len(vocab) if vocab is not None else model.config.vocab_size,
-                   "dtype": str(model.dtype)[6:], "prompts_from": data.description, "machine": machine()})
+    search = None
+    if args.draft_layers:
+        draft = replace(base, layers=parse_layers(args.draft_layers, L))
+    else:
+        first = modes[0]
+        print(f"searching the draft's blocks ({len(ids)} prompts, {args.draft_tokens} greedy tokens each; costs "
+              f"with --decode {first})", flush=True)
+        gens = [generate(model, [i], args.draft_tokens, eos_id=model.config.eos_id)[0].token_ids for i in ids]
+        seqs = [(i + g[:-1], len(g) - 1) for i, g in zip(ids, gens) if len(g) > 1]
+        path = search_blocks(model, seqs, base, min_blocks=max(1, L // 3),
+                             progress=lambda step: print(f"  {len(step[0])} blocks: first-draft acceptance "
+                                                         f"{step[1]:.3f}", flush=True))
+        costs = cost_model(model, sorted(ids, key=len)[len(ids) // 2], base, args.draft_length,
+                           graph=decode_graph(model, first))
+        blocks, length, _, speed = best_draft(path, costs)
+        draft = replace(base, layers=blocks, length=length)
+        search = {"decode": first, "costs": costs, "chosen_predicted_speed": round(speed, 4),
+                  "path": [{"blocks": b, "acceptance": round(a, 4),
+                            "predicted_speed_by_length": {g: round(predict(a, g, len(b), costs)[1], 4)
+                                                          for g in costs["verify_ms"]}} for b, a in path]}
+    spec = ",".join(map(str, draft.layers))
+    reports = {}
+    for mode in modes:
+        report = measure_draft(model, ids, draft, args.draft_tokens, eos_id=model.config.eos_id,
+                               graph=decode_graph(model, mode))
+        report.update({"decode": mode, "head_rows": len(vocab) if vocab is not None else model.config.vocab_size,
+                       "dtype": str(model.dtype)[6:], "prompts_from": data.description, "machine": machine()})
+        reports[mode] = report
     save_draft(draft, args.out, {"fingerprint": model.fingerprint, "name": model.config.name or str(engine.path),
-                                 "n_layers": L}, report)
+                                 "n_layers": L}, reports, search)
     print(f"draft: blocks {spec} ({len(draft.layers)} of {L}), {draft.length} tokens a round, "
-          f"{report['head_rows']} head rows")
-    print(f"accepted per round {report['accepted_per_round']:.2f}, tokens per verify "
-          f"{report['tokens_per_verify']:.2f}; dense step {report['dense_step_ms']:.1f} ms, draft step "
-          f"{report['draft_step_ms']:.1f} ms, verify {report['verify_ms']:.1f} ms")
-    verdict = "faster than dense" if report["pays"] else "slower than dense: run --speculate with it runs dense"
-    print(f"predicted speed {report['predicted_speed_vs_dense']:.2f}x dense on this machine ({verdict})")
+          f"{reports[modes[0]]['head_rows']} head rows ({draft.head})")
+    for mode, report in reports.items():
+        verdict = "faster than dense" if report["pays"] else "slower than dense: run --speculate with it runs dense"
+        print(f"--decode {mode}: accepted per round {report['accepted_per_round']:.2f}, tokens per verify "
+              f"{report['tokens_per_verify']:.2f}; dense step {report['dense_step_ms']:.1f} ms, draft step "
+              f"{report['draft_step_ms']:.1f} ms, verify {report['verify_ms']:.1f} ms; predicted speed "
+              f"{report['predicted_speed_vs_dense']:.2f}x dense on this machine ({verdict})")
     print(f"wrote {args.out}")
     return 0
 

@@ -140,9 +140,8 @@ class Engine:
         if mode not in MODES:
             raise AdainferError("--exit-mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
         if speculate is not None:  # the answers are the dense model's: no exit rule, no candidates
-            if decode != "eager" or candidates:
-                raise AdainferError("--speculate", "runs the eager block loop over the full vocabulary (not with "
-                                                   "--decode compiled / int4 or --candidates yet)")
+            if candidates:
+                raise AdainferError("--speculate", "answers over the full vocabulary (not with --candidates)")
             exit = None
         choice = exit if isinstance(exit, ExitChoice) else self.resolve_exit(exit, candidates, min_layers, check_head)
         if choice.rule is not None and mode == "token" and choice.rule.clf.candidates and max_new_tokens > 1:
@@ -165,7 +164,7 @@ class Engine:
         # Sorted by length so batches carry little padding; answers come back in input order.
         batches = length_batches(ids, batch_size)
         self._warm_up(ids[batches[0][0]][-8:], {len(b) for b in batches}, graph, decode, max_new_tokens > 1,
-                      dense_plan)
+                      dense_plan, speculate)
         eos = model.config.eos_id
 
         def run(b: int) -> list[Result]:
@@ -175,7 +174,7 @@ class Engine:
             t0 = time.perf_counter()
             if speculate is not None:
                 gens = speculative_generate(model, [ids[i] for i in batch], max_new_tokens, speculate, eos, sampling,
-                                            seeds)
+                                            seeds, graph)
             else:
                 gens = generate(model, [ids[i] for i in batch], max_new_tokens, plan, eos, mode, sampling,
                                 row_seeds=seeds, graph=graph)
@@ -201,12 +200,18 @@ class Engine:
                 results[i] = r
         return results
 
-    def _warm_up(self, warm: list[int], sizes: set[int], graph, decode: str, cached: bool, plan: Plan) -> None:
-        """First-call allocations (and the decode graph's compilation, once per batch size) off the clock."""
+    def _warm_up(self, warm: list[int], sizes: set[int], graph, decode: str, cached: bool, plan: Plan,
+                 draft: Draft | None = None) -> None:
+        """First-call allocations (and the decode graph's compilation, once per batch size; a draft's draft and
+        verify steps too) off the clock."""
         for size in sizes:
             key = (size, decode if cached else "prefill")
             if key not in self._warm:
                 generate(self.model, [warm] * size, 2 if cached else 1, plan, graph=graph)
+                self._warm.add(key)
+            key = (size, decode, id(draft))
+            if draft is not None and cached and key not in self._warm:
+                speculative_generate(self.model, [warm] * size, 2 * draft.length + 2, draft, graph=graph)
                 self._warm.add(key)
 
 

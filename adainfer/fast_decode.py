@@ -15,7 +15,7 @@ AVX2 CPU a bfloat16 GEMV reads weights at ~8 GB/s (measured: benchmarks/README.m
             Lossy (the activations' rounding, and the weights' on a model not from such a GGUF): see the tolerances
             in tests/test_fast_decode.py.
 
-The graph is `decode_one_token` over the model's own modules (the blocks the eager loop runs, as gpt-fast's
+The graph is `decode_step` over the model's own modules (the blocks the eager loop runs, as gpt-fast's
 decode_one_token), the KV cache written at a position tensor, so one graph serves every cache length and size: it
 compiles once per batch size (on first use about a minute for the 30-block default model on 2 cores; inductor caches
 it on disk). Only dense decode steps go through it (every row runs all blocks); exit decisions, layer plans and
@@ -43,6 +43,7 @@ from adainfer.quant import (
     QuantWeight,
     dequantize_int4,
     dequantize_int8,
+    head_logits,
     load_q4q8_kernel,
     quantize_int4,
 )
@@ -98,24 +99,46 @@ def prepare_check_head(model: Decoder, check_head: str, candidates: torch.Tensor
 # ---------------------------------------------------------------- the decode step
 
 
-def decode_one_token(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cos, sin, valid: torch.Tensor,
-                     write_pos: torch.Tensor, cache: KVCache, quantized: bool, depth: int | None = None,
-                     reader=None) -> torch.Tensor:
-    """tokens (B, 1) at positions (B, 1) through the first `depth` blocks (None: all) -> float32 logits (B, V); the
-    keys and values go into `cache` at write_pos (1,), and attention reads the whole cache where valid (B, S) is set.
-    A run stopped early reads its last state through `reader` (a Translator) where it has a map for that depth, as
-    the block loop's exit_at does."""
-    S = valid.shape[1]
-    local = model.local_tables(positions, write_pos, valid, tokens.shape[0], 1, S, cache.ring, written=True)
-    ctx = Context(cos, sin, valid[:, None, None, :], False, cache, write_pos=write_pos, quantized=quantized, **local)
-    n = model.config.n_layers if depth is None else depth
-    h = model.embed(tokens, positions)  # (B, 1, dim)
-    for i, block in enumerate(model.layers[:n]):
-        h = block(h, ctx, i)
-    x = h[:, -1]  # (B, dim)
+def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cos, sin, valid: torch.Tensor,
+                write_pos: torch.Tensor, cache: KVCache, quantized: bool, layers: tuple[int, ...] | None = None,
+                reader=None, head=None, attend: torch.Tensor | None = None) -> torch.Tensor:
+    """tokens (B, T) at positions (B, T) through the blocks `layers` (indices in order; None: all) -> float32 logits
+    (B, T, V) over the head's rows `head` (None: the whole head, int8 when quantized; a tensor of head rows; or a
+    QuantWeight of them). The keys and values go into `cache` at slots write_pos (T,), and query t attends to every
+    slot up to its own where valid (B, S) is set. T is 1 in a decode step, the drafts plus one in a speculative
+    verify step. A run of the first n blocks reads its last state through `reader` (a Translator) where it has a map
+    for block n, as the block loop's exit_at does. `attend` (B, 1, T, S), when given, says which slots each query
+    sees instead."""
+    B, T = tokens.shape
+    S, L = valid.shape[1], model.config.n_layers
+    local = model.local_tables(positions, write_pos[:1], valid, B, T, S, cache.ring, written=True)
+    if attend is not None:
+        pass
+    elif T == 1:
+        attend = valid[:, None, None, :]  # (B, 1, 1, S): every written slot is at or before the new one
+    else:  # (B, 1, T, S): the earlier slots and the new ones up to the query's own
+        slots = torch.arange(S, device=valid.device)
+        attend = (valid[:, None, :] & (slots[None, :] <= write_pos[:, None])[None])[:, None]
+    ctx = Context(cos, sin, attend, False, cache, write_pos=write_pos, quantized=quantized, **local)
+    order = range(L) if layers is None else layers
+    h = model.embed(tokens, positions)  # (B, T, dim)
+    for i in order:
+        h = model.layers[i](h, ctx, i)
+    return read_head(model, h.reshape(B * T, -1), len(order), reader, head, quantized).view(B, T, -1)
+
+
+def read_head(model: Decoder, x: torch.Tensor, n: int, reader=None, head=None, quantized: bool = False) -> torch.Tensor:
+    """States x (b, dim) after n blocks -> float32 logits (b, V): through `reader` where it maps block n, the final
+    norm, the head rows `head` (None: the whole head, its int8 copy when quantized; a tensor of rows; a QuantWeight),
+    the family's soft-capping."""
     if reader is not None and reader.reads(n, model.config.n_layers):
         x = reader.read(n, x)
-    return model.softcap(model.head_q8(model.head_input(x))) if quantized else model.head(x)
+    x = model.head_input(x)
+    if head is None:
+        logits = model.head_q8(x) if quantized else head_logits(x, model.head_weight)
+    else:
+        logits = head(x) if isinstance(head, QuantWeight) else head_logits(x, head)
+    return model.softcap(logits)
 
 
 class Captured:
@@ -150,11 +173,14 @@ class Captured:
 
 
 class DecodeGraph:
-    """Decode steps of `model` with every row through the same first blocks: __call__(tokens (B, 1), cache, depth,
-    reader) -> float32 logits (B, V), keys and values written into `cache` at cache.length (the caller advances it).
+    """Decode steps of `model`: __call__(tokens (B, T), cache, depth or layers, reader, head) -> float32 logits (B, V)
+    for one token a row, (B, T, V) for T; keys and values written into `cache` at cache.length.. (the caller advances
+    it). The exit loop's steps run every row through the same first `depth` blocks; a speculative draft runs its
+    block subset (`layers`) with its own head rows (`head`), and the verify step T tokens a row through every block.
 
-    On the CPU one torch.compile graph of the full depth (`serves` says which steps it takes); on CUDA one captured
-    graph per batch size, depth and cache (`Captured`), any depth. compile=False runs the step eagerly (tests)."""
+    On the CPU one torch.compile graph per batch size, token count, block list and head (`serves` says which exit
+    depths go through one: the full depth only); on CUDA one captured graph per batch size, token count, block list,
+    head and cache (`Captured`), any depth. compile=False runs the step eagerly (tests)."""
 
     def __init__(self, model: Decoder, mode: str = "compiled", compile: bool = True, capture: bool | None = None):
         self.model, self.quantized = model, mode == "int4"
@@ -164,19 +190,19 @@ class DecodeGraph:
         self.mempool = None
         self.pool: dict[int, KVCache] = {}
         if self.capture or not compile:
-            self.step = decode_one_token
+            self.step = decode_step
             return
         # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each
         # call; the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph).
         # Inductor would also assert the size and stride of each of those inputs and of every kernel's output at each
         # call (~600 Python calls a step, 0.4 ms of it): the shapes are fixed by the modules.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
-        self.step = torch.compile(decode_one_token, dynamic=False, options=options)
+        self.step = torch.compile(decode_step, dynamic=False, options=options)
 
     def serves(self, depth: int) -> bool:
-        """Whether a step in which every row runs the first `depth` blocks goes through the graph (the compiled CPU
-        graph is built for the full depth only: a compile per depth would cost about a minute each)."""
-        return self.capture or self.step is decode_one_token or depth == self.model.config.n_layers
+        """Whether an exit-loop step in which every row runs the first `depth` blocks goes through the graph (on the
+        CPU only the full depth: a compile per depth would cost about a minute each)."""
+        return self.capture or self.step is decode_step or depth == self.model.config.n_layers
 
     def cache(self, batch: int, max_len: int) -> KVCache:
         """A KV cache for `batch` rows and `max_len` positions, emptied. On CUDA the graph's own (captured graphs
@@ -193,40 +219,51 @@ class DecodeGraph:
         cache.length, cache.padded = 0, False
         return cache
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, depth: int | None = None, reader=None) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, depth: int | None = None, reader=None,
+                 layers: list[int] | None = None, head=None) -> torch.Tensor:
         length, model = cache.length, self.model
-        if length >= cache.max_len:
-            raise AdainferError("decode", f"the KV cache holds {cache.max_len} positions, all written")
-        depth = model.config.n_layers if depth is None else depth
-        if not self.serves(depth):
-            raise AdainferError("decode", f"the compiled CPU graph runs all {model.config.n_layers} blocks, "
-                                          f"not {depth}")
+        B, T = tokens.shape
+        L = model.config.n_layers
+        if length + T > cache.max_len:
+            raise AdainferError("decode", f"the KV cache holds {cache.max_len} positions, {length} written: no room "
+                                          f"for {T} more")
+        if T > 1 and cache.ring is not None:
+            raise AdainferError("decode", "several tokens a row in one step are not built for a sliding window's ring "
+                                          "cache")
+        if layers is None:
+            depth = L if depth is None else depth
+            if not self.serves(depth):
+                raise AdainferError("decode", f"the compiled CPU graph runs all {L} blocks, not {depth}")
+            layers = range(depth)
+        layers = None if list(layers) == list(range(L)) else tuple(layers)
+        if reader is not None and not reader.reads(L if layers is None else len(layers), L):
+            reader = None  # not read at this depth: the same graph whichever translator the rule carries
         with torch.inference_mode():
             # Every input an inference tensor whoever made it: dynamo guards on the kind and would compile again.
             tokens = tokens.clone()
-            positions = default_positions(None, cache, None, tokens.shape[0], 1, tokens.device)  # (B, 1)
-            cache.valid[:, length] = True
-            write_pos = torch.tensor([length], device=tokens.device)
+            positions = default_positions(None, cache, None, B, T, tokens.device)  # (B, T)
+            cache.valid[:, length:length + T] = True
+            write_pos = length + torch.arange(T, device=tokens.device)  # (T,)
             if self.capture:
-                return self._replay(tokens, positions, write_pos, cache, depth, reader)
-            cos, sin = model.rotary_tables(positions)  # (B, 1, 1, hd)
-            if self.step is not decode_one_token and not getattr(cache, "dynamic", False):
-                # One graph for every cache size (the batch size stays static); marked once per cache.
-                full = [t for kv in (cache.k, cache.v) for t, ring in zip(kv, cache.rings) if not ring]
-                for t in [*full, cache.valid]:  # (a sliding layer's ring is the window's size: static)
-                    torch._dynamo.mark_dynamic(t, t.dim() - 2 if t is not cache.valid else 1)
-                cache.dynamic = True
-            return self.step(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, self.quantized,
-                             depth, reader)
+                logits = self._replay(tokens, positions, write_pos, cache, layers, reader, head)
+            else:
+                cos, sin = model.rotary_tables(positions)  # (B, 1, T, hd)
+                if self.step is not decode_step and not getattr(cache, "dynamic", False):
+                    # One graph for every cache size (the batch size stays static); marked once per cache.
+                    full = [t for kv in (cache.k, cache.v) for t, ring in zip(kv, cache.rings) if not ring]
+                    for t in [*full, cache.valid]:  # (a sliding layer's ring is the window's size: static)
+                        torch._dynamo.mark_dynamic(t, t.dim() - 2 if t is not cache.valid else 1)
+                    cache.dynamic = True
+                logits = self.step(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, self.quantized,
+                                   layers, reader, head)
+        return logits[:, 0] if T == 1 else logits
 
-    def _replay(self, tokens, positions, write_pos, cache: KVCache, depth: int, reader) -> torch.Tensor:
+    def _replay(self, tokens, positions, write_pos, cache: KVCache, layers, reader, head) -> torch.Tensor:
         model = self.model
         if self.pool.get(tokens.shape[0]) is not cache:
             raise AdainferError("decode", "a captured decode step writes the graph's own KV cache (DecodeGraph.cache), "
                                           "whose addresses its graphs hold")
-        if reader is not None and not reader.reads(depth, model.config.n_layers):
-            reader = None  # not read at this depth: the same graph whichever translator the rule carries
-        key = (tokens.shape[0], depth, id(cache), id(reader))
+        key = (*tokens.shape, layers, id(cache), id(reader), id(head))
         graph = self.graphs.pop(key, None)
         if graph is None:
             while len(self.graphs) >= MAX_GRAPHS:  # least recently used first (each new rule brings new maps)
@@ -235,9 +272,9 @@ class DecodeGraph:
                 self.mempool = torch.cuda.graph_pool_handle()
 
             def step(tokens, positions, write_pos):
-                cos, sin = model.rotary_tables(positions)  # (B, 1, 1, hd)
-                return decode_one_token(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, False,
-                                        depth, reader)
+                cos, sin = model.rotary_tables(positions)  # (B, 1, T, hd)
+                return decode_step(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, False, layers,
+                                   reader, head)
 
             graph = Captured(step, [tokens, positions, write_pos], graph=tokens.is_cuda, pool=self.mempool)
         self.graphs[key] = graph  # (re)inserted last: the dict is in order of use

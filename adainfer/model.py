@@ -161,25 +161,27 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer, k, v, ctx)
         if ctx.write_pos is not None and not q.is_cuda:
-            y = one_query_attention(q, k, v, mask, self.scale)
+            y = cache_attention(q, k, v, mask, self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(b, T, self.q_size), ctx.quantized)  # (b, T, H * hd)
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                        scale: float | None = None) -> torch.Tensor:
-    """Attention of one query per row, q (B, H, 1, hd), over k, v (B, Hkv, S, hd) where mask (B, 1, 1, S), in float32,
-    written as products and sums: in a compiled CPU decode step inductor turns them into a few loops, where SDPA or
-    a bmm of a single query costs 80-250 us a call (measured)."""
-    B, H, _, hd = q.shape
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float | None = None) -> torch.Tensor:
+    """Attention of a few queries a row, q (B, H, T, hd), over a whole KV cache k, v (B, Hkv, S, hd) where mask
+    (B, 1, T, S), in float32, written as products and sums: in a compiled CPU decode step inductor turns them into a
+    few loops, where SDPA or a bmm of a single query costs 80-250 us a call (measured). T is 1 in a decode step, the
+    drafts plus one in a speculative verify step."""
+    B, H, T, hd = q.shape
     Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, 1, hd).float()  # (B, Hkv, g, 1, hd): query head h reads kv head h // g
-    scores = (qg * k[:, :, None].float()).sum(-1) * (hd ** -0.5 if scale is None else scale)  # (B, Hkv, g, S)
-    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    y = (p[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, g, hd)
-    return y.to(q.dtype).reshape(B, H, 1, hd)
+    qg = q.reshape(B, Hkv, H // Hkv, T, 1, hd).float()  # (B, Hkv, g, T, 1, hd): query head h reads kv head h // g
+    keys, values = k[:, :, None, None].float(), v[:, :, None, None].float()  # (B, Hkv, 1, 1, S, hd)
+    scores = (qg * keys).sum(-1) * (hd ** -0.5 if scale is None else scale)  # (B, Hkv, g, T, S)
+    p = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+    y = (p[..., None] * values).sum(-2)  # (B, Hkv, g, T, hd)
+    return y.to(q.dtype).reshape(B, H, T, hd)
 
 
 def heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -329,7 +331,7 @@ class Context:
     cache: KVCache | None
     rows: torch.Tensor | None = None  # rows of the cache this batch holds; None = all, in order
     record: dict | None = None  # when set, blocks leave their last-token attention / MLP outputs here
-    write_pos: torch.Tensor | None = None  # (1,) int64: a compiled decode step's cache position
+    write_pos: torch.Tensor | None = None  # (T,) int64: a decode graph's cache slots for its T tokens
     quantized: bool = False  # products through a quantized model's int4 / int8 kernels (decode steps)
     local_mask: torch.Tensor | None = None  # (b, 1, T, S) the sliding layers' mask (the window on top of `mask`)
     cos_local: torch.Tensor | None = None  # the sliding layers' rotary tables, where their base differs (Gemma 3)

@@ -46,11 +46,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+# Which row counts of the LM head's product go as weight @ x.T (a tall-skinny GEMM) on the CPU instead of x @ weight.T.
+# Measured on the 49152 x 576 head, 2 threads (one row is a GEMV either way): on an AMD EPYC with AVX2 only the tall
+# form ran ~1.8x faster for 2-16 rows; on an Intel Xeon with AVX512 it ran 2-3x slower for 2-5 rows (2.8-4.8 ms vs
+# 8-9), level at 8 and faster at 12 (benchmarks/RESULTS.md).
+TALL_HEAD_ROWS = range(9, 17) if "avx512f" in _FLAGS else range(2, 17)
+
+
 def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Last-token LM head, x (b, d) against head rows weight (V, d) -> float32 logits (b, V). On the CPU a few rows
-    go as weight @ x.T: MKL runs that tall-skinny GEMM ~1.8x faster than x @ weight.T for 2-16 rows of a
-    49k x 576 head (measured; one row is a GEMV either way)."""
-    if x.is_cuda or x.shape[0] == 1 or x.shape[0] > 16:
+    """Last-token LM head, x (b, d) against head rows weight (V, d) -> float32 logits (b, V); on the CPU as
+    weight @ x.T for the row counts of TALL_HEAD_ROWS, the faster form on this CPU."""
+    if x.is_cuda or x.shape[0] not in TALL_HEAD_ROWS:
         return linear(x, weight).float()
     if UPCAST_ROWS and x.dtype != torch.float32 and x.shape[0] >= UPCAST_ROWS:
         x, weight = x.float(), weight.float()

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-min-prob", type=float, default=0.0, metavar="P",
                    help="with --speculate: a row stops drafting in a round at a token its draft gives less than P "
                         "(default 0: always --draft-length)")
+    p.add_argument("--draft-head", default="full", choices=["full", "int8"],
+                   help="with --speculate: the draft's head, float or rounded to int8 (default full; --decode int4 "
+                        "drafts with its int8 head either way)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in input order")
     p.add_argument("--no-compare", action="store_true", help="do not time a dense run beside the exit run")
     return p
@@ -110,16 +113,18 @@ def run(args: argparse.Namespace) -> int:
         sources, prompts = ["--prompt"], [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
     if args.dense and args.exit:
         raise AdainferError("--exit", "cannot be combined with --dense")
-    drafting = args.draft_layers is not None or args.draft_length != 3 or args.draft_min_prob
+    drafting = (args.draft_layers is not None or args.draft_length != 3 or args.draft_min_prob or
+                args.draft_head != "full")
+    options = "--draft-layers/--draft-length/--draft-min-prob/--draft-head"
     if (drafting or args.draft) and not args.speculate:
-        raise AdainferError("--draft/--draft-layers/--draft-length/--draft-min-prob", "only apply with --speculate")
+        raise AdainferError(f"--draft/{options}", "only apply with --speculate")
     if drafting and args.draft:
-        raise AdainferError("--draft", "give a draft file or --draft-layers/--draft-length/--draft-min-prob, not both")
+        raise AdainferError("--draft", f"give a draft file or {options}, not both")
     if args.speculate and args.exit:
         raise AdainferError("--exit", "cannot be combined with --speculate (its answers are the dense model's)")
     from adainfer.speculative import check_draft
 
-    check_draft(args.draft_length, args.draft_min_prob)
+    check_draft(args.draft_length, args.draft_min_prob, args.draft_head)
     with world.main_first():  # the default model is fetched and converted once, by rank 0
         engine = load(args.model, args.dtype, args.device, args.threads, progress=not args.json and world.main)
     draft, dense_why = None, None
@@ -129,16 +134,21 @@ def run(args: argparse.Namespace) -> int:
         L = engine.model.config.n_layers
         source = args.draft or (None if drafting else shipped_draft(engine.model.fingerprint))
         if source is not None:
-            draft, report = load_draft(source, engine.model)
-            if not report.get("pays", True):
+            draft, reports = load_draft(source, engine.model)
+            report = reports.get(args.decode)
+            if report is None:  # its verdict was reached for other decode steps: say so, and draft
+                print(f"speculative: the draft {source} was measured with --decode {', '.join(reports) or '?'}, "
+                      f"not {args.decode}: running it unmeasured", file=sys.stderr)
+            elif not report.get("pays", True):
                 cpu = (report.get("machine") or {}).get("cpu")
                 dense_why = (f"running dense: the draft {source} was measured at "
-                             f"{report.get('predicted_speed_vs_dense')}x dense on {cpu} (give --draft-layers to run "
-                             "a draft anyway)")
+                             f"{report.get('predicted_speed_vs_dense')}x dense with --decode {args.decode} on {cpu} "
+                             "(give --draft-layers to run a draft anyway)")
                 draft = None
         else:
             spec = args.draft_layers or default_layers(L)
-            draft = Draft(parse_layers(spec, L), args.draft_length, min_prob=args.draft_min_prob)
+            draft = Draft(parse_layers(spec, L), args.draft_length, min_prob=args.draft_min_prob,
+                          head=args.draft_head)
     candidates = args.candidates
     if (args.prompt is None and args.prompts is None and candidates is None and args.exit is None
             and args.max_new_tokens == 1 and shipped_classifier(engine.model.fingerprint, DEFAULT_CANDIDATES)):

@@ -8,7 +8,12 @@ on a typical cache (the median of `--repeats` timings): a dense decode step, a d
 tokens; from them the speed-up the measured acceptance predicts, (tokens per verify x dense step) / (g x draft step
 + verify): what a draft must reach to pay on this machine.
 
+With `--decode compiled` / `int4` both sides run their decode steps through the graphs of adainfer.fast_decode
+(dense: the decode step; speculative: the draft step and the verify step, each its own graph), compiled before the
+clock starts; `--draft-head int8` reads the draft's head rows through the int8 kernel.
+
     python benchmarks/bench_speculative.py [--rows 20] [--new-tokens 64] [--drafts 0,1,8-29:2 0-23:3] [--batch 1 8]
+        [--decode eager|compiled|int4] [--draft-head full|int8]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_generation import open_prompts, squad_prompts  # noqa: E402
 from common import machine, print_table, write_json  # noqa: E402
 
+from adainfer.fast_decode import decode_graph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 from adainfer.speculative import Draft, frequent_tokens, parse_layers, speculative_generate, step_costs  # noqa: E402
@@ -42,6 +48,8 @@ def main() -> None:
                         "demonstration pool; 0: the whole head), each with every draft")
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--decode", default="eager", choices=["eager", "compiled", "int4"])
+    p.add_argument("--draft-head", default="full", choices=["full", "int8"])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path, default=Path("results/bench_speculative.json"))
@@ -53,6 +61,7 @@ def main() -> None:
 
         args.model = default_model_dir(progress=False)
     model, tok = load_model(args.model, args.dtype)
+    graph = decode_graph(model, args.decode)
     L = model.config.n_layers
     corpus = [ex.x for ex in load_task("agnews", args.data).train[:3000]] + \
         [f"{ex.x} {' '.join(ex.answers)}" for ex in load_task("squad", args.data).train]
@@ -61,7 +70,8 @@ def main() -> None:
         blocks, _, length = spec.rpartition(":")
         for k in args.draft_vocab:
             vocab = frequent_tokens(tok, corpus, k) if k else None
-            drafts[spec + (f" top{k}" if k else "")] = Draft(parse_layers(blocks, L), int(length), vocab=vocab)
+            drafts[spec + (f" top{k}" if k else "")] = Draft(parse_layers(blocks, L), int(length), vocab=vocab,
+                                                                       head=args.draft_head)
     sets = {"squad": squad_prompts(args.data, args.rows), "open": open_prompts(args.data, args.rows)}
     rows = []
     for set_name, prompts in sets.items():
@@ -69,21 +79,23 @@ def main() -> None:
         for B in args.batch:
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
             batches = [[ids[i] for i in order[s:s + B]] for s in range(0, len(order), B)]
-            generate(model, batches[0], 2)  # first-call allocations off the clock
+            generate(model, batches[0], 3, graph=graph)  # first-call allocations and compiles off the clock
+            for draft in drafts.values():
+                speculative_generate(model, batches[0], 8, draft, graph=graph)
             seconds = {"dense": 0.0, **dict.fromkeys(drafts, 0.0)}
             dense_out, spec_out = [], {d: [] for d in drafts}
             for batch in batches:
                 t0 = time.perf_counter()
-                dense_out += [x.token_ids for x in generate(model, batch, args.new_tokens)]
+                dense_out += [x.token_ids for x in generate(model, batch, args.new_tokens, graph=graph)]
                 seconds["dense"] += time.perf_counter() - t0
                 for name, draft in drafts.items():
                     t0 = time.perf_counter()
-                    spec_out[name] += speculative_generate(model, batch, args.new_tokens, draft)
+                    spec_out[name] += speculative_generate(model, batch, args.new_tokens, draft, graph=graph)
                     seconds[name] += time.perf_counter() - t0
             for name, draft in drafts.items():
                 out = spec_out[name]
                 rounds = [n for r in out for n in r.accepted]
-                costs = step_costs(model, ids[order[len(order) // 2]], draft, args.repeats)
+                costs = step_costs(model, ids[order[len(order) // 2]], draft, args.repeats, graph)
                 per_verify = sum(len(r.token_ids) for r in out) / max(1, sum(len(r.accepted) for r in out))
                 predicted = per_verify * costs["dense_step_ms"] / (
                     draft.length * costs["draft_step_ms"] + costs["verify_ms"])
@@ -101,7 +113,8 @@ def main() -> None:
     print_table(rows, ["set", "batch", "draft", "identical_rows", "accepted_per_round", "tokens_per_verify",
                        "speed_vs_dense", "dense_step_ms", "draft_step_ms", "verify_ms", "predicted_speed_vs_dense"])
     write_json(args.out, {"benchmark": "self-speculative greedy decoding", "machine": machine(),
-                          "model": str(args.model), "dtype": args.dtype, "rows_per_set": args.rows,
+                          "model": str(args.model), "dtype": args.dtype,
+                          "decode": args.decode, "draft_head": args.draft_head, "rows_per_set": args.rows,
                           "new_tokens": args.new_tokens, "command": " ".join(sys.argv), "rows": rows})
 
 

@@ -67,10 +67,10 @@ def test_graph_at_any_depth_with_a_translator_matches_the_block_loop(converted, 
     translated, _ = step_logits(model, graph, 2, 2, reader)
     assert float((plain - translated).abs().max()) > 1e-3, "the translator must change the depth-2 reading"
     if capture:
-        # one step function per (batch size, depth, cache, translator), the cache the graph's own
-        # (at depth 3, the model's last block, the translator is not read: the plain graph serves)
-        assert sorted((k[0], k[1], k[3] == id(reader)) for k in graph.graphs) == [(3, 1, False), (3, 2, False),
-                                                                                  (3, 2, True), (3, 3, False)]
+        # one step function per (batch size, tokens, blocks, cache, translator, head), the cache the graph's own
+        # (at depth 3, the model's last block, the translator is not read: the plain graph serves; None = all blocks)
+        assert sorted((k[0], k[1], k[2] or (0, 1, 2), k[4] == id(reader)) for k in graph.graphs) == [
+            (3, 1, (0,), False), (3, 1, (0, 1), False), (3, 1, (0, 1), True), (3, 1, (0, 1, 2), False)]
         # every new rule brings its own translator object: the graphs that read it are kept to MAX_GRAPHS, least
         # recently used dropped first
         for seed in range(MAX_GRAPHS + 4):
@@ -92,7 +92,7 @@ def test_captured_generation_reuses_its_cache_and_graphs(converted):
         assert [g.token_ids for g in generate(model, PROMPTS, 6, plan, graph=graph)] == want
     assert [g.layers_run for g in generate(model, PROMPTS, 6, firing, graph=graph)] == [[1] * 6] * 3
     cache, made = graph.pool[3], dict(graph.graphs)
-    assert sorted(k[1] for k in made) == [1, 3]
+    assert sorted(len(k[2] or (0, 1, 2)) for k in made) == [1, 3]
     generate(model, PROMPTS[::-1], 5, firing, graph=graph)
     assert graph.pool[3] is cache and graph.graphs == made
     generate(model, PROMPTS, 80, graph=graph)  # 9 + 79 positions outgrow the 64 of the first cache

@@ -213,7 +213,7 @@ def test_calibrate_a_draft_and_run_with_it(deep, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "predicted speed" in r.stdout
     data = json.loads(out.read_text())
-    report = data["report"]
+    report = data["reports"]["eager"]
     assert data["model"]["fingerprint"] == model.fingerprint and data["layers"] == [0, 1, 4, 5]
     assert len(data["vocab"]) <= 40 and report["tokens_per_verify"] >= 1 and report["verify_ms"] > 0
     assert report["pays"] == (report["predicted_speed_vs_dense"] > 1)
@@ -222,7 +222,7 @@ def test_calibrate_a_draft_and_run_with_it(deep, tmp_path):
             "float32", "--json")
     dense = json.loads(run_cli(*base, "--dense").stdout)["token_ids"]
     for pays in (True, False):
-        data["report"]["pays"] = pays
+        data["reports"]["eager"]["pays"] = pays
         out.write_text(json.dumps(data))
         r = run_cli(*base, "--speculate", "--draft", out)
         assert r.returncode == 0, r.stderr
@@ -238,3 +238,115 @@ def test_calibrate_a_draft_and_run_with_it(deep, tmp_path):
     assert r.returncode == 2 and "malformed draft JSON" in r.stderr
     r = run_cli(*base, "--speculate", "--draft", out, "--draft-layers", "0-2")
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_speculation_through_decode_graph_steps_equals_dense_through_them(deep, capture):
+    """Draft and verify steps through a DecodeGraph's step function (run eagerly; capture=True: the captured path's
+    static buffers and pooled cache, without the CUDA graph): the tokens of dense decoding through the same graph,
+    for drafts of a block subset, of head rows, of the int8 head, and adaptive ones; batched and one by one."""
+    from adainfer.fast_decode import DecodeGraph
+
+    model, _ = deep
+    graph = DecodeGraph(model, "compiled", compile=False, capture=capture)
+    batch = prompts(4, 9, lo=3, hi=25)
+    dense = [x.token_ids for x in generate(model, batch, 16, graph=graph)]
+    some = torch.arange(0, model.config.vocab_size, 2)
+    for draft in (Draft([0, 1, 4, 5], 3), Draft([0, 5], 2, vocab=some, head="int8"), Draft(None, 2, head="int8"),
+                  Draft([0, 1, 2], 3, min_prob=0.3)):
+        got = speculative_generate(model, batch, 16, draft, graph=graph)
+        assert [r.token_ids for r in got] == dense
+        assert speculative_generate(model, batch[:1], 16, draft, graph=graph)[0].token_ids == dense[0]
+    whole = speculative_generate(model, batch, 16, Draft(None, 2), graph=graph)
+    assert {n for r in whole for n in r.accepted} == {2}  # the whole model drafting through the graph: all kept
+
+
+def test_int4_speculation_is_dense_int4_at_batch_one(tmp_path):
+    """On int4 weights (the kernels round activations, so a last-bit difference can change a token), batch 1 keeps
+    the dense run's cache layout (a rejected draft's slots are rewritten, not left as holes): the very tokens of
+    dense int4 decoding, its verify logits bit for bit those of one-token steps."""
+    from adainfer.fast_decode import DecodeGraph, quantize_model
+
+    model = load_model(make_converted("llama-gqa-tied", tmp_path, seed=41, n_layers=6)[1], "float32")[0]
+    quantize_model(model)
+    graph = DecodeGraph(model, "int4", compile=False)
+    for ids in prompts(4, 13, lo=3, hi=30):
+        dense = generate(model, [ids], 20, graph=graph)[0].token_ids
+        for draft in (Draft([0, 1, 4, 5], 3), Draft([0, 2], 2, vocab=torch.arange(0, 200))):
+            assert speculative_generate(model, [ids], 20, draft, graph=graph)[0].token_ids == dense
+    ids = torch.tensor([prompts(1, 3, lo=8, hi=9)[0]])
+    steps, many = [], None
+    for one_by_one in (True, False):
+        cache = KVCache(model.config, 1, 16, model.dtype)
+        model(ids[:, :5], cache=cache)
+        cache.length = 5
+        if one_by_one:
+            for t in range(5, 8):
+                steps.append(graph(ids[:, t:t + 1], cache))
+                cache.length += 1
+        else:
+            many = graph(ids[:, 5:8], cache)
+    assert torch.equal(torch.stack(steps, 1), many)
+
+
+def test_first_draft_acceptance_and_the_block_search(deep):
+    """draft_search.Positions scores a draft's first step after a verified context for every position at once: the
+    same predictions as a cache built by the whole model up to the position and one draft step. The search removes
+    one block a step from the whole model (acceptance 1) and picks the draft its cost model predicts fastest."""
+    from adainfer.draft_search import Positions, best_draft, cost_model, predict, search_blocks
+    from adainfer.speculative import Steps
+
+    model, _ = deep
+    rows = prompts(3, 17, lo=4, hi=20)
+    seqs = [(ids + g.token_ids[:-1], 9) for ids, g in zip(rows, generate(model, rows, 10))]
+    where = Positions(model, seqs)
+    some = torch.arange(0, model.config.vocab_size, 3)
+    for draft in (Draft([0, 1, 4, 5], 1), Draft([0, 3], 1, vocab=some), Draft([1, 2, 5], 1, head="int8")):
+        hits = total = 0
+        for ids, n in seqs:
+            for t in range(len(ids) - n - 1, len(ids) - 1):
+                cache = KVCache(model.config, 1, t + 1, model.dtype)
+                model(torch.tensor([ids[:t]]), cache=cache)  # the whole model's cache before position t
+                cache.length = t
+                logits = Steps(model, draft, cache).draft(torch.tensor([ids[t]]))
+                guess = int(logits.argmax(-1)) if draft.vocab is None else int(draft.vocab[logits.argmax(-1)])
+                hits += guess == ids[t + 1]
+                total += 1
+        assert where.acceptance(draft) == pytest.approx(hits / total)
+    assert where.acceptance(Draft(None, 1)) == 1.0
+    path = search_blocks(model, seqs, Draft(None, 2), min_blocks=2)
+    assert [len(b) for b, _ in path] == [6, 5, 4, 3, 2] and path[0][1] == 1.0
+    assert all(set(b2) < set(b1) for (b1, _), (b2, _) in zip(path, path[1:]))
+    costs = cost_model(model, seqs[0][0], Draft(None, 2), 2, repeats=2)
+    assert set(costs["verify_ms"]) == {1, 2} and costs["dense_step_ms"] > 0 and costs["draft_block_ms"] >= 0
+    blocks, g, tau, speed = best_draft(path, costs)
+    assert (tau, speed) == predict(dict((tuple(b), a) for b, a in path)[tuple(blocks)], g, len(blocks), costs)
+    assert speed == max(predict(a, k, len(b), costs)[1] for b, a in path for k in (1, 2))
+    assert predict(1.0, 2, 6, costs)[0] == 3 and predict(0.0, 2, 6, costs)[0] == 1
+
+
+def test_calibrate_searches_the_blocks_and_run_speculates_on_int4_graphs(tmp_path):
+    """calibrate --draft without --draft-layers searches them and records the search; each --draft-decode mode gets
+    its report, and run --speculate --decode MODE reads that mode's verdict (or says the mode was not measured).
+    run --speculate --decode int4 (compiled draft and verify graphs on int4 weights) answers as dense int4 does."""
+    folder = make_converted("llama-gqa-tied", tmp_path, seed=31, n_layers=6)[1]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ["hello there", "once upon a", "x y z"]))
+    out = tmp_path / "draft.json"
+    r = run_cli("adainfer.calibrate", "--draft", "--model", folder, "--prompts", prompts, "--draft-length", "2",
+                "--draft-head", "int8", "--draft-tokens", "8", "--dtype", "float32", "--out", out)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    search = data["search"]
+    assert [len(step["blocks"]) for step in search["path"]] == [6, 5, 4, 3, 2] and data["head"] == "int8"
+    assert data["layers"] in [step["blocks"] for step in search["path"]] and 1 <= data["length"] <= 2
+    assert list(data["reports"]) == ["eager"] and "first-draft acceptance" in r.stdout
+
+    base = ("adainfer.run", "--model", folder, "--prompt", "hello there", "--max-new-tokens", "10", "--dtype",
+            "float32", "--json", "--decode", "int4")
+    r = run_cli(*base, "--speculate", "--draft", out)
+    assert r.returncode == 0, r.stderr
+    assert "measured with --decode eager, not int4: running it unmeasured" in r.stderr
+    dense = json.loads(run_cli(*base, "--dense").stdout)["token_ids"]
+    got = json.loads(r.stdout)
+    assert got["token_ids"] == dense and "accepted" in got
