@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "speed predicted on this machine)")
     d.add_argument("--draft-length", type=int, default=3,
                    help="tokens drafted a round (default 3; with the search: the longest it tries)")
-    d.add_argument("--draft-head", default="full", choices=["full", "int8"], help="the draft's head (run's option)")
+    d.add_argument("--draft-head", choices=["full", "int8"],
+                   help="the draft's head (run's option; default: with the search, the one predicted faster, else "
+                        "full)")
     d.add_argument("--draft-decode", nargs="+", default=["eager"], choices=["eager", "compiled", "int4"],
                    metavar="MODE", help="decode modes to measure the draft in (eager, compiled, int4; default eager): "
                                         "run --speculate --decode MODE reads that mode's verdict; the search is "
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         if world.size > 1:
             raise AdainferError("--draft", "times decode steps in one process: run it without torchrun")
         check_counts(draft_tokens=args.draft_tokens)
-        check_draft(args.draft_length, args.draft_min_prob, args.draft_head)
+        check_draft(args.draft_length, args.draft_min_prob, args.draft_head or "full")
     # Options and prompts first: bad input is refused before the model loads.
     check_fit(FitOptions(args.classifier, tuple(args.features), args.threshold, args.first_layer,
                          args.target_agreement, args.stride), args.label, args.holdout, args.batch_size,
@@ -150,17 +152,17 @@ def write_draft(engine, data, args: argparse.Namespace) -> int:
     verdicts."""
     from dataclasses import replace
 
-    from adainfer.draft_search import best_draft, cost_model, predict, search_blocks
+    from adainfer.draft_search import Positions, best_draft, choose_head, cost_model, predict, search_blocks
     from adainfer.eval.harness import machine
     from adainfer.fast_decode import decode_graph
     from adainfer.generate import generate
-    from adainfer.speculative import Draft, frequent_tokens, measure_draft, parse_layers, save_draft
+    from adainfer.speculative import PAYS_AT, Draft, frequent_tokens, measure_draft, parse_layers, save_draft
 
     model, tok = engine.model, engine.tokenizer
     L = model.config.n_layers
     modes = sorted(dict.fromkeys(args.draft_decode), key=["eager", "compiled", "int4"].index)  # int4 rounds weights:
     vocab = frequent_tokens(tok, data.prompts, args.draft_vocab) if args.draft_vocab else None  # it goes last
-    base = Draft(None, args.draft_length, vocab=vocab, min_prob=args.draft_min_prob, head=args.draft_head)
+    base = Draft(None, args.draft_length, vocab=vocab, min_prob=args.draft_min_prob, head=args.draft_head or "full")
     ids = [tok.encode(p) for p in data.prompts]
     search = None
     if args.draft_layers:
@@ -171,14 +173,20 @@ def write_draft(engine, data, args: argparse.Namespace) -> int:
               f"with --decode {first})", flush=True)
         gens = [generate(model, [i], args.draft_tokens, eos_id=model.config.eos_id)[0].token_ids for i in ids]
         seqs = [(i + g[:-1], len(g) - 1) for i, g in zip(ids, gens) if len(g) > 1]
-        path = search_blocks(model, seqs, base, min_blocks=max(1, L // 3),
+        where = Positions(model, seqs)
+        path = search_blocks(where, base, min_blocks=max(1, L // 3),
                              progress=lambda step: print(f"  {len(step[0])} blocks: first-draft acceptance "
                                                          f"{step[1]:.3f}", flush=True))
-        costs = cost_model(model, sorted(ids, key=len)[len(ids) // 2], base, args.draft_length,
-                           graph=decode_graph(model, first))
+        middle, graph = sorted(ids, key=len)[len(ids) // 2], decode_graph(model, first)
+        costs = cost_model(model, middle, base, args.draft_length, graph=graph)
         blocks, length, _, speed = best_draft(path, costs)
         draft = replace(base, layers=blocks, length=length)
-        search = {"decode": first, "costs": costs, "chosen_predicted_speed": round(speed, 4),
+        heads = {}
+        if args.draft_head is None and first != "int4":  # (int4 drafts read the int8 head either way)
+            head, heads = choose_head(where, middle, draft, ["full", "int8"], graph=graph)
+            draft = replace(draft, head=head)
+            print(f"  head: {', '.join(f'{h} {v:.3f}x' for h, v in heads.items())} predicted", flush=True)
+        search = {"decode": first, "costs": costs, "chosen_predicted_speed": round(speed, 4), "heads": heads,
                   "path": [{"blocks": b, "acceptance": round(a, 4),
                             "predicted_speed_by_length": {g: round(predict(a, g, len(b), costs)[1], 4)
                                                           for g in costs["verify_ms"]}} for b, a in path]}
@@ -195,7 +203,8 @@ def write_draft(engine, data, args: argparse.Namespace) -> int:
     print(f"draft: blocks {spec} ({len(draft.layers)} of {L}), {draft.length} tokens a round, "
           f"{reports[modes[0]]['head_rows']} head rows ({draft.head})")
     for mode, report in reports.items():
-        verdict = "faster than dense" if report["pays"] else "slower than dense: run --speculate with it runs dense"
+        verdict = "it drafts" if report["pays"] else \
+            f"under the {PAYS_AT}x a draft must reach: run --speculate with it runs dense"
         print(f"--decode {mode}: accepted per round {report['accepted_per_round']:.2f}, tokens per verify "
               f"{report['tokens_per_verify']:.2f}; dense step {report['dense_step_ms']:.1f} ms, draft step "
               f"{report['draft_step_ms']:.1f} ms, verify {report['verify_ms']:.1f} ms; predicted speed "

@@ -63,13 +63,12 @@ class Positions:
         return hits / max(1, total)
 
 
-def search_blocks(model: Decoder, seqs: list[tuple[list[int], int]], draft: Draft, min_blocks: int,
-                  width: int = 3, progress=None) -> list[tuple[list[int], float]]:
+def search_blocks(where: Positions, draft: Draft, min_blocks: int, width: int = 3,
+                  progress=None) -> list[tuple[list[int], float]]:
     """Greedy removal from all blocks down to `min_blocks`: [(blocks, first-draft acceptance)] per step, the whole
     model first. `draft` gives the head (rows, int8). Lazy: after the first round only the `width` blocks whose
     removal scored best last time are scored again."""
-    where = Positions(model, seqs)
-    current = draft.blocks(model)
+    current = draft.blocks(where.model)
     path = [(list(current), where.acceptance(replace(draft, layers=current)))]
     scores: dict[int, float] = {}
     while len(current) > min_blocks:
@@ -93,13 +92,16 @@ def cost_model(model: Decoder, ids: list[int], draft: Draft, max_length: int, re
     L = model.config.n_layers
     half = list(range(0, L, 2))
     verify, dense, full_draft, half_draft = {}, [], [], []
-    for g in range(1, max_length + 1):
-        c = step_costs(model, ids, replace(draft, layers=None, length=g), repeats, graph)
+    for g in range(1, max_length + 1):  # each cost the least of its medians: one noisy median must not skew the
+        c = step_costs(model, ids, replace(draft, layers=None, length=g), repeats, graph)  # line through them
         verify[g] = c["verify_ms"]
         dense.append(c["dense_step_ms"])
         full_draft.append(c["draft_step_ms"])
-    half_draft.append(step_costs(model, ids, replace(draft, layers=half, length=1), repeats, graph)["draft_step_ms"])
-    dense_ms, top, low = min(dense), min(full_draft), half_draft[0]
+        c = step_costs(model, ids, replace(draft, layers=half, length=g), repeats, graph)
+        verify[g] = min(verify[g], c["verify_ms"])
+        dense.append(c["dense_step_ms"])
+        half_draft.append(c["draft_step_ms"])
+    dense_ms, top, low = min(dense), min(full_draft), min(half_draft)
     per_block = max(0.0, (top - low) / (L - len(half)))
     return {"dense_step_ms": dense_ms, "draft_fixed_ms": top - L * per_block, "draft_block_ms": per_block,
             "verify_ms": verify}
@@ -121,3 +123,17 @@ def best_draft(path: list[tuple[list[int], float]], costs: dict) -> tuple[list[i
     options = [(blocks, g, *predict(alpha, g, len(blocks), costs)) for blocks, alpha in path
                for g in costs["verify_ms"]]
     return max(options, key=lambda o: o[3])
+
+
+def choose_head(where: Positions, ids: list[int], draft: Draft, heads: list[str], repeats: int = 10,
+                graph: DecodeGraph | None = None) -> tuple[str, dict[str, float]]:
+    """The head (of `heads`: full, int8) under which `draft` is predicted fastest: its first-draft acceptance
+    (where.acceptance) and its measured step costs after `ids`. -> (head, predicted speed by head)."""
+    speeds = {}
+    for head in heads:
+        option = replace(draft, head=head)
+        c = step_costs(where.model, ids, option, repeats, graph)
+        alpha, g = where.acceptance(option), option.length
+        tau = g + 1.0 if alpha >= 1 else (1 - alpha ** (g + 1)) / (1 - alpha)
+        speeds[head] = tau * c["dense_step_ms"] / (g * c["draft_step_ms"] + c["verify_ms"])
+    return max(speeds, key=speeds.get), speeds

@@ -18,8 +18,11 @@ AVX2 CPU a bfloat16 GEMV reads weights at ~8 GB/s (measured: benchmarks/README.m
 The graph is `decode_step` over the model's own modules (the blocks the eager loop runs, as gpt-fast's
 decode_one_token), the KV cache written at a position tensor, so one graph serves every cache length and size: it
 compiles once per batch size (on first use about a minute for the 30-block default model on 2 cores; inductor caches
-it on disk). Only dense decode steps go through it (every row runs all blocks); exit decisions, layer plans and
-per-token exit stay on the eager loop. Every family (sliding layers write their ring at write_pos % window).
+it on disk). Of the exit loop's steps only dense ones go through it (every row runs all blocks); exit decisions,
+layer plans and per-token exit stay on the eager loop. Every family (sliding layers write their ring at write_pos %
+window). Self-speculative decoding (adainfer.speculative) compiles two more kinds: a draft step (its block subset,
+its head rows) and a verify step (T tokens a row, each query seeing the cache up to its own slot), one variant per
+batch size, token count, block list and head.
 
 On a GPU, `compiled` means CUDA graphs instead (`Captured`): the same decode step, run eagerly once and captured,
 then replayed with one launch per token (gpt-fast's lever against a host-bound loop, without inductor). A graph is
@@ -112,11 +115,9 @@ def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, c
     B, T = tokens.shape
     S, L = valid.shape[1], model.config.n_layers
     local = model.local_tables(positions, write_pos[:1], valid, B, T, S, cache.ring, written=True)
-    if attend is not None:
-        pass
-    elif T == 1:
+    if attend is None and T == 1:
         attend = valid[:, None, None, :]  # (B, 1, 1, S): every written slot is at or before the new one
-    else:  # (B, 1, T, S): the earlier slots and the new ones up to the query's own
+    elif attend is None:  # (B, 1, T, S): the earlier slots and the new ones up to the query's own
         slots = torch.arange(S, device=valid.device)
         attend = (valid[:, None, :] & (slots[None, :] <= write_pos[:, None])[None])[:, None]
     ctx = Context(cos, sin, attend, False, cache, write_pos=write_pos, quantized=quantized, **local)
@@ -198,6 +199,9 @@ class DecodeGraph:
         # call (~600 Python calls a step, 0.4 ms of it): the shapes are fixed by the modules.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
         self.step = torch.compile(decode_step, dynamic=False, options=options)
+        # One compiled variant per batch size, token count, block list and head: dynamo's default of 8 variants per
+        # function is met by a speculative run at two batch sizes, and past it steps silently run uncompiled.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     def serves(self, depth: int) -> bool:
         """Whether an exit-loop step in which every row runs the first `depth` blocks goes through the graph (on the

@@ -16,15 +16,13 @@ verify step) in dense steps, and the acceptance it needs for --target.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import machine, median_time, print_table, write_json  # noqa: E402
 
 from adainfer.config import ModelConfig  # noqa: E402
 from adainfer.fast_decode import DecodeGraph, quantize_model  # noqa: E402
@@ -49,13 +47,7 @@ def build(shape: str) -> Decoder:
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_time(fn, repeats)
 
 
 def tau(alpha: float, g: int) -> float:
@@ -73,12 +65,47 @@ def needed(target: float, g: int, draft: float, verify: float) -> float | None:
     return hi
 
 
+def measure(shape: str, mode: str, args) -> list[dict]:
+    """The rows of one size in one mode (the model is freed on return)."""
+    model = build(shape)
+    if mode == "int4":
+        quantize_model(model)
+    graph = DecodeGraph(model, "int4" if mode == "int4" else "compiled", compile=False)
+    L = model.config.n_layers
+    ids = torch.randint(0, 49152, (1, args.context + 8))
+    cache = KVCache(model.local, 1, args.context + 8, model.dtype)
+    model(ids[:, :args.context], cache=cache)
+    vocab = torch.arange(args.head_rows)
+
+    def at_end(fn):  # every step writes at the slot after the prompt
+        def run():
+            cache.length = args.context
+            return fn()
+        return run
+
+    dense = median_ms(at_end(lambda: Steps(model, Draft(None, 1), cache, graph).dense(ids[0, :1])), args.repeats)
+    verify = {g: median_ms(at_end(lambda g=g: Steps(model, Draft(None, g), cache, graph).verify(ids[:, :g + 1])),
+                           args.repeats) / dense for g in args.lengths}
+    rows = []
+    for share in args.shares:
+        n = max(1, round(share * L))
+        steps = Steps(model, Draft(list(range(L - n, L)), 1, vocab=vocab), cache, graph)
+        draft = median_ms(at_end(lambda: steps.draft(ids[0, :1])), args.repeats) / dense
+        for g in args.lengths:
+            rows.append({"size": shape, "mode": mode, "dense_step_ms": dense, "g": g, "verify_steps": verify[g],
+                         "draft_share": round(n / L, 3), "draft_steps": draft,
+                         **{f"speed_at_{a}": tau(a, g) / (g * draft + verify[g]) for a in args.alphas},
+                         f"alpha_for_{args.target}x": needed(args.target, g, draft, verify[g])})
+            print_table(rows[-1:], list(rows[-1]))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--modes", nargs="+", default=["int4", "float32"], choices=["int4", "float32"])
     p.add_argument("--context", type=int, default=200)
-    p.add_argument("--lengths", nargs="+", type=int, default=[2, 3], help="draft lengths g")
+    p.add_argument("--lengths", nargs="+", type=int, default=[1, 2, 3], help="draft lengths g")
     p.add_argument("--shares", nargs="+", type=float, default=[0.5, 0.67, 0.8], help="shares of the blocks drafting")
     p.add_argument("--head-rows", type=int, default=8192)
     p.add_argument("--alphas", nargs="+", type=float, default=[0.6, 0.7, 0.8, 0.9])
@@ -89,38 +116,7 @@ def main() -> None:
     rows = []
     for shape in args.sizes:
         for mode in args.modes:
-            model = build(shape)
-            if mode == "int4":
-                quantize_model(model)
-            graph = DecodeGraph(model, "int4" if mode == "int4" else "compiled", compile=False)
-            L = model.config.n_layers
-            ids = torch.randint(0, 49152, (1, args.context + 8))
-            cache = KVCache(model.local, 1, args.context + 8, model.dtype)
-            model(ids[:, :args.context], cache=cache)
-            vocab = torch.arange(args.head_rows)
-
-            def at_end(fn):  # every step writes at the slot after the prompt
-                def run():
-                    cache.length = args.context
-                    return fn()
-                return run
-
-            dense = median_ms(at_end(lambda: Steps(model, Draft(None, 1), cache, graph).dense(ids[0, :1])),
-                              args.repeats)
-            verify = {g: median_ms(at_end(lambda g=g: Steps(model, Draft(None, g), cache, graph).verify(
-                ids[:, :g + 1])), args.repeats) / dense for g in args.lengths}
-            for share in args.shares:
-                n = max(1, round(share * L))
-                steps = Steps(model, Draft(list(range(L - n, L)), 1, vocab=vocab), cache, graph)
-                draft = median_ms(at_end(lambda: steps.draft(ids[0, :1])), args.repeats) / dense
-                for g in args.lengths:
-                    row = {"size": shape, "mode": mode, "dense_step_ms": dense, "g": g, "verify_steps": verify[g],
-                           "draft_share": round(n / L, 3), "draft_steps": draft,
-                           **{f"speed_at_{a}": tau(a, g) / (g * draft + verify[g]) for a in args.alphas},
-                           f"alpha_for_{args.target}x": needed(args.target, g, draft, verify[g])}
-                    rows.append(row)
-                    print_table(rows[-1:], list(row))
-            del model, graph, cache
+            rows += measure(shape, mode, args)
     print()
     print_table(rows, list(rows[0]))
     write_json(args.out, {"benchmark": "self-speculation costs by model size", "machine": machine(),

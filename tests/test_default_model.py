@@ -101,8 +101,9 @@ def test_default_model_conversion_and_fingerprint_are_pinned(default_model_dir):
     # the shipped speculative draft is for it too, and says what its measurement found
     from adainfer.speculative import load_draft, shipped_draft
 
-    draft, report = load_draft(shipped_draft(FINGERPRINT), load_model(default_model_dir, "float32")[0])
-    assert len(draft.layers) < 30 and report["pays"] == (report["predicted_speed_vs_dense"] > 1)
+    draft, reports = load_draft(shipped_draft(FINGERPRINT), load_model(default_model_dir, "float32")[0])
+    assert len(draft.layers) < 30 and {"eager", "int4"} <= set(reports)
+    assert all(r["pays"] == (r["predicted_speed_vs_dense"] >= 1.05) for r in reports.values())
 
 
 def exit_layer(stdout: str) -> int:

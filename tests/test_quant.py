@@ -45,10 +45,12 @@ def kernel():
     load_q4q8_kernel()
 
 
-@pytest.mark.parametrize("b, n, k", [(1, 16, 32), (1, 97, 64), (3, 260, 64), (6, 33, 96), (1, 1536, 576)])
+@pytest.mark.parametrize("b, n, k", [(1, 16, 32), (1, 97, 64), (2, 65, 64), (3, 260, 64), (5, 40, 64), (6, 33, 96),
+                                     (7, 50, 64), (1, 1536, 576)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_kernel_matches_its_reference_and_the_dequantized_matmul(kernel, b, n, k, dtype):
-    # b = 1 takes the two-rows-at-a-time path (odd n: one row left over), b = 6 two passes of up to 4 input rows.
+    # b = 1 takes the two-rows-at-a-time path (odd n: one row left over); b > 1 passes of up to 4 input rows (5: 4 + 1,
+    # 6: 4 + 2, 7: 4 + 3), each row count its own compiled loop.
     g = torch.Generator().manual_seed(n)
     q, scale, low = quantize_int4(torch.randn(n, k, generator=g))
     w = QuantWeight.int4(q, scale, low)
@@ -61,6 +63,9 @@ def test_int4_kernel_matches_its_reference_and_the_dequantized_matmul(kernel, b,
     # Against the matmul on the dequantized weights, the error is the rounding of x to int8: measured <= 0.75%.
     exact = x.double() @ dequantize_int4(q, scale, low).double().T
     assert float((y.double() - exact).abs().max()) <= 1.5e-2 * float(exact.abs().max())
+    # A row's output does not depend on the rows beside it, bit for bit (what keeps an int4 verify step of several
+    # tokens equal to one-token decode steps).
+    assert all(torch.equal(y[i], int4_linear(x[i:i + 1], w.q, w.scale, w.low)[0]) for i in range(b))
 
 
 @pytest.mark.parametrize("b, n, k", [(1, 97, 64), (6, 33, 96), (1, 1536, 576)])

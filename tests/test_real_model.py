@@ -82,3 +82,19 @@ def test_greedy_continuations_match_transformers(ours, reference):
             theirs = reference[0].generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
                                            eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         assert mine == theirs, f"{text!r}: {tok.decode(mine)!r} vs {tok.decode(theirs)!r}"
+
+
+def test_speculative_greedy_is_dense_greedy(ours):
+    """The shipped draft's blocks (and a deeper one drafting 2 a round) on the real model: the dense tokens, batched
+    and one by one, with some drafts kept."""
+    from adainfer.speculative import Draft, load_draft, shipped_draft, speculative_generate
+
+    model, tok = ours
+    shipped = load_draft(shipped_draft(model.fingerprint), model)[0]
+    rows = [tok.encode(p) for p in PROMPTS]
+    dense = [g.token_ids for g in generate(model, rows, 16)]
+    for draft in (shipped, Draft(list(range(0, 3)) + list(range(8, 30)), 2)):
+        got = speculative_generate(model, rows, 16, draft)
+        assert [g.token_ids for g in got] == dense
+        assert [speculative_generate(model, [r], 16, draft)[0].token_ids for r in rows] == dense
+        assert sum(n for g in got for n in g.accepted) > 0
