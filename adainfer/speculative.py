@@ -208,7 +208,7 @@ def step_costs(model: Decoder, ids: list[int], draft: Draft, repeats: int = 10,
     return {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}  # the first run allocates (compiles)
 
 
-# A draft is used when its predicted speed reaches this: the same draft of the default model measured 0.98x, 1.09x
+# A draft is used when its predicted speed reaches this: the same blocks of the default model measured 0.98x, 1.09x
 # and 1.03x eagerly in three calibrations on one machine on one day (benchmarks/RESULTS.md), so a prediction within
 # 5% of dense says nothing about which is faster.
 PAYS_AT = 1.05
