@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from adainfer.errors import AdainferError
 from adainfer.fast_decode import DecodeGraph, decode_step
 from adainfer.model import Decoder, KVCache
 from adainfer.speculative import Draft, step_costs
@@ -33,6 +34,9 @@ class Positions:
 
     @torch.inference_mode()
     def __init__(self, model: Decoder, seqs: list[tuple[list[int], int]]):
+        if model.config.sliding_window is not None:
+            raise AdainferError("--draft", "sliding-window models are not supported yet (speculation leaves holes in "
+                                           "the cache, and the window counts cache slots)")
         self.model, self.items = model, []
         for ids, n in seqs:
             P = len(ids)
@@ -41,10 +45,11 @@ class Positions:
             model(tokens, cache=cache)  # every block's K/V of the whole sequence at slots 0 .. P - 1
             at = torch.arange(P - n - 1, P - 1, device=model.device)  # (n,) query j drafts from position at[j]
             slots = torch.arange(P + n, device=model.device)
-            attend = (slots[None, :] < at[:, None]) | (slots[None, :] == P + torch.arange(n)[:, None])  # (n, P + n)
+            own = P + torch.arange(n, device=model.device)  # (n,) query j's slot
+            attend = (slots[None, :] < at[:, None]) | (slots[None, :] == own[:, None])  # (n, P + n)
             positions = at[None, :]  # (1, n)
             self.items.append((cache, tokens[:, at], tokens[0, at + 1], positions, *model.rotary_tables(positions),
-                               attend[None, None], P + torch.arange(n, device=model.device)))
+                               attend[None, None], own))
 
     @torch.inference_mode()
     def acceptance(self, draft: Draft) -> float:

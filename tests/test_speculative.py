@@ -83,6 +83,10 @@ def test_refusals(deep, converted):
     windowed = load_model(converted("mistral-window")[1], "float32")[0]
     with pytest.raises(AdainferError, match="sliding-window"):
         speculative_generate(windowed, [[5, 6]], 4, Draft([0], 2))
+    from adainfer.draft_search import Positions
+
+    with pytest.raises(AdainferError, match="sliding-window"):  # the search refuses it before running anything
+        Positions(windowed, [([5, 6, 7, 8], 2)])
 
 
 @pytest.mark.slow
