@@ -9,9 +9,8 @@ position, each seeing the whole model's K/V before it and its own slot.
 `search_blocks` removes blocks one at a time, each time the one whose removal keeps the acceptance highest (lazy
 greedy: the first round scores every block, later rounds re-score the few that scored best before), and
 `predict` turns each step's acceptance into tokens per second against dense from measured step costs
-(`cost_model`: a dense step, draft steps at two depths, verify steps of each length), with the usual assumption that
-each draft is kept with the same probability alpha while the ones before it were: tokens per round
-(1 - alpha^(g + 1)) / (1 - alpha).
+(`cost_model`: a dense step, draft steps at two depths, verify steps of each length) and
+speculative.tokens_per_round.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 from adainfer.errors import AdainferError
 from adainfer.fast_decode import DecodeGraph, decode_step
 from adainfer.model import Decoder, KVCache
-from adainfer.speculative import Draft, step_costs
+from adainfer.speculative import Draft, predicted_speed, step_costs, tokens_per_round
 
 
 class Positions:
@@ -119,8 +118,10 @@ def draft_ms(costs: dict, n_blocks: int) -> float:
 def predict(alpha: float, g: int, n_blocks: int, costs: dict) -> tuple[float, float]:
     """(tokens per verify, speed against dense) of a draft of n_blocks with first-draft acceptance alpha drafting g a
     round, under the costs of cost_model."""
-    tau = g + 1.0 if alpha >= 1 else (1 - alpha ** (g + 1)) / (1 - alpha)
-    return tau, tau * costs["dense_step_ms"] / (g * draft_ms(costs, n_blocks) + costs["verify_ms"][g])
+    tau = tokens_per_round(alpha, g)
+    steps = {"dense_step_ms": costs["dense_step_ms"], "draft_step_ms": draft_ms(costs, n_blocks),
+             "verify_ms": costs["verify_ms"][g]}
+    return tau, predicted_speed(tau, g, steps)
 
 
 def best_draft(path: list[tuple[list[int], float]], costs: dict) -> tuple[list[int], int, float, float]:
@@ -137,8 +138,7 @@ def choose_head(where: Positions, ids: list[int], draft: Draft, heads: list[str]
     speeds = {}
     for head in heads:
         option = replace(draft, head=head)
-        c = step_costs(where.model, ids, option, repeats, graph)
-        alpha, g = where.acceptance(option), option.length
-        tau = g + 1.0 if alpha >= 1 else (1 - alpha ** (g + 1)) / (1 - alpha)
-        speeds[head] = tau * c["dense_step_ms"] / (g * c["draft_step_ms"] + c["verify_ms"])
+        costs = step_costs(where.model, ids, option, repeats, graph)
+        speeds[head] = predicted_speed(tokens_per_round(where.acceptance(option), option.length), option.length,
+                                       costs)
     return max(speeds, key=speeds.get), speeds

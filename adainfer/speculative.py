@@ -88,8 +88,6 @@ class Draft:
 
 DRAFT_FORMAT = "adainfer-draft"
 DRAFT_DIR = Path(__file__).parent / "drafts"
-
-
 DRAFT_HEADS = ("full", "int8")
 
 
@@ -208,6 +206,18 @@ def step_costs(model: Decoder, ids: list[int], draft: Draft, repeats: int = 10,
     return {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}  # the first run allocates (compiles)
 
 
+def tokens_per_round(alpha: float, g: int) -> float:
+    """Expected tokens a verify round yields when each of g drafts is kept with probability alpha while the ones
+    before it were (the usual i.i.d. assumption): (1 - alpha^(g + 1)) / (1 - alpha)."""
+    return g + 1.0 if alpha >= 1 else (1 - alpha ** (g + 1)) / (1 - alpha)
+
+
+def predicted_speed(per_round: float, g: int, costs: dict) -> float:
+    """Speed against dense of rounds yielding `per_round` tokens for g draft steps and one verify step, under
+    step_costs' costs: per_round x dense step / (g x draft step + verify step)."""
+    return per_round * costs["dense_step_ms"] / (g * costs["draft_step_ms"] + costs["verify_ms"])
+
+
 # A draft is used when its predicted speed reaches this: the same blocks of the default model measured 0.98x, 1.09x
 # and 1.03x eagerly in three calibrations on one machine on one day (benchmarks/RESULTS.md), so a prediction within
 # 5% of dense says nothing about which is faster.
@@ -225,7 +235,7 @@ def measure_draft(model: Decoder, ids: list[list[int]], draft: Draft, new_tokens
     rounds = [n for r in out for n in r.accepted]
     per_verify = sum(len(r.token_ids) for r in out) / max(1, len(rounds))
     costs = step_costs(model, sorted(ids, key=len)[len(ids) // 2], draft, repeats, graph)
-    predicted = per_verify * costs["dense_step_ms"] / (draft.length * costs["draft_step_ms"] + costs["verify_ms"])
+    predicted = predicted_speed(per_verify, draft.length, costs)
     return {"prompts": len(ids), "new_tokens": new_tokens, "accepted_per_round": sum(rounds) / max(1, len(rounds)),
             "tokens_per_verify": per_verify, **{k: round(v, 3) for k, v in costs.items()},
             "predicted_speed_vs_dense": round(predicted, 4), "pays": predicted >= PAYS_AT}

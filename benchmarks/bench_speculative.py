@@ -32,7 +32,14 @@ from common import machine, print_table, write_json  # noqa: E402
 from adainfer.fast_decode import decode_graph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
-from adainfer.speculative import Draft, frequent_tokens, parse_layers, speculative_generate, step_costs  # noqa: E402
+from adainfer.speculative import (  # noqa: E402
+    Draft,
+    frequent_tokens,
+    parse_layers,
+    predicted_speed,
+    speculative_generate,
+    step_costs,
+)
 from adainfer.tasks import load_task  # noqa: E402
 
 
@@ -97,8 +104,7 @@ def main() -> None:
                 rounds = [n for r in out for n in r.accepted]
                 costs = step_costs(model, ids[order[len(order) // 2]], draft, args.repeats, graph)
                 per_verify = sum(len(r.token_ids) for r in out) / max(1, sum(len(r.accepted) for r in out))
-                predicted = per_verify * costs["dense_step_ms"] / (
-                    draft.length * costs["draft_step_ms"] + costs["verify_ms"])
+                predicted = predicted_speed(per_verify, draft.length, costs)
                 rows.append({"set": set_name, "batch": B, "draft": name, "draft_blocks": len(draft.layers),
                              "draft_head_rows": model.config.vocab_size if draft.vocab is None else len(draft.vocab),
                              "identical_rows": sum(r.token_ids == d for r, d in zip(out, dense_out)) / len(out),

@@ -27,7 +27,7 @@ from common import machine, median_time, print_table, write_json  # noqa: E402
 from adainfer.config import ModelConfig  # noqa: E402
 from adainfer.fast_decode import DecodeGraph, quantize_model  # noqa: E402
 from adainfer.model import Decoder, KVCache  # noqa: E402
-from adainfer.speculative import Draft, Steps  # noqa: E402
+from adainfer.speculative import Draft, Steps, tokens_per_round  # noqa: E402
 
 SHAPES = {  # SmolLM2's shapes (vocabulary 49152, tied head)
     "135M": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536),
@@ -50,18 +50,14 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * median_time(fn, repeats)
 
 
-def tau(alpha: float, g: int) -> float:
-    return g + 1.0 if alpha >= 1 else (1 - alpha ** (g + 1)) / (1 - alpha)
-
-
 def needed(target: float, g: int, draft: float, verify: float) -> float | None:
     """The first-draft acceptance at which (tau x 1) / (g x draft + verify) reaches target (costs in dense steps)."""
     lo, hi = 0.0, 1.0
-    if tau(hi, g) / (g * draft + verify) < target:
+    if tokens_per_round(hi, g) / (g * draft + verify) < target:
         return None
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tau(mid, g) / (g * draft + verify) < target else (lo, mid)
+        lo, hi = (mid, hi) if tokens_per_round(mid, g) / (g * draft + verify) < target else (lo, mid)
     return hi
 
 
@@ -94,7 +90,7 @@ def measure(shape: str, mode: str, args) -> list[dict]:
         for g in args.lengths:
             rows.append({"size": shape, "mode": mode, "dense_step_ms": dense, "g": g, "verify_steps": verify[g],
                          "draft_share": round(n / L, 3), "draft_steps": draft,
-                         **{f"speed_at_{a}": tau(a, g) / (g * draft + verify[g]) for a in args.alphas},
+                         **{f"speed_at_{a}": tokens_per_round(a, g) / (g * draft + verify[g]) for a in args.alphas},
                          f"alpha_for_{args.target}x": needed(args.target, g, draft, verify[g])})
             print_table(rows[-1:], list(rows[-1]))
     return rows
