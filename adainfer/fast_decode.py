@@ -30,6 +30,9 @@ captured per batch size, depth and KV cache; the cache comes from the graph's po
 batch size, its capacity rounded up to a power of two) so the same graph serves every later prompt and length.
 Sequence-mode exits stay in the graph world: a step in which every row runs the same first n blocks replays a graph
 of depth n (captured on first use, the row's translator reading included); rows at different depths take the loop.
+`DecodeGraph(fuse=True)` captures inductor's compiled step instead of the eager one (its elementwise work fused into
+a few Triton kernels, gpt-fast's full recipe); benchmarks/gpu_check.py measures both, and it becomes the default once
+a GPU run shows it faster.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ from adainfer.quant import (
 
 DECODE_MODES = ("eager", "compiled", "int4")
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch sizes x depths x translators)
+# Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
+# the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph). Inductor would also
+# assert the size and stride of each of those inputs and of every kernel's output at each call (~600 Python calls a
+# step, 0.4 ms of it): the shapes are fixed by the modules.
+COMPILE_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
 
 
 def quantize_model(model: Decoder) -> None:
@@ -142,6 +150,13 @@ def read_head(model: Decoder, x: torch.Tensor, n: int, reader=None, head=None, q
     return model.softcap(logits)
 
 
+def rotary_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                write_pos: torch.Tensor, cache: KVCache, layers, reader, head) -> torch.Tensor:
+    """decode_step with its rotary tables made from the positions: the whole of a captured step."""
+    cos, sin = model.rotary_tables(positions)  # (B, 1, T, hd)
+    return decode_step(model, tokens, positions, cos, sin, valid, write_pos, cache, False, layers, reader, head)
+
+
 class Captured:
     """One function of fixed-shape tensors replayed as a CUDA graph: its inputs are copied into static buffers, the
     graph replays, the output is cloned out. `fn` must be a pure step of its inputs plus state it writes the same way
@@ -183,25 +198,27 @@ class DecodeGraph:
     depths go through one: the full depth only); on CUDA one captured graph per batch size, token count, block list,
     head and cache (`Captured`), any depth. compile=False runs the step eagerly (tests)."""
 
-    def __init__(self, model: Decoder, mode: str = "compiled", compile: bool = True, capture: bool | None = None):
+    def __init__(self, model: Decoder, mode: str = "compiled", compile: bool = True, capture: bool | None = None,
+                 fuse: bool = False):
         self.model, self.quantized = model, mode == "int4"
         # capture=True on the CPU runs the captured path's static buffers without a CUDA graph (tests).
         self.capture = (compile and model.device.type == "cuda") if capture is None else capture
         self.graphs: dict[tuple, Captured] = {}  # in order of last use, at most MAX_GRAPHS
         self.mempool = None
         self.pool: dict[int, KVCache] = {}
-        if self.capture or not compile:
-            self.step = decode_step
-            return
-        # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each
-        # call; the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph).
-        # Inductor would also assert the size and stride of each of those inputs and of every kernel's output at each
-        # call (~600 Python calls a step, 0.4 ms of it): the shapes are fixed by the modules.
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
-        self.step = torch.compile(decode_step, dynamic=False, options=options)
-        # One compiled variant per batch size, token count, block list and head: dynamo's default of 8 variants per
-        # function is met by a speculative run at two batch sizes, and past it steps silently run uncompiled.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # fuse: what a captured graph replays is inductor's compiled step (its norms, rotary, cache writes and
+        # elementwise tails fused into a few kernels) instead of the eager step's ~30 kernels a block; one compile per
+        # graph key, float rounding different in the last bits. Off by default until measured on a GPU (gpu_check).
+        self.fuse = fuse and self.capture
+        self.replay_step = torch.compile(rotary_step, dynamic=False, options=COMPILE_OPTIONS) if self.fuse else \
+            rotary_step
+        self.step = decode_step if self.capture or not compile else \
+            torch.compile(decode_step, dynamic=False, options=COMPILE_OPTIONS)
+        if self.fuse or self.step is not decode_step:
+            # One compiled variant per batch size, token count, block list and head (and captured depth, translator):
+            # dynamo's default of 8 variants per function is met by a speculative run at two batch sizes, and past
+            # it steps silently run uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     def serves(self, depth: int) -> bool:
         """Whether an exit-loop step in which every row runs the first `depth` blocks goes through the graph (on the
@@ -276,9 +293,7 @@ class DecodeGraph:
                 self.mempool = torch.cuda.graph_pool_handle()
 
             def step(tokens, positions, write_pos):
-                cos, sin = model.rotary_tables(positions)  # (B, 1, T, hd)
-                return decode_step(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, False, layers,
-                                   reader, head)
+                return self.replay_step(model, tokens, positions, cache.valid, write_pos, cache, layers, reader, head)
 
             graph = Captured(step, [tokens, positions, write_pos], graph=tokens.is_cuda, pool=self.mempool)
         self.graphs[key] = graph  # (re)inserted last: the dict is in order of use

@@ -7,7 +7,10 @@ against transformers on the same weights in the same process:
            graph (--decode compiled: CUDA graphs on a GPU, the torch.compile graph on a CPU), transformers (dynamic
            cache; --hf-compile adds its static cache + torch.compile), against the weight-read limit (weight bytes /
            measured copy bandwidth)
+           and, on a GPU, the same graphs replaying inductor's fused kernels (DecodeGraph(fuse=True), not yet the
+           default) with their agreement with the unfused graph's tokens
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
+  profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five
   prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours against transformers
   checks   a never-firing exit check after every block (the real probe: Triton top-2 and the features), prefill of
            512 tokens, host read every check and every 4 checks: time over dense
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule  # noqa: E402
-from adainfer.fast_decode import decode_graph  # noqa: E402
+from adainfer.fast_decode import DecodeGraph, decode_graph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 
@@ -121,6 +124,7 @@ def half_depth_rule(L: int, device: str) -> ExitRule:
 def bench_decode(hf, ours, device, timer, new, hf_compile) -> tuple[list[dict], dict]:
     L = ours.config.n_layers
     graph = decode_graph(ours, "compiled")
+    fused = DecodeGraph(ours, "compiled", fuse=True) if graph.capture else None
     rows, same = [], {}
     for B in (1, 8):
         g = torch.Generator().manual_seed(B)
@@ -135,6 +139,13 @@ def bench_decode(hf, ours, device, timer, new, hf_compile) -> tuple[list[dict], 
         half = Plan(exit=half_depth_rule(L, device))
         row["ours_graph_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=graph))
         row["half_depth_fraction_of_ideal_2x"] = row["ours_graph_ms"] / row["ours_graph_half_depth_ms"] / 2
+        if fused is not None:  # the same graphs replaying inductor's fused kernels (DecodeGraph(fuse=True))
+            row["ours_fused_ms"] = per_token(lambda n: generate(ours, ids, n, graph=fused))
+            row["ours_fused_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=fused))
+            row["fused_half_depth_fraction_of_ideal_2x"] = row["ours_fused_ms"] / row["ours_fused_half_depth_ms"] / 2
+            a = [r.token_ids for r in generate(ours, ids, new, graph=graph)]
+            b = [r.token_ids for r in generate(ours, ids, new, graph=fused)]
+            row["fused_same_tokens_as_graph"] = sum(x == y for r, q in zip(a, b) for x, y in zip(r, q)) / (B * new)
         x = torch.tensor(ids, device=device)
 
         def hf_run(n, **kw):
@@ -159,6 +170,41 @@ def bench_decode(hf, ours, device, timer, new, hf_compile) -> tuple[list[dict], 
         rows.append(row)
         print_table(rows[-1:], list(row))
     return rows, same
+
+
+def bench_profile(ours, device, new: int) -> list[dict]:
+    """Where a decoded token's time goes, batch 1 through the decode graph (and the fused one on a GPU): the kernels
+    (on a CPU the operators) a token runs, their summed device time against the wall-clock (a step that is mostly
+    idle device time is host-bound), and the five costliest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    graphs = {"graph": decode_graph(ours, "compiled")}
+    if graphs["graph"].capture:
+        graphs["fused"] = DecodeGraph(ours, "compiled", fuse=True)
+    ids = [list(range(10, 42))]
+    rows = []
+    for name, graph in graphs.items():
+        generate(ours, ids, new, graph=graph)  # captures (compiles) outside the profile
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            generate(ours, ids, new, graph=graph)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+        events = [e for e in prof.key_averages() if e.device_type == kind]
+
+        def spent(e) -> float:  # microseconds of the event itself
+            return getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
+
+        events.sort(key=spent, reverse=True)
+        busy = sum(spent(e) for e in events) / 1e6
+        rows.append({"graph": name, "new_tokens": new, "wall_ms_per_token": 1e3 * wall / new,
+                     "device_busy_ms_per_token": 1e3 * busy / new, "kernels_per_token": sum(e.count for e in events) / new,
+                     "top5": "; ".join(f"{e.key[:48]} {spent(e) / new:.0f}us x{e.count / new:.0f}" for e in events[:5])})
+        print_table(rows[-1:], list(rows[-1]))
+    return rows
 
 
 def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
@@ -221,6 +267,12 @@ def bar(result: dict) -> list[dict]:
          min(min(r["check_every_block_overhead"], r["check_every_block_read_every_4_overhead"])
              for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r), "<="),
     ]
+    if "ours_fused_ms" in dec[1]:  # the fused capture, not yet the default: what switching to it would give
+        lines += [("(fuse=True) decode batch 1 <= 1.5x the weight-read limit (ms/token)", 1.5 * limit,
+                   dec[1]["ours_fused_ms"], "<="),
+                  ("(fuse=True) decode batch 8 <= 1.5 ms/token", 1.5, dec[8]["ours_fused_ms"], "<="),
+                  ("(fuse=True) forced half-depth exit >= 0.9 of the ideal 2x", 0.9,
+                   min(r["fused_half_depth_fraction_of_ideal_2x"] for r in dec.values()), ">=")]
     if result.get("kernel"):
         lines.append(("kernel no slower than the GEMV (worst kernel / GEMV)", 1.0,
                       max(r["kernel_over_gemv"] for r in result["kernel"]), "<="))
@@ -261,6 +313,7 @@ def main(argv=None) -> int:
           f"{result['weight_read_limit_ms']:.3f} ms/token")
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
                                                args.hf_compile)[0],
+                "profile": lambda: bench_profile(ours, args.device, 8 if args.tiny else 32),
                 "prefill": lambda: bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048)),
                 "kernel": lambda: bench_kernel(bw) if args.device == "cuda" else None}
     for name, section in sections.items():  # a failing section is reported, the others still run

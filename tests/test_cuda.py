@@ -69,6 +69,31 @@ def test_exits_in_captured_decode_equal_the_block_loop(folder):
     assert {k[1] for k in graph.graphs} - {model.config.n_layers}, "some step should have run a shallower graph"
 
 
+def test_fused_capture_equals_the_block_loop(folder):
+    """fuse=True: inductor's fused kernels captured in the graphs. float32: the block loop's greedy tokens, dense and
+    through a sequence-mode exit; bfloat16: the first step's logits within rounding of the eager capture's."""
+    ids = prompts(8, seed=2)
+    model = load_model(folder, "float32", "cuda")[0]
+    fused = DecodeGraph(model, "compiled", fuse=True)
+    assert fused.fuse
+    for plan in (None, Plan(exit=ExitRule(gap_rule(0.02), "cuda"))):
+        want = generate(model, ids, 32, plan)
+        got = generate(model, ids, 32, plan, graph=fused)
+        assert [g.token_ids for g in got] == [g.token_ids for g in want]
+        assert [g.layers_run for g in got] == [g.layers_run for g in want]
+    model = load_model(folder, "bfloat16", "cuda")[0]
+    x = torch.tensor([p[:4] for p in ids], device="cuda")
+    logits = []
+    for graph in (DecodeGraph(model, "compiled"), DecodeGraph(model, "compiled", fuse=True)):
+        cache = graph.cache(len(x), 64)
+        with torch.inference_mode():
+            for t in range(4):
+                out = graph(x[:, t:t + 1], cache)
+                cache.length += 1
+        logits.append(out.float())
+    torch.testing.assert_close(logits[1], logits[0], atol=0.05 * float(logits[0].abs().max()), rtol=0)
+
+
 @pytest.mark.slow
 def test_clis_on_cuda(folder, tmp_path):
     base = ("--model", folder, "--prompt", "hello there", "--max-new-tokens", "12", "--json", "--dense")

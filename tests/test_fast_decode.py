@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan
-from adainfer.fast_decode import MAX_GRAPHS, DecodeGraph, decode_graph, quantize_model
+from adainfer.fast_decode import MAX_GRAPHS, DecodeGraph, decode_graph, quantize_model, rotary_step
 from adainfer.generate import generate, left_pad
 from adainfer.loading import load_model
 from adainfer.model import KVCache
@@ -97,6 +97,22 @@ def test_captured_generation_reuses_its_cache_and_graphs(converted):
     assert graph.pool[3] is cache and graph.graphs == made
     generate(model, PROMPTS, 80, graph=graph)  # 9 + 79 positions outgrow the 64 of the first cache
     assert graph.pool[3] is not cache and graph.pool[3].max_len == 128 and len(graph.graphs) == 1
+
+
+@pytest.mark.slow
+def test_fused_capture_gives_the_block_loops_tokens(converted):
+    """fuse=True: the captured path replays inductor's compiled step (on the CPU its C++ loops in the static buffers;
+    on a GPU the fused Triton kernels captured, test_cuda.py): the block loop's tokens, dense and at an exit depth, one
+    compiled step per graph key."""
+    model = load_model(converted("llama-gqa-tied", seed=3)[1], "float32")[0]
+    graph = DecodeGraph(model, "compiled", capture=True, fuse=True)
+    assert graph.fuse and graph.replay_step is not rotary_step
+    firing = Plan(exit=ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0)))  # every row exits at layer 1
+    for plan in (None, firing):
+        want = [g.token_ids for g in generate(model, PROMPTS, 8, plan)]
+        assert [g.token_ids for g in generate(model, PROMPTS, 8, plan, graph=graph)] == want
+    assert sorted(len(k[2] or (0, 1, 2)) for k in graph.graphs) == [1, 3]
+    assert not DecodeGraph(model, "compiled", compile=False, fuse=True).fuse, "fuse is a captured path's option"
 
 
 @pytest.mark.slow
