@@ -15,7 +15,8 @@ against transformers on the same weights in the same process:
   checks   a never-firing exit check after every block (the real probe: Triton top-2 and the features), prefill of
            512 tokens, host read every check and every 4 checks: time over dense
   kernel   the Triton top-2 exit check against the bare GEMV h @ W.T on the 32000 x 4096, 49152 x 2048 and 49152 x 576
-           heads at batch 1 and 8: microseconds and fraction of copy bandwidth
+           heads at batch 1 and 8: microseconds and fraction of copy bandwidth; also with its merge fused into the
+           one launch (fused_merge=True, not yet the default) and whether that gives the same bits
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--hf-compile]
 
@@ -200,9 +201,10 @@ def bench_profile(ours, device, new: int) -> list[dict]:
 
         events.sort(key=spent, reverse=True)
         busy = sum(spent(e) for e in events) / 1e6
+        top5 = "; ".join(f"{e.key[:48]} {spent(e) / new:.0f}us x{e.count / new:.0f}" for e in events[:5])
         rows.append({"graph": name, "new_tokens": new, "wall_ms_per_token": 1e3 * wall / new,
-                     "device_busy_ms_per_token": 1e3 * busy / new, "kernels_per_token": sum(e.count for e in events) / new,
-                     "top5": "; ".join(f"{e.key[:48]} {spent(e) / new:.0f}us x{e.count / new:.0f}" for e in events[:5])})
+                     "device_busy_ms_per_token": 1e3 * busy / new,
+                     "kernels_per_token": sum(e.count for e in events) / new, "top5": top5})
         print_table(rows[-1:], list(rows[-1]))
     return rows
 
@@ -243,11 +245,16 @@ def bench_kernel(timer_bw: float) -> list[dict]:
             h = torch.randn(B, d, device="cuda", dtype=torch.bfloat16, generator=g)
             t_kernel = do_bench(lambda: lm_head_top2_triton(h, w, nw), warmup=25, rep=200, return_mode="median") / 1e3
             t_gemv = do_bench(lambda: h @ w.T, warmup=25, rep=200, return_mode="median") / 1e3
+            t_fused = do_bench(lambda: lm_head_top2_triton(h, w, nw, fused_merge=True), warmup=25, rep=200,
+                               return_mode="median") / 1e3
             got, want = lm_head_top2_triton(h, w, nw), lm_head_top2_reference(h.float(), w.float(), nw.float())
+            fused = lm_head_top2_triton(h, w, nw, fused_merge=True)
             rows.append({"head": f"{V} x {d}", "batch": B, "kernel_us": 1e6 * t_kernel, "gemv_us": 1e6 * t_gemv,
                          "kernel_over_gemv": t_kernel / t_gemv, "kernel_fraction_of_copy_bw": gb / t_kernel / timer_bw,
                          "gemv_fraction_of_copy_bw": gb / t_gemv / timer_bw,
-                         "same_top1": bool(torch.equal(got.top1, want.top1))})
+                         "same_top1": bool(torch.equal(got.top1, want.top1)),
+                         "fused_merge_us": 1e6 * t_fused, "fused_merge_over_gemv": t_fused / t_gemv,
+                         "fused_merge_same_bits": all(bool(torch.equal(a, b)) for a, b in zip(fused, got))})
             print_table(rows[-1:], list(rows[-1]))
     return rows
 

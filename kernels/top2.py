@@ -3,9 +3,9 @@
 This is the exit check of AdaInfer: after a block, the last token's hidden state goes through the final norm and
 the LM head, and only the two largest probabilities matter (features gap = p1 - p2 and top_prob = p1).
 
-Read top to bottom: the plain-torch reference (the CPU path and the test oracle), the Triton kernel (stage 1:
-each program owns a slice of the vocabulary and keeps a running top-2 and an online-softmax sum; stage 2 merges
-the partials of one row), the launcher, and the dispatch.
+Read top to bottom: the plain-torch reference (the CPU path and the test oracle), the launcher of the Triton
+kernels (kernels/top2_triton.py; stage 1: each program owns a slice of the vocabulary and keeps a running top-2 and
+an online-softmax sum; stage 2 merges the partials of one row), and the dispatch.
 
 Memory traffic of one check, V x d head in bytes-per-weight b: the reference reads V*d*b and writes then reads
 back the V logits (4V bytes twice, fp32); the kernel reads V*d*b and writes 16 bytes per program.
@@ -58,108 +58,22 @@ _triton_kernels = None
 
 
 def _build_triton():
-    """Define the kernels on first use, so that importing this module never imports triton."""
+    """The kernels, on first use (importing this module never imports triton)."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _top2_partial_kernel(
-        h_ptr, w_ptr, nw_ptr, m1_ptr, m2_ptr, i1_ptr, s_ptr,
-        B, V, D, stride_h, stride_w, eps, tiles_per_prog,
-        HAS_NORM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ):
-        # One program owns tiles of BLOCK_V vocabulary rows (interleaved over programs, so tails are balanced) for a
-        # block of BLOCK_B batch rows: each weight tile is read once for all of them.
-        prog = tl.program_id(0)
-        n_progs = tl.num_programs(0)
-        b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        b_mask = b < B
-        d_offs = tl.arange(0, BLOCK_D)
+    from kernels import top2_triton
 
-        inv_rms = tl.full([BLOCK_B], 1.0, dtype=tl.float32)
-        if HAS_NORM:
-            sq = tl.zeros([BLOCK_B], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + d_offs
-                x = tl.load(h_ptr + b[:, None] * stride_h + d[None, :], mask=b_mask[:, None] & (d < D)[None, :],
-                            other=0.0).to(tl.float32)
-                sq += tl.sum(x * x, axis=1)
-            inv_rms = 1.0 / tl.sqrt(sq / D + eps)
-
-        m1 = tl.full([BLOCK_B], -float("inf"), dtype=tl.float32)
-        m2 = tl.full([BLOCK_B], -float("inf"), dtype=tl.float32)
-        i1 = tl.zeros([BLOCK_B], dtype=tl.int32)
-        s = tl.zeros([BLOCK_B], dtype=tl.float32)
-        v_offs = tl.arange(0, BLOCK_V)
-        for t in range(0, tiles_per_prog):
-            v = (prog + t * n_progs) * BLOCK_V + v_offs
-            v_mask = v < V
-            acc = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + d_offs
-                d_mask = d < D
-                x = tl.load(h_ptr + b[:, None] * stride_h + d[None, :], mask=b_mask[:, None] & d_mask[None, :],
-                            other=0.0).to(tl.float32)  # (BLOCK_B, BLOCK_D)
-                if HAS_NORM:
-                    x = x * inv_rms[:, None] * tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-                w = tl.load(w_ptr + v[:, None] * stride_w + d[None, :], mask=v_mask[:, None] & d_mask[None, :],
-                            other=0.0)  # (BLOCK_V, BLOCK_D)
-                if DOT:  # tensor cores: a block of rows against the tile, float32 accumulation
-                    wt = tl.trans(w.to(DOT_DTYPE))
-                    hi = x.to(DOT_DTYPE)
-                    acc += tl.dot(hi, wt, input_precision="ieee")
-                    if DOT_DTYPE != tl.float32:  # x = hi + lo in two half-precision parts: ~16 bits of x kept
-                        acc += tl.dot((x - hi.to(tl.float32)).to(DOT_DTYPE), wt, input_precision="ieee")
-                else:  # one row: a plain multiply-reduce (a GEMV has nothing for tensor cores)
-                    acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-            logits = tl.where(v_mask[None, :], acc, -float("inf"))  # (BLOCK_B, BLOCK_V)
-            t_max = tl.max(logits, axis=1)
-            t_idx = tl.min(tl.where(logits == t_max[:, None], v[None, :], 2147483647), axis=1)
-            t_second = tl.max(tl.where(v[None, :] == t_idx[:, None], -float("inf"), logits), axis=1)
-            new_m1 = tl.maximum(m1, t_max)
-            # Online softmax: rescale the running sum to the new maximum (exp(-inf) = 0 on the first tile).
-            s = s * tl.exp(m1 - new_m1) + tl.sum(tl.where(v_mask[None, :], tl.exp(logits - new_m1[:, None]), 0.0),
-                                                 axis=1)
-            take = t_max > m1  # strict: on a tie the earlier (smaller) index stays top-1
-            m2 = tl.where(take, tl.maximum(m1, t_second), tl.maximum(m2, t_max))
-            i1 = tl.where(take, t_idx, i1)
-            m1 = new_m1
-        out = b * n_progs + prog
-        tl.store(m1_ptr + out, m1, mask=b_mask)
-        tl.store(m2_ptr + out, m2, mask=b_mask)
-        tl.store(i1_ptr + out, i1, mask=b_mask)
-        tl.store(s_ptr + out, s, mask=b_mask)
-
-    @triton.jit
-    def _top2_merge_kernel(m1_ptr, m2_ptr, i1_ptr, s_ptr, top1_ptr, p1_ptr, p2_ptr, P, BLOCK_P: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_P)
-        mask = offs < P
-        m1 = tl.load(m1_ptr + row * P + offs, mask=mask, other=-float("inf"))
-        m2 = tl.load(m2_ptr + row * P + offs, mask=mask, other=-float("inf"))
-        i1 = tl.load(i1_ptr + row * P + offs, mask=mask, other=2147483647)
-        s = tl.load(s_ptr + row * P + offs, mask=mask, other=0.0)
-        big = tl.max(m1, axis=0)
-        best = tl.min(tl.where(m1 == big, i1, 2147483647), axis=0)  # smallest vocabulary index among ties
-        # The second largest logit: the best of the other programs' maxima and the winner's own second.
-        second = tl.maximum(tl.max(tl.where(i1 == best, -float("inf"), m1), axis=0),
-                            tl.max(tl.where(i1 == best, m2, -float("inf")), axis=0))
-        total = tl.sum(tl.where(mask, s * tl.exp(m1 - big), 0.0), axis=0)
-        p1 = 1.0 / total
-        tl.store(top1_ptr + row, best)
-        tl.store(p1_ptr + row, p1)
-        tl.store(p2_ptr + row, p1 * tl.exp(second - big))
-
-    return triton, _top2_partial_kernel, _top2_merge_kernel
+    return triton, top2_triton.top2_partial, top2_triton.top2_merge
 
 
 def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
                         eps: float = 1e-5, block_v: int | None = None, block_d: int | None = None,
                         programs: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None) -> Top2:
+                        num_stages: int | None = None, fused_merge: bool | None = None) -> Top2:
     """The Triton version of lm_head_top2_reference: same signature, no (B, V) logits in memory. Block sizes
-    default to the best of a sweep on an H100 (benchmarks/sweep_kernel_gpu.py); the interpreter gets small ones."""
+    default to the best of a sweep on an H100 (benchmarks/sweep_kernel_gpu.py); the interpreter gets small ones.
+    fused_merge: the last stage-1 program merges the rows (one launch; default FUSED_MERGE) instead of a second
+    kernel."""
     global _triton_kernels
     if _triton_kernels is None:
         _triton_kernels = _build_triton()
@@ -183,16 +97,35 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     part = torch.empty(4, B * programs, device=h.device, dtype=torch.float32)
     i1 = torch.empty(B * programs, device=h.device, dtype=torch.int32)
     nw = norm_weight if norm_weight is not None else h  # any pointer; unused without HAS_NORM
-    partial_kernel[(programs, triton.cdiv(B, block_b))](
-        h, weight, nw, part[0], part[1], i1, part[3], B, V, D, h.stride(0), weight.stride(0), eps, tiles_per_prog,
-        HAS_NORM=norm_weight is not None, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, DOT=dot,
-        DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
-    )
     top1 = torch.empty(B, device=h.device, dtype=torch.int32)
     p = torch.empty(2, B, device=h.device, dtype=torch.float32)
-    merge_kernel[(B,)](part[0], part[1], i1, part[3], top1, p[0], p[1], programs,
-                       BLOCK_P=triton.next_power_of_2(programs))
+    count = _counter(h.device) if (FUSED_MERGE if fused_merge is None else fused_merge) else None
+    block_p = triton.next_power_of_2(programs)
+    partial_kernel[(programs, triton.cdiv(B, block_b))](
+        h, weight, nw, part[0], part[1], i1, part[3], i1 if count is None else count, top1, p[0], p[1],
+        B, V, D, h.stride(0), weight.stride(0), eps, tiles_per_prog,
+        HAS_NORM=norm_weight is not None, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, DOT=dot,
+        DOT_DTYPE=dot_dtype, FUSED_MERGE=count is not None, BLOCK_P=block_p, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if count is None:
+        merge_kernel[(B,)](part[0], part[1], i1, part[3], top1, p[0], p[1], programs, BLOCK_P=block_p)
     return Top2(top1.long(), p[0], p[1])
+
+
+FUSED_MERGE = False  # not yet the default: to be switched on once a GPU run shows it correct and faster (gpu_check)
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor | None:
+    """The device's finished-programs counter of the fused merge (zero between launches: the merging program resets
+    it). Made outside any CUDA-graph capture (inside one a zero fill would only be recorded, not run): None there
+    until it exists, and the launch merges in a second kernel."""
+    if device not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _counters[device]
 
 
 def _tl_dtype(dtype: torch.dtype):

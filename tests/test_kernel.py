@@ -139,3 +139,26 @@ def test_many_rows_span_row_blocks():
     h = torch.randn(20, 64, generator=g)  # two blocks of 16 rows
     w = torch.randn(1000, 64, generator=g) * 0.3
     check(h, w, 1 + 0.2 * torch.randn(64, generator=g))
+
+
+@pytest.mark.parametrize("B", [1, 3, 20])
+def test_fused_merge_equals_the_merge_kernel(B):
+    """fused_merge: the last stage-1 program to finish merges every row (one launch). The same partials through the
+    same merge give the same bits; the counter is back at zero after each launch, so launches (and a CUDA graph's
+    replays) can follow one another. On a GPU this also runs the real head shapes, where programs finish in any
+    order."""
+    import kernels.top2 as top2
+
+    shapes = [(1000, 64)] if DEVICE == "cpu" else [(1000, 64), (32000, 4096), (49152, 2048), (49152, 576)]
+    for V, d in shapes:
+        g = torch.Generator().manual_seed(V + B)
+        w = (torch.randn(V, d, generator=g) * 0.05).to(DEVICE)
+        nw = (1 + 0.3 * torch.randn(d, generator=g)).to(DEVICE)
+        for _ in range(3):
+            h = torch.randn(B, d, generator=g).to(DEVICE)
+            small = dict(block_v=64, block_d=32) if DEVICE == "cpu" else {}
+            two = lm_head_top2_triton(h, w, nw, 1e-5, fused_merge=False, **small)
+            one = lm_head_top2_triton(h, w, nw, 1e-5, fused_merge=True, **small)
+            for a, b in zip(one, two):
+                assert torch.equal(a, b)
+            assert int(top2._counters[h.device].item()) == 0
