@@ -97,7 +97,7 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     part = torch.empty(4, B * programs, device=h.device, dtype=torch.float32)
     i1 = torch.empty(B * programs, device=h.device, dtype=torch.int32)
     nw = norm_weight if norm_weight is not None else h  # any pointer; unused without HAS_NORM
-    top1 = torch.empty(B, device=h.device, dtype=torch.int32)
+    top1 = torch.empty(B, device=h.device, dtype=torch.int64)  # written as int64: no cast launch after
     p = torch.empty(2, B, device=h.device, dtype=torch.float32)
     count = _counter(h.device) if (FUSED_MERGE if fused_merge is None else fused_merge) else None
     block_p = triton.next_power_of_2(programs)
@@ -110,7 +110,7 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     )
     if count is None:
         merge_kernel[(B,)](part[0], part[1], i1, part[3], top1, p[0], p[1], programs, BLOCK_P=block_p)
-    return Top2(top1.long(), p[0], p[1])
+    return Top2(top1, p[0], p[1])
 
 
 FUSED_MERGE = False  # not yet the default: to be switched on once a GPU run shows it correct and faster (gpu_check)

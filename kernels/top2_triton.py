@@ -107,6 +107,6 @@ def merge_row(m1_ptr, m2_ptr, i1_ptr, s_ptr, top1_ptr, p1_ptr, p2_ptr, P, row, B
                         tl.max(tl.where(i1 == best, m2, -float("inf")), axis=0))
     total = tl.sum(tl.where(mask, s * tl.exp(m1 - big), 0.0), axis=0)
     p1 = 1.0 / total
-    tl.store(top1_ptr + row, best)
+    tl.store(top1_ptr + row, best.to(tl.int64))
     tl.store(p1_ptr + row, p1)
     tl.store(p2_ptr + row, p1 * tl.exp(second - big))
