@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import random_translator, run_cli
 
-from adainfer.exit import ExitRule, Plan, gap_rule
+from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule
 from adainfer.fast_decode import DecodeGraph, decode_graph
 from adainfer.generate import generate
 from adainfer.loading import load_model
@@ -76,7 +76,8 @@ def test_fused_capture_equals_the_block_loop(folder):
     model = load_model(folder, "float32", "cuda")[0]
     fused = DecodeGraph(model, "compiled", fuse=True)
     assert fused.fuse
-    for plan in (None, Plan(exit=ExitRule(gap_rule(0.02), "cuda"))):
+    half = ExitClassifier("svm", ["gap"], [0.0], 1.0, first_layer=3)  # every row exits after 3 of the 6 blocks
+    for plan in (None, Plan(exit=ExitRule(half, "cuda"))):  # two compiles: full depth and depth 3
         want = generate(model, ids, 32, plan)
         got = generate(model, ids, 32, plan, graph=fused)
         assert [g.token_ids for g in got] == [g.token_ids for g in want]
