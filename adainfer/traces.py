@@ -124,7 +124,8 @@ def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), 
             got["also"][:, L - 1] = also[out.logits[:, also].argmax(-1).cpu()].numpy()
         if hidden is not None:
             hs = torch.stack(out.hidden_states[1:], 1)  # (B, L, T, dim): after blocks 1 .. L
-            got["states"] = hs[:, :, -1].float().cpu().numpy()
+            # copied out (contiguous): a view would keep the whole batch's states alive until the batches are assembled
+            got["states"] = hs[:, :, -1].float().contiguous().cpu().numpy()
             got["samples"], got["sample_rows"] = [], []
             T = tokens.shape[1]
             for j, i in enumerate(rows):
