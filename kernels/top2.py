@@ -54,17 +54,6 @@ def lm_head_top2_reference(h: torch.Tensor, weight: torch.Tensor, norm_weight: t
 
 # ---------------------------------------------------------------- Triton
 
-_triton_kernels = None
-
-
-def _build_triton():
-    """The kernels, on first use (importing this module never imports triton)."""
-    import triton
-
-    from kernels import top2_triton
-
-    return triton, top2_triton.top2_partial, top2_triton.top2_merge
-
 
 def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
                         eps: float = 1e-5, block_v: int | None = None, block_d: int | None = None,
@@ -74,10 +63,10 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     default to the best of a sweep on an H100 (benchmarks/sweep_kernel_gpu.py); the interpreter gets small ones.
     fused_merge: the last stage-1 program merges the rows (one launch; default FUSED_MERGE) instead of a second
     kernel."""
-    global _triton_kernels
-    if _triton_kernels is None:
-        _triton_kernels = _build_triton()
-    triton, partial_kernel, merge_kernel = _triton_kernels
+    import triton  # on first use: importing this module never imports triton
+
+    from kernels.top2_triton import top2_merge, top2_partial
+
     assert h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1], (h.shape, weight.shape)
     h = h.contiguous()
     weight = weight.contiguous()
@@ -101,15 +90,16 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     p = torch.empty(2, B, device=h.device, dtype=torch.float32)
     count = _counter(h.device) if (FUSED_MERGE if fused_merge is None else fused_merge) else None
     block_p = triton.next_power_of_2(programs)
-    partial_kernel[(programs, triton.cdiv(B, block_b))](
-        h, weight, nw, part[0], part[1], i1, part[3], i1 if count is None else count, top1, p[0], p[1],
+    top2_partial[(programs, triton.cdiv(B, block_b))](
+        h, weight, nw, part[0], part[1], i1, part[3], i1 if count is None else count,  # (i1: unused without it)
+        top1, p[0], p[1],
         B, V, D, h.stride(0), weight.stride(0), eps, tiles_per_prog,
         HAS_NORM=norm_weight is not None, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, DOT=dot,
         DOT_DTYPE=dot_dtype, FUSED_MERGE=count is not None, BLOCK_P=block_p, num_warps=num_warps,
         num_stages=num_stages,
     )
     if count is None:
-        merge_kernel[(B,)](part[0], part[1], i1, part[3], top1, p[0], p[1], programs, BLOCK_P=block_p)
+        top2_merge[(B,)](part[0], part[1], i1, part[3], top1, p[0], p[1], programs, BLOCK_P=block_p)
     return Top2(top1, p[0], p[1])
 
 

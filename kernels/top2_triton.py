@@ -87,9 +87,11 @@ def top2_partial(
                 merge_row(m1_ptr, m2_ptr, i1_ptr, s_ptr, top1_ptr, p1_ptr, p2_ptr, n_progs, row, BLOCK_P)
             tl.atomic_xchg(count_ptr, 0, sem="relaxed")  # ready for the next launch (a CUDA graph's next replay)
 
+
 @triton.jit
 def top2_merge(m1_ptr, m2_ptr, i1_ptr, s_ptr, top1_ptr, p1_ptr, p2_ptr, P, BLOCK_P: tl.constexpr):
     merge_row(m1_ptr, m2_ptr, i1_ptr, s_ptr, top1_ptr, p1_ptr, p2_ptr, P, tl.program_id(0), BLOCK_P)
+
 
 @triton.jit
 def merge_row(m1_ptr, m2_ptr, i1_ptr, s_ptr, top1_ptr, p1_ptr, p2_ptr, P, row, BLOCK_P: tl.constexpr):
