@@ -123,10 +123,10 @@ def half_depth_rule(L: int, device: str) -> ExitRule:
     return ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0, first_layer=L // 2), device)
 
 
-def bench_decode(hf, ours, device, timer, new, hf_compile) -> tuple[list[dict], dict]:
+def bench_decode(hf, ours, device, timer, new, hf_compile, fused) -> tuple[list[dict], dict]:
+    """`fused`: the decode graph replaying inductor's fused kernels (DecodeGraph(fuse=True)), on a GPU; else None."""
     L = ours.config.n_layers
     graph = decode_graph(ours, "compiled")
-    fused = DecodeGraph(ours, "compiled", fuse=True) if graph.capture else None
     rows, same = [], {}
     for B in (1, 8):
         g = torch.Generator().manual_seed(B)
@@ -141,13 +141,14 @@ def bench_decode(hf, ours, device, timer, new, hf_compile) -> tuple[list[dict], 
         half = Plan(exit=half_depth_rule(L, device))
         row["ours_graph_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=graph))
         row["half_depth_fraction_of_ideal_2x"] = row["ours_graph_ms"] / row["ours_graph_half_depth_ms"] / 2
+        ours_tokens = [r.token_ids for r in generate(ours, ids, new, graph=graph)]
         if fused is not None:  # the same graphs replaying inductor's fused kernels (DecodeGraph(fuse=True))
             row["ours_fused_ms"] = per_token(lambda n: generate(ours, ids, n, graph=fused))
             row["ours_fused_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=fused))
             row["fused_half_depth_fraction_of_ideal_2x"] = row["ours_fused_ms"] / row["ours_fused_half_depth_ms"] / 2
-            a = [r.token_ids for r in generate(ours, ids, new, graph=graph)]
             b = [r.token_ids for r in generate(ours, ids, new, graph=fused)]
-            row["fused_same_tokens_as_graph"] = sum(x == y for r, q in zip(a, b) for x, y in zip(r, q)) / (B * new)
+            row["fused_same_tokens_as_graph"] = sum(x == y for r, q in zip(ours_tokens, b) for x, y in zip(r, q)) / (
+                B * new)
         x = torch.tensor(ids, device=device)
 
         def hf_run(n, **kw):
@@ -161,7 +162,6 @@ def bench_decode(hf, ours, device, timer, new, hf_compile) -> tuple[list[dict], 
             row["hf_static_compiled_ms"] = per_token(hf_run)
             del hf.forward  # back to the eager forward for the rest
             hf.generation_config.cache_implementation = None
-        ours_tokens = [r.token_ids for r in generate(ours, ids, new, graph=graph)]
         hf_tokens = hf_run(new)[:, 32:].tolist()
         same[B] = sum(a == b for r, s in zip(ours_tokens, hf_tokens) for a, b in zip(r, s)) / (B * new)
         row["same_tokens_as_hf"] = same[B]  # a random bfloat16 model's top-2 logits sit ~0.05 apart: greedy
@@ -174,16 +174,14 @@ def bench_decode(hf, ours, device, timer, new, hf_compile) -> tuple[list[dict], 
     return rows, same
 
 
-def bench_profile(ours, device, new: int) -> list[dict]:
+def bench_profile(ours, device, new: int, fused) -> list[dict]:
     """Where a decoded token's time goes, batch 1 through the decode graph (and the fused one on a GPU): the kernels
     (on a CPU the operators) a token runs, their summed device time against the wall-clock (a step that is mostly
     idle device time is host-bound), and the five costliest."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
-    graphs = {"graph": decode_graph(ours, "compiled")}
-    if graphs["graph"].capture:
-        graphs["fused"] = DecodeGraph(ours, "compiled", fuse=True)
+    graphs = {"graph": decode_graph(ours, "compiled"), **({} if fused is None else {"fused": fused})}
     ids = [list(range(10, 42))]
     rows = []
     for name, graph in graphs.items():
@@ -333,9 +331,11 @@ def main(argv=None) -> int:
     result["weight_read_limit_ms"] = 1e3 * weight_bytes(ours) / bw
     print(f"weights {result['weight_GB']:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s: weight-read limit "
           f"{result['weight_read_limit_ms']:.3f} ms/token")
+    fused = DecodeGraph(ours, "compiled", fuse=True)  # one for both sections: its compiles are made once
+    fused = fused if fused.fuse else None  # (a captured path's option: on a GPU)
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
-                                               args.hf_compile)[0],
-                "profile": lambda: bench_profile(ours, args.device, 8 if args.tiny else 32),
+                                               args.hf_compile, fused)[0],
+                "profile": lambda: bench_profile(ours, args.device, 8 if args.tiny else 32, fused),
                 "prefill": lambda: bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048)),
                 "kernel": lambda: bench_kernel(bw) if args.device == "cuda" else None}
     for name, section in sections.items():  # a failing section is reported, the others still run
