@@ -37,8 +37,11 @@ a GPU run shows it faster.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -55,6 +58,8 @@ from adainfer.quant import (
 )
 
 DECODE_MODES = ("eager", "compiled", "int4")
+FUSES = ("none", "blocks", "step")  # what a captured graph replays (DecodeGraph)
+FUSE_DEFAULT = "none"  # on a GPU; the others are measured beside it by benchmarks/gpu_check.py
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch sizes x depths x translators)
 # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
 # the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph). Inductor would also
@@ -112,16 +117,19 @@ def prepare_check_head(model: Decoder, check_head: str, candidates: torch.Tensor
 
 def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cos, sin, valid: torch.Tensor,
                 write_pos: torch.Tensor, cache: KVCache, quantized: bool, layers: tuple[int, ...] | None = None,
-                reader=None, head=None, attend: torch.Tensor | None = None) -> torch.Tensor:
+                reader=None, head=None, attend: torch.Tensor | None = None, parts: Parts | None = None
+                ) -> torch.Tensor:
     """tokens (B, T) at positions (B, T) through the blocks `layers` (indices in order; None: all) -> float32 logits
     (B, T, V) over the head's rows `head` (None: the whole head, int8 when quantized; a tensor of head rows; or a
     QuantWeight of them). The keys and values go into `cache` at slots write_pos (T,), and query t attends to every
     slot up to its own where valid (B, S) is set. T is 1 in a decode step, the drafts plus one in a speculative
     verify step. A run of the first n blocks reads its last state through `reader` (a Translator) where it has a map
     for block n, as the block loop's exit_at does. `attend` (B, 1, T, S), when given, says which slots each query
-    sees instead."""
+    sees instead. `parts`: the block and head functions to call (compiled ones for a fused capture; default: the
+    modules themselves)."""
     B, T = tokens.shape
     S, L = valid.shape[1], model.config.n_layers
+    parts = parts or EAGER
     local = model.local_tables(positions, write_pos[:1], valid, B, T, S, cache.ring, written=True)
     if attend is None and T == 1:
         attend = valid[:, None, None, :]  # (B, 1, 1, S): every written slot is at or before the new one
@@ -132,8 +140,11 @@ def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, c
     order = range(L) if layers is None else layers
     h = model.embed(tokens, positions)  # (B, T, dim)
     for i in order:
-        h = model.layers[i](h, ctx, i)
-    return read_head(model, h.reshape(B * T, -1), len(order), reader, head, quantized).view(B, T, -1)
+        h = parts.block(model.layers[i], h, ctx, i)
+    x = h.reshape(B * T, -1)
+    if reader is not None and reader.reads(len(order), L):
+        x = reader.read(len(order), x)
+    return parts.head(model, x, head, quantized).view(B, T, -1)
 
 
 def read_head(model: Decoder, x: torch.Tensor, n: int, reader=None, head=None, quantized: bool = False) -> torch.Tensor:
@@ -142,6 +153,11 @@ def read_head(model: Decoder, x: torch.Tensor, n: int, reader=None, head=None, q
     the family's soft-capping."""
     if reader is not None and reader.reads(n, model.config.n_layers):
         x = reader.read(n, x)
+    return final_logits(model, x, head, quantized)
+
+
+def final_logits(model: Decoder, x: torch.Tensor, head=None, quantized: bool = False) -> torch.Tensor:
+    """read_head after the translator: the final norm, the head (rows), the soft-capping."""
     x = model.head_input(x)
     if head is None:
         logits = model.head_q8(x) if quantized else head_logits(x, model.head_weight)
@@ -150,11 +166,36 @@ def read_head(model: Decoder, x: torch.Tensor, n: int, reader=None, head=None, q
     return model.softcap(logits)
 
 
+def run_block(block: torch.nn.Module, h: torch.Tensor, ctx: Context, layer: int) -> torch.Tensor:
+    return block(h, ctx, layer)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a decode step calls for each block and for the head (after any translator)."""
+
+    block: Callable = run_block  # (block, h (B, T, dim), ctx, layer) -> (B, T, dim)
+    head: Callable = final_logits  # (model, x (B * T, dim), head rows, quantized) -> float32 (B * T, V)
+
+
+EAGER = Parts()
+
+
+def compiled_parts() -> Parts:
+    """The block and the head compiled by inductor (norms, rotary, cache writes and elementwise tails fused around
+    the matmuls): one compile per block index and batch shape, and per head, which every depth, translator and block
+    list then shares (a compile of the whole step would be one per depth)."""
+    return Parts(torch.compile(run_block, dynamic=False, options=COMPILE_OPTIONS),
+                 torch.compile(final_logits, dynamic=False, options=COMPILE_OPTIONS))
+
+
 def rotary_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                write_pos: torch.Tensor, cache: KVCache, layers, reader, head) -> torch.Tensor:
+                write_pos: torch.Tensor, cache: KVCache, layers, reader, head, parts: Parts | None = None
+                ) -> torch.Tensor:
     """decode_step with its rotary tables made from the positions: the whole of a captured step."""
     cos, sin = model.rotary_tables(positions)  # (B, 1, T, hd)
-    return decode_step(model, tokens, positions, cos, sin, valid, write_pos, cache, False, layers, reader, head)
+    return decode_step(model, tokens, positions, cos, sin, valid, write_pos, cache, False, layers, reader, head,
+                       parts=parts)
 
 
 class Captured:
@@ -199,26 +240,38 @@ class DecodeGraph:
     head and cache (`Captured`), any depth. compile=False runs the step eagerly (tests)."""
 
     def __init__(self, model: Decoder, mode: str = "compiled", compile: bool = True, capture: bool | None = None,
-                 fuse: bool = False):
+                 fuse: str | None = None):
         self.model, self.quantized = model, mode == "int4"
         # capture=True on the CPU runs the captured path's static buffers without a CUDA graph (tests).
         self.capture = (compile and model.device.type == "cuda") if capture is None else capture
         self.graphs: dict[tuple, Captured] = {}  # in order of last use, at most MAX_GRAPHS
         self.mempool = None
         self.pool: dict[int, KVCache] = {}
-        # fuse: what a captured graph replays is inductor's compiled step (its norms, rotary, cache writes and
-        # elementwise tails fused into a few kernels) instead of the eager step's ~30 kernels a block; one compile per
-        # graph key, float rounding different in the last bits. Off by default until measured on a GPU (gpu_check).
-        self.fuse = fuse and self.capture
-        self.replay_step = torch.compile(rotary_step, dynamic=False, options=COMPILE_OPTIONS) if self.fuse else \
-            rotary_step
+        # fuse (a captured path's option): what a captured graph replays.
+        #   none    the eager step: ~30 kernels a block (norms in float32, rotary, cache writes each their own)
+        #   blocks  each block and the head compiled by inductor (compiled_parts): a few fused kernels a block, one
+        #           compile per block index and batch shape that every depth shares
+        #   step    the whole step compiled: also fuses across blocks, but one compile per graph key (each depth)
+        # Float rounding differs from the eager step's in the last bits. Default: FUSE_DEFAULT on a GPU.
+        fuse = (FUSE_DEFAULT if model.device.type == "cuda" else "none") if fuse is None else fuse
+        if fuse not in FUSES:
+            raise AdainferError("fuse", f"unknown {fuse!r} (choose {', '.join(FUSES)})")
+        self.fuse = fuse if self.capture else "none"
+        self.replay_step = rotary_step
+        if self.fuse == "step":
+            self.replay_step = torch.compile(rotary_step, dynamic=False, options=COMPILE_OPTIONS)
+        elif self.fuse == "blocks":
+            self.replay_step = functools.partial(rotary_step, parts=compiled_parts())
         self.step = decode_step if self.capture or not compile else \
             torch.compile(decode_step, dynamic=False, options=COMPILE_OPTIONS)
-        if self.fuse or self.step is not decode_step:
-            # One compiled variant per batch size, token count, block list and head (and captured depth, translator):
-            # dynamo's default of 8 variants per function is met by a speculative run at two batch sizes, and past
-            # it steps silently run uncompiled.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        if self.fuse != "none" or self.step is not decode_step:
+            # One compiled variant per batch size, token count, block list and head (and captured depth, translator;
+            # with fuse="blocks" per block index and batch shape): dynamo's default of 8 variants per function is met
+            # by a speculative run at two batch sizes, and past it steps silently run uncompiled.
+            limit = max(64, 4 * model.config.n_layers)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
 
     def serves(self, depth: int) -> bool:
         """Whether an exit-loop step in which every row runs the first `depth` blocks goes through the graph (on the

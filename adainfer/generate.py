@@ -130,16 +130,21 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
     depth = out.layers_run
     next_plan = replace(plan, candidates=None)  # candidates restrict the first token only
     token = _pick(out, plan.candidates, sampling, gens)
-    done = torch.zeros(B, dtype=torch.bool)
+    # The tokens stay where the model is until the end: reading one back each step would make a GPU wait, idle, for
+    # the host's next launches. EOS is looked for every eos_check_every steps (every step on the CPU, where reading
+    # costs nothing); the few steps a finished batch runs past it are dropped with the rest after each row's EOS.
+    every = eos_check_every(model.device)
+    picked, runs = [], []  # per step: (B,) token ids, (B,) blocks run
+    done = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):
-        for b in range(B):
-            if not done[b]:
-                results[b].token_ids.append(int(token[b]))
-                results[b].layers_run.append(int(out.layers_run[b]))
-        if eos_id is not None:
-            done |= token.cpu() == eos_id
-        if step == max_new_tokens - 1 or bool(done.all()):
+        picked.append(token)
+        runs.append(out.layers_run)
+        if step == max_new_tokens - 1:
             break
+        if eos_id is not None:
+            done |= token == eos_id
+            if (step + 1) % every == 0 and bool(done.all()):
+                break
         cache.length += tokens.shape[1]
         tokens = token[:, None].to(model.device)
         d = _uniform(depth, next_plan)
@@ -151,7 +156,17 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
         else:
             out = decode_step(model, tokens, cache, depth, next_plan)
         token = _pick(out, None, sampling, gens)
+    ids_run = torch.stack([t.cpu() for t in picked], 1).tolist()  # (B, steps)
+    layers_run = torch.stack([r.cpu() for r in runs], 1).tolist()
+    for b, (row, layers) in enumerate(zip(ids_run, layers_run)):
+        n = row.index(eos_id) + 1 if eos_id in row else len(row)  # up to and including the row's first EOS
+        results[b].token_ids, results[b].layers_run = row[:n], layers[:n]
     return results
+
+
+def eos_check_every(device: torch.device) -> int:
+    """How many decode steps pass between looks for EOS: each look is a read back from the device."""
+    return 1 if device.type == "cpu" else 8
 
 
 def _uniform(depth: torch.Tensor, plan: Plan) -> int | None:

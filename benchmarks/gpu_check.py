@@ -7,8 +7,9 @@ against transformers on the same weights in the same process:
            graph (--decode compiled: CUDA graphs on a GPU, the torch.compile graph on a CPU), transformers (dynamic
            cache; --hf-compile adds its static cache + torch.compile), against the weight-read limit (weight bytes /
            measured copy bandwidth)
-           and, on a GPU, the same graphs replaying inductor's fused kernels (DecodeGraph(fuse=True), not yet the
-           default) with their agreement with the unfused graph's tokens
+           and, on a GPU, the same graphs replaying the other kernels DecodeGraph's `fuse` offers (inductor's compiled
+           blocks, or its compiled step) with their agreement with the default graph's tokens and the seconds their
+           first calls take (captures and compiles)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five
   prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours against transformers
@@ -16,10 +17,11 @@ against transformers on the same weights in the same process:
            512 tokens, host read every check and every 4 checks: time over dense
   kernel   the Triton top-2 exit check against the bare GEMV h @ W.T on the 32000 x 4096, 49152 x 2048 and 49152 x 576
            heads at batch 1 and 8: microseconds and fraction of copy bandwidth; also with its merge fused into the
-           one launch (fused_merge=True, not yet the default) and whether that gives the same bits, and the default
-           call replayed from a CUDA graph (its kernels without the host's launch overhead)
+           one launch (fused_merge=True, not yet the default) and how close it comes to the two-launch merge, and
+           the default call replayed from a CUDA graph (its kernels without the host's launch overhead)
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--hf-compile]
+                                   [--sections decode,profile,prefill,kernel]
 
 Prints each table and the bar (goal, measured, met) and writes JSON with the machine. `--device cpu --tiny` runs the
 same code on a tiny model (seconds; the kernel section needs CUDA): how CPU CI keeps this script working.
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule  # noqa: E402
-from adainfer.fast_decode import DecodeGraph, decode_graph  # noqa: E402
+from adainfer.fast_decode import FUSES, DecodeGraph, decode_graph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 
@@ -55,6 +57,7 @@ SHAPES = {  # Hugging Face LlamaConfig kwargs
                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=512),
 }
 HEADS = ((32000, 4096), (49152, 2048), (49152, 576))
+SECTIONS = ("decode", "profile", "prefill", "kernel")
 
 
 def run_tests() -> dict:
@@ -123,8 +126,8 @@ def half_depth_rule(L: int, device: str) -> ExitRule:
     return ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0, first_layer=L // 2), device)
 
 
-def bench_decode(hf, ours, device, timer, new, hf_compile, fused) -> tuple[list[dict], dict]:
-    """`fused`: the decode graph replaying inductor's fused kernels (DecodeGraph(fuse=True)), on a GPU; else None."""
+def bench_decode(hf, ours, device, timer, new, hf_compile, variants) -> tuple[list[dict], dict]:
+    """`variants`: the other decode graphs to time beside the default one ({fuse: DecodeGraph}, on a GPU; else {})."""
     L = ours.config.n_layers
     graph = decode_graph(ours, "compiled")
     rows, same = [], {}
@@ -136,18 +139,29 @@ def bench_decode(hf, ours, device, timer, new, hf_compile, fused) -> tuple[list[
         def per_token(run):  # (time of prompt + new tokens - time of prompt + 1 token) / (new - 1)
             return 1e3 * (timer(lambda: run(new)) - timer(lambda: run(1))) / (new - 1)
 
+        def first_call(run) -> float:  # seconds, captures (and compiles) included
+            t0 = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
         row["ours_eager_ms"] = per_token(lambda n: generate(ours, ids, n))
-        row["ours_graph_ms"] = per_token(lambda n: generate(ours, ids, n, graph=graph))
         half = Plan(exit=half_depth_rule(L, device))
+        row["graph_first_calls_s"] = first_call(lambda: generate(ours, ids, 4, graph=graph)) + first_call(
+            lambda: generate(ours, ids, 4, half, graph=graph))
+        row["ours_graph_ms"] = per_token(lambda n: generate(ours, ids, n, graph=graph))
         row["ours_graph_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=graph))
         row["half_depth_fraction_of_ideal_2x"] = row["ours_graph_ms"] / row["ours_graph_half_depth_ms"] / 2
         ours_tokens = [r.token_ids for r in generate(ours, ids, new, graph=graph)]
-        if fused is not None:  # the same graphs replaying inductor's fused kernels (DecodeGraph(fuse=True))
-            row["ours_fused_ms"] = per_token(lambda n: generate(ours, ids, n, graph=fused))
-            row["ours_fused_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=fused))
-            row["fused_half_depth_fraction_of_ideal_2x"] = row["ours_fused_ms"] / row["ours_fused_half_depth_ms"] / 2
-            b = [r.token_ids for r in generate(ours, ids, new, graph=fused)]
-            row["fused_same_tokens_as_graph"] = sum(x == y for r, q in zip(ours_tokens, b) for x, y in zip(r, q)) / (
+        for f, other in variants.items():  # the same graphs replaying other kernels (DecodeGraph(fuse=f))
+            row[f"{f}_first_calls_s"] = first_call(lambda: generate(ours, ids, 4, graph=other)) + first_call(
+                lambda: generate(ours, ids, 4, half, graph=other))  # dense and half depth: their compiles
+            row[f"ours_{f}_ms"] = per_token(lambda n: generate(ours, ids, n, graph=other))
+            row[f"ours_{f}_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=other))
+            row[f"{f}_half_depth_fraction_of_ideal_2x"] = row[f"ours_{f}_ms"] / row[f"ours_{f}_half_depth_ms"] / 2
+            b = [r.token_ids for r in generate(ours, ids, new, graph=other)]
+            row[f"{f}_same_tokens_as_graph"] = sum(x == y for r, q in zip(ours_tokens, b) for x, y in zip(r, q)) / (
                 B * new)
         x = torch.tensor(ids, device=device)
 
@@ -174,14 +188,14 @@ def bench_decode(hf, ours, device, timer, new, hf_compile, fused) -> tuple[list[
     return rows, same
 
 
-def bench_profile(ours, device, new: int, fused) -> list[dict]:
-    """Where a decoded token's time goes, batch 1 through the decode graph (and the fused one on a GPU): the kernels
+def bench_profile(ours, device, new: int, variants) -> list[dict]:
+    """Where a decoded token's time goes, batch 1 through the decode graph (and the other ones on a GPU): the kernels
     (on a CPU the operators) a token runs, their summed device time against the wall-clock (a step that is mostly
     idle device time is host-bound), and the five costliest."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
-    graphs = {"graph": decode_graph(ours, "compiled"), **({} if fused is None else {"fused": fused})}
+    graphs = {"graph": decode_graph(ours, "compiled"), **variants}
     ids = [list(range(10, 42))]
     rows = []
     for name, graph in graphs.items():
@@ -259,15 +273,19 @@ def bench_kernel(timer_bw: float) -> list[dict]:
             # the same call replayed from a CUDA graph: the kernels' own time, without the host's launch overhead
             t_graph = do_bench(graphed(lambda: lm_head_top2_triton(h, w, nw)), warmup=25, rep=200,
                                return_mode="median") / 1e3
-            got, want = lm_head_top2_triton(h, w, nw), lm_head_top2_reference(h.float(), w.float(), nw.float())
+            # the fused merge first: a merge that read another launch's partials would show here as a large error
             fused = lm_head_top2_triton(h, w, nw, fused_merge=True)
+            got, want = lm_head_top2_triton(h, w, nw), lm_head_top2_reference(h.float(), w.float(), nw.float())
             rows.append({"head": f"{V} x {d}", "batch": B, "kernel_us": 1e6 * t_kernel, "gemv_us": 1e6 * t_gemv,
                          "kernel_over_gemv": t_kernel / t_gemv, "kernel_fraction_of_copy_bw": gb / t_kernel / timer_bw,
                          "gemv_fraction_of_copy_bw": gb / t_gemv / timer_bw,
                          "same_top1": bool(torch.equal(got.top1, want.top1)),
                          "kernel_in_graph_us": 1e6 * t_graph, "fused_merge_us": 1e6 * t_fused,
                          "fused_merge_over_gemv": t_fused / t_gemv,
-                         "fused_merge_same_bits": all(bool(torch.equal(a, b)) for a, b in zip(fused, got))})
+                         "fused_merge_same_bits": all(bool(torch.equal(a, b)) for a, b in zip(fused, got)),
+                         "fused_merge_same_top1": bool(torch.equal(fused.top1, got.top1)),
+                         "fused_merge_max_rel_diff": max(float(((a - b).abs() / b.abs()).max())
+                                                         for a, b in zip(fused[1:], got[1:]))})
             print_table(rows[-1:], list(rows[-1]))
     return rows
 
@@ -287,12 +305,12 @@ def bar(result: dict) -> list[dict]:
          min(min(r["check_every_block_overhead"], r["check_every_block_read_every_4_overhead"])
              for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r), "<="),
     ]
-    if "ours_fused_ms" in dec[1]:  # the fused capture, not yet the default: what switching to it would give
-        lines += [("(fuse=True) decode batch 1 <= 1.5x the weight-read limit (ms/token)", 1.5 * limit,
-                   dec[1]["ours_fused_ms"], "<="),
-                  ("(fuse=True) decode batch 8 <= 1.5 ms/token", 1.5, dec[8]["ours_fused_ms"], "<="),
-                  ("(fuse=True) forced half-depth exit >= 0.9 of the ideal 2x", 0.9,
-                   min(r["fused_half_depth_fraction_of_ideal_2x"] for r in dec.values()), ">=")]
+    for f in result.get("variants", []):  # the other captures: what switching the default to one would give
+        lines += [(f"(fuse={f}) decode batch 1 <= 1.5x the weight-read limit (ms/token)", 1.5 * limit,
+                   dec[1][f"ours_{f}_ms"], "<="),
+                  (f"(fuse={f}) decode batch 8 <= 1.5 ms/token", 1.5, dec[8][f"ours_{f}_ms"], "<="),
+                  (f"(fuse={f}) forced half-depth exit >= 0.9 of the ideal 2x", 0.9,
+                   min(r[f"{f}_half_depth_fraction_of_ideal_2x"] for r in dec.values()), ">=")]
     if result.get("kernel"):
         lines.append(("kernel no slower than the GEMV (worst kernel / GEMV)", 1.0,
                       max(r["kernel_over_gemv"] for r in result["kernel"]), "<="))
@@ -310,7 +328,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--hf-compile", action="store_true", help="also transformers' static cache + torch.compile (slow)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sections", type=lambda v: v.split(","), default=list(SECTIONS),
+                   help=f"comma-separated: which of {', '.join(SECTIONS)} to measure (default: all)")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        print(f"error: --sections: unknown {', '.join(unknown)} (choose from {', '.join(SECTIONS)})", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device: CUDA is not available here (--device cpu --tiny checks the script)", file=sys.stderr)
         return 2
@@ -331,13 +355,16 @@ def main(argv=None) -> int:
     result["weight_read_limit_ms"] = 1e3 * weight_bytes(ours) / bw
     print(f"weights {result['weight_GB']:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s: weight-read limit "
           f"{result['weight_read_limit_ms']:.3f} ms/token")
-    fused = DecodeGraph(ours, "compiled", fuse=True)  # one for both sections: its compiles are made once
-    fused = fused if fused.fuse else None  # (a captured path's option: on a GPU)
+    default = decode_graph(ours, "compiled").fuse
+    others = [f for f in FUSES if f != default] if args.device == "cuda" else []  # (a captured path's option)
+    variants = {f: DecodeGraph(ours, "compiled", fuse=f) for f in others}
+    result["graph_fuse"], result["variants"] = default, list(variants)  # one graph each for both sections
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
-                                               args.hf_compile, fused)[0],
-                "profile": lambda: bench_profile(ours, args.device, 8 if args.tiny else 32, fused),
+                                               args.hf_compile, variants)[0],
+                "profile": lambda: bench_profile(ours, args.device, 8 if args.tiny else 32, variants),
                 "prefill": lambda: bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048)),
                 "kernel": lambda: bench_kernel(bw) if args.device == "cuda" else None}
+    sections = {k: v for k, v in sections.items() if k in args.sections}
     for name, section in sections.items():  # a failing section is reported, the others still run
         try:
             result[name] = section()
@@ -345,7 +372,7 @@ def main(argv=None) -> int:
             result[name], result[f"{name}_error"] = None, f"{type(e).__name__}: {e}"
             print(f"{name} failed: {result[f'{name}_error']}", file=sys.stderr)
         write_json(Path(args.out), result)  # what is measured so far, should the run be cut off
-    result["bar"] = bar(result) if result["decode"] and result["prefill"] else []
+    result["bar"] = bar(result) if result.get("decode") and result.get("prefill") else []
     print()
     print_table(result["bar"], ["goal", "target", "measured", "met"])
     result["seconds"] = time.perf_counter() - t0

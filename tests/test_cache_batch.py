@@ -65,3 +65,22 @@ def test_generation_stops_at_eos(converted):
     free = generate(model, [ids], max_new_tokens=6)[0].token_ids
     stopped = generate(model, [ids], max_new_tokens=6, eos_id=free[2])[0].token_ids
     assert stopped == free[:free.index(free[2]) + 1]
+
+
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_eos_looked_for_every_few_steps_ends_each_row_at_its_own(converted, monkeypatch, every):
+    """On a GPU generation reads EOS back every few steps (the tokens stay on the device between): a batch may run
+    past a row's EOS, but each row still ends at its first EOS, with the blocks run for just those tokens."""
+    import adainfer.generate as gen
+
+    model, _ = load_model(converted("llama-mha")[1], "float32")
+    batch = prompts(3, seed=4)
+    free = generate(model, batch, max_new_tokens=10)
+    eos = free[0].token_ids[4]  # row 0 ends at step 4 (or before); the others where (or if) they meet it
+    monkeypatch.setattr(gen, "eos_check_every", lambda device: every)
+    got = generate(model, batch, max_new_tokens=10, eos_id=eos)
+    for b in range(3):
+        want = free[b].token_ids
+        n = want.index(eos) + 1 if eos in want else len(want)
+        assert got[b].token_ids == want[:n]
+        assert got[b].layers_run == free[b].layers_run[:n]

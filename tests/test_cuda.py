@@ -69,13 +69,14 @@ def test_exits_in_captured_decode_equal_the_block_loop(folder):
     assert {k[1] for k in graph.graphs} - {model.config.n_layers}, "some step should have run a shallower graph"
 
 
-def test_fused_capture_equals_the_block_loop(folder):
-    """fuse=True: inductor's fused kernels captured in the graphs. float32: the block loop's greedy tokens, dense and
+@pytest.mark.parametrize("fuse", ["blocks", "step"])
+def test_fused_capture_equals_the_block_loop(folder, fuse):
+    """fuse: inductor's fused kernels captured in the graphs. float32: the block loop's greedy tokens, dense and
     through a sequence-mode exit; bfloat16: the first step's logits within rounding of the eager capture's."""
     ids = prompts(8, seed=2)
     model = load_model(folder, "float32", "cuda")[0]
-    fused = DecodeGraph(model, "compiled", fuse=True)
-    assert fused.fuse
+    fused = DecodeGraph(model, "compiled", fuse=fuse)
+    assert fused.fuse == fuse
     half = ExitClassifier("svm", ["gap"], [0.0], 1.0, first_layer=3)  # every row exits after 3 of the 6 blocks
     for plan in (None, Plan(exit=ExitRule(half, "cuda"))):  # two compiles: full depth and depth 3
         want = generate(model, ids, 32, plan)
@@ -85,7 +86,7 @@ def test_fused_capture_equals_the_block_loop(folder):
     model = load_model(folder, "bfloat16", "cuda")[0]
     x = torch.tensor([p[:4] for p in ids], device="cuda")
     logits = []
-    for graph in (DecodeGraph(model, "compiled"), DecodeGraph(model, "compiled", fuse=True)):
+    for graph in (DecodeGraph(model, "compiled", fuse="none"), DecodeGraph(model, "compiled", fuse=fuse)):
         cache = graph.cache(len(x), 64)
         with torch.inference_mode():
             for t in range(4):

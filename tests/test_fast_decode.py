@@ -100,19 +100,27 @@ def test_captured_generation_reuses_its_cache_and_graphs(converted):
 
 
 @pytest.mark.slow
-def test_fused_capture_gives_the_block_loops_tokens(converted):
-    """fuse=True: the captured path replays inductor's compiled step (on the CPU its C++ loops in the static buffers;
-    on a GPU the fused Triton kernels captured, test_cuda.py): the block loop's tokens, dense and at an exit depth, one
-    compiled step per graph key."""
+@pytest.mark.parametrize("fuse", ["blocks", "step"])
+def test_fused_capture_gives_the_block_loops_tokens(converted, fuse):
+    """fuse: the captured path replays inductor's compiled blocks and head, or its compiled step (on the CPU its C++
+    loops in the static buffers; on a GPU the fused Triton kernels captured, test_cuda.py): the block loop's tokens,
+    dense and at an exit depth. Compiled blocks are shared by every depth: the exit depth's graph compiles nothing
+    new (a compiled step compiles once per depth)."""
     model = load_model(converted("llama-gqa-tied", seed=3)[1], "float32")[0]
-    graph = DecodeGraph(model, "compiled", capture=True, fuse=True)
-    assert graph.fuse and graph.replay_step is not rotary_step
+    graph = DecodeGraph(model, "compiled", capture=True, fuse=fuse)
+    assert graph.fuse == fuse and graph.replay_step is not rotary_step
     firing = Plan(exit=ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0)))  # every row exits at layer 1
+    compiled = []
     for plan in (None, firing):
         want = [g.token_ids for g in generate(model, PROMPTS, 8, plan)]
         assert [g.token_ids for g in generate(model, PROMPTS, 8, plan, graph=graph)] == want
+        compiled.append(counters["stats"]["unique_graphs"])
     assert sorted(len(k[2] or (0, 1, 2)) for k in graph.graphs) == [1, 3]
-    assert not DecodeGraph(model, "compiled", compile=False, fuse=True).fuse, "fuse is a captured path's option"
+    assert (compiled[1] == compiled[0]) == (fuse == "blocks")
+    assert DecodeGraph(model, "compiled", compile=False, fuse=fuse).fuse == "none", "a captured path's option"
+    assert DecodeGraph(model, "compiled", capture=True).fuse == "none", "on the CPU the default replays eager steps"
+    with pytest.raises(AdainferError, match="fuse.*unknown 'all'"):
+        DecodeGraph(model, "compiled", fuse="all")
 
 
 @pytest.mark.slow

@@ -28,6 +28,13 @@ def test_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
     assert {(r["batch"], r["tokens"]) for r in result["prefill"]} == {(1, 16), (1, 64), (8, 16), (8, 64)}
     assert result["kernel"] is None and len(result["bar"]) == 5 and result["weight_read_limit_ms"] > 0
     assert "goal" in proc.stdout and "measured" in proc.stdout
+    assert result["variants"] == [], "the other captures are a GPU's"
+
+
+def test_gpu_check_refuses_an_unknown_section(tmp_path):
+    proc = gpu_check("--device", "cpu", "--sections", "decode,kernels", "--out", tmp_path / "gc.json")
+    assert proc.returncode == 2 and "--sections: unknown kernels" in proc.stderr
+    assert not (tmp_path / "gc.json").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
