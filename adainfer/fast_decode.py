@@ -30,9 +30,11 @@ captured per batch size, depth and KV cache; the cache comes from the graph's po
 batch size, its capacity rounded up to a power of two) so the same graph serves every later prompt and length.
 Sequence-mode exits stay in the graph world: a step in which every row runs the same first n blocks replays a graph
 of depth n (captured on first use, the row's translator reading included); rows at different depths take the loop.
-`DecodeGraph(fuse=True)` captures inductor's compiled step instead of the eager one (its elementwise work fused into
-a few Triton kernels, gpt-fast's full recipe); benchmarks/gpu_check.py measures both, and it becomes the default once
-a GPU run shows it faster.
+`DecodeGraph(fuse=...)` says what the graphs replay: the eager step (`none`, the default), each block and the head
+compiled by inductor (`blocks`: one compile per block index and batch shape, shared by every depth), or the whole
+step compiled (`step`: one compile per depth). On an H100 (benchmarks/results/gpu_check_h100.json) `step` decoded a
+1B-shaped model in 0.62-0.70x the eager capture's time; `blocks` is measured beside it by benchmarks/gpu_check.py,
+and the faster one becomes the default once its compile cost is known.
 """
 
 from __future__ import annotations
@@ -288,10 +290,18 @@ class DecodeGraph:
         if cache is None or cache.max_len < max_len:
             size = max(64, 1 << (max_len - 1).bit_length())
             cache = self.pool[batch] = KVCache(model.local, batch, size, model.dtype, model.device)
-            self.graphs = {k: g for k, g in self.graphs.items() if k[0] != batch}
+            self._keep({k: g for k, g in self.graphs.items() if k[0] != batch})
         cache.valid.zero_()
         cache.length, cache.padded = 0, False
         return cache
+
+    def _keep(self, graphs: dict[tuple, Captured]) -> None:
+        """Keep only `graphs`. With none left, the next capture takes a new memory pool: the allocator keeps a pool
+        whose graphs are all gone until its memory is freed, and a capture into it then fails an internal assert
+        (measured on an H100, torch 2.11: a short generation, then a longer one that outgrew the cache)."""
+        self.graphs = graphs
+        if not graphs:
+            self.mempool = None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, depth: int | None = None, reader=None,
                  layers: list[int] | None = None, head=None) -> torch.Tensor:
@@ -341,7 +351,7 @@ class DecodeGraph:
         graph = self.graphs.pop(key, None)
         if graph is None:
             while len(self.graphs) >= MAX_GRAPHS:  # least recently used first (each new rule brings new maps)
-                self.graphs.pop(next(iter(self.graphs)))
+                self._keep(dict(list(self.graphs.items())[1:]))
             if tokens.is_cuda and self.mempool is None:
                 self.mempool = torch.cuda.graph_pool_handle()
 

@@ -373,8 +373,9 @@ def main(argv=None) -> int:
             print(f"{name} failed: {result[f'{name}_error']}", file=sys.stderr)
         write_json(Path(args.out), result)  # what is measured so far, should the run be cut off
     result["bar"] = bar(result) if result.get("decode") and result.get("prefill") else []
-    print()
-    print_table(result["bar"], ["goal", "target", "measured", "met"])
+    if result["bar"]:  # (decode and prefill both measured)
+        print()
+        print_table(result["bar"], ["goal", "target", "measured", "met"])
     result["seconds"] = time.perf_counter() - t0
     write_json(Path(args.out), result)
     return 0

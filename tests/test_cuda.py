@@ -69,6 +69,23 @@ def test_exits_in_captured_decode_equal_the_block_loop(folder):
     assert {k[1] for k in graph.graphs} - {model.config.n_layers}, "some step should have run a shallower graph"
 
 
+@pytest.mark.parametrize("fuse", ["none", "blocks"])
+def test_a_longer_generation_after_a_short_one_captures_again(folder, fuse):
+    """A short generation captures graphs around a small cache; a longer one outgrows it, drops them and captures
+    into a new memory pool (the old one, its graphs all gone, fails the allocator's assert when captured into
+    again: measured in gpu_check on an H100). Then EOS, read back every few steps, ends each row at its own."""
+    ids = prompts(2, seed=3)
+    model = load_model(folder, "float32", "cuda")[0]
+    graph = DecodeGraph(model, "compiled", fuse=fuse)
+    for n in (4, 100, 4):
+        want = [g.token_ids for g in generate(model, ids, n)]
+        assert [g.token_ids for g in generate(model, ids, n, graph=graph)] == want
+    eos = want[0][1]
+    want = [g.token_ids for g in generate(model, ids, 40, eos_id=eos)]
+    assert [g.token_ids for g in generate(model, ids, 40, eos_id=eos, graph=graph)] == want
+    assert want[0][-1] == eos and len(want[0]) <= 2
+
+
 @pytest.mark.parametrize("fuse", ["blocks", "step"])
 def test_fused_capture_equals_the_block_loop(folder, fuse):
     """fuse: inductor's fused kernels captured in the graphs. float32: the block loop's greedy tokens, dense and
