@@ -156,7 +156,7 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
         else:
             out = decode_step(model, tokens, cache, depth, next_plan)
         token = _pick(out, None, sampling, gens)
-    ids_run = torch.stack([t.cpu() for t in picked], 1).tolist()  # (B, steps)
+    ids_run = torch.stack([t.to(model.device) for t in picked], 1).cpu().tolist()  # (B, steps): one read back
     layers_run = torch.stack([r.cpu() for r in runs], 1).tolist()
     for b, (row, layers) in enumerate(zip(ids_run, layers_run)):
         n = row.index(eos_id) + 1 if eos_id in row else len(row)  # up to and including the row's first EOS
