@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from adainfer.capture import Captured
 from adainfer.errors import AdainferError
 from adainfer.translator import Translator, sha256
 from kernels.top2 import Top2, lm_head_top2, top2_from_logits
@@ -236,6 +237,7 @@ class ExitRule:
         self.b = float(clf.bias)
         self.needs_record = any(f.startswith("cos_") for f in self.features)
         self.never = clf.kind == "never"
+        self.check_graphs = CheckGraphs(self)  # its checks replayed (Plan.capture_checks)
         if clf.kind == "crf":
             self.crf_w = torch.tensor(clf.crf["state_weight"], dtype=torch.float32, device=device).T  # (F, 2)
             self.crf_b = torch.tensor(clf.crf["state_bias"], dtype=torch.float32, device=device)
@@ -271,6 +273,50 @@ class ExitRule:
         return {**state, "hidden": h_last, **(record or {})}
 
 
+MAX_CHECK_GRAPHS = 256  # captured checks kept per rule (checked layers x row counts as rows leave x heads)
+
+
+class CheckGraphs:
+    """The exit check of a rule without memory (an SVM, gap or never rule on gap and top_prob) as one replayed step per
+    checked layer and row count: the translator's reading, the top-2 probe (on a GPU the fused kernel), the features
+    and the decision, captured as a CUDA graph. An eager check is ~20 small launches from Python on a host-bound
+    loop; a replay is one, plus the copies in and out. Same kernels, same bits as the eager check. On the CPU (tests)
+    the same static buffers run without a graph."""
+
+    def __init__(self, rule: ExitRule):
+        self.rule = rule
+        self.graphs: dict[tuple, Captured] = {}  # in order of last use
+
+    @staticmethod
+    def covers(rule: ExitRule, model, plan: Plan) -> bool:
+        """Whether this run's checks can be replayed: no memory between checks (CRF, cosine features), nothing kept
+        per check (record_features), the full-precision head, no soft-capping (the GPU kernel's case), one process's
+        whole head."""
+        return (rule.clf.kind != "crf" and not rule.needs_record and not plan.record_features
+                and (plan.check_head == "full" or plan.candidates is not None)
+                and model.config.final_softcap is None and model.shard is None)
+
+    def __call__(self, model, n: int, x: torch.Tensor, reader, weight: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-token states x (b, dim) after n blocks -> (what the check read (b, dim), fire (b,) bool)."""
+        key = (id(model), n, tuple(x.shape), id(reader), None if weight is None else id(weight))
+        graph = self.graphs.pop(key, None)
+        if graph is None:
+            while len(self.graphs) >= MAX_CHECK_GRAPHS:  # least recently used first
+                self.graphs.pop(next(iter(self.graphs)))
+            rule = self.rule
+
+            def check(x):
+                read = x if reader is None else reader.read(n, x)
+                top2, _ = probe(model, read, weight)
+                fire, _ = rule.fire(compute_features(rule.features, top2, None, None, None), {})
+                return read, fire
+
+            graph = Captured(check, [x], graph=x.is_cuda)
+        self.graphs[key] = graph  # (re)inserted last
+        return graph(x)
+
+
 # ---------------------------------------------------------------- what a run asks of the loop, and its answers
 
 
@@ -293,6 +339,8 @@ class Plan:
     record_logits: bool = False  # with record_features: also keep each check's float32 logits
     hidden_states: bool = False
     sync_every: int = 1  # read exit decisions every N checks (one host sync for N layers; for GPUs)
+    capture_checks: bool = False  # replay each check as a CUDA graph where CheckGraphs covers the rule (GPUs; not
+    #                               yet the default: measured beside the eager check by benchmarks/gpu_check.py)
     fill_skipped_kv: bool = False  # rows that exit get K/V for the blocks they skip, from their exit state (CALM)
     check_head: str = "full"  # "int8": CPU exit features from an int8 copy of the head; answers at full precision
     translator: object | None = None  # adainfer.translator.Translator: checks, and rows that stop before the last

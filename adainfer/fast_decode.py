@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adainfer.capture import Captured
 from adainfer.errors import AdainferError
 from adainfer.model import Context, Decoder, KVCache, default_positions
 from adainfer.quant import (
@@ -198,37 +199,6 @@ def rotary_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, v
     cos, sin = model.rotary_tables(positions)  # (B, 1, T, hd)
     return decode_step(model, tokens, positions, cos, sin, valid, write_pos, cache, False, layers, reader, head,
                        parts=parts)
-
-
-class Captured:
-    """One function of fixed-shape tensors replayed as a CUDA graph: its inputs are copied into static buffers, the
-    graph replays, the output is cloned out. `fn` must be a pure step of its inputs plus state it writes the same way
-    every time (the KV cache at the input position), so the warm-up runs before capture may write it too.
-    graph=False runs the same static-buffer path without capture (how the CPU tests exercise it)."""
-
-    def __init__(self, fn, inputs: list[torch.Tensor], graph: bool = True, pool=None):
-        self.fn, self.inputs, self.graph = fn, [t.clone() for t in inputs], None
-        if not graph:
-            return
-        stream = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graphs asks
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # `pool`: one memory pool for all of a DecodeGraph's captures. They never replay at once and each output is
-        # cloned out right after its replay, so one graph's intermediates may reuse another's memory.
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = fn(*self.inputs)
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        for static, t in zip(self.inputs, inputs):
-            static.copy_(t)
-        if self.graph is None:
-            return self.fn(*self.inputs)
-        self.graph.replay()
-        return self.output.clone()
 
 
 class DecodeGraph:

@@ -20,7 +20,7 @@ from torch import nn
 
 from adainfer.config import ModelConfig
 from adainfer.errors import AdainferError
-from adainfer.exit import Exits, Output, Plan, probe
+from adainfer.exit import CheckGraphs, Exits, Output, Plan, probe
 from adainfer.quant import QuantWeight, head_logits, linear, load_q4q8_kernel, quantize_int8
 
 
@@ -543,13 +543,16 @@ class Decoder(nn.Module):
             if hiddens is not None:
                 hiddens.append(h)
             if rule is not None and n < n_run and rule.should_check(n):
-                read = h[:, -1] if reader is None else reader.read(n, h[:, -1])  # what the check reads
-                top2, logits = probe(self, read, weight, plan.check_head if plan.candidates is None else "full")
-                feats, fire, state = rule.decide(top2, h[:, -1], ctx.record, state)
-                if plan.record_features:
-                    features.append({"layer": n, "rows": exits.live, "top1": top2.top1, **feats})
-                    if plan.record_logits:
-                        features[-1]["logits"] = exits.head(read) if logits is None else logits
+                if plan.capture_checks and CheckGraphs.covers(rule, self, plan):  # one replay (the head later)
+                    (read, fire), logits = rule.check_graphs(self, n, h[:, -1], reader, weight), None
+                else:
+                    read = h[:, -1] if reader is None else reader.read(n, h[:, -1])  # what the check reads
+                    top2, logits = probe(self, read, weight, plan.check_head if plan.candidates is None else "full")
+                    feats, fire, state = rule.decide(top2, h[:, -1], ctx.record, state)
+                    if plan.record_features:
+                        features.append({"layer": n, "rows": exits.live, "top1": top2.top1, **feats})
+                        if plan.record_logits:
+                            features[-1]["logits"] = exits.head(read) if logits is None else logits
                 live = exits.live
                 keep = exits.check(fire, n, logits, read)  # rows that stay, once some have left
                 if keep is not None:

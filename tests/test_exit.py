@@ -209,3 +209,33 @@ def test_int8_check_head_gives_close_features_and_full_precision_answers(deep):
     for b, ids in enumerate(batch):  # each answer is the float head's at the row's exit layer
         forced = deep(torch.tensor([ids]), plan=Plan(exit_at=int(out.layers_run[b])))
         assert (forced.logits[0] - out.logits[b]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("reader, cands", [(False, None), (True, None), (False, torch.tensor([65, 66, 67, 97]))])
+def test_captured_checks_equal_eager_ones(deep, reader, cands):
+    """Plan.capture_checks: each check (translator reading, probe, features, decision) replayed from static buffers,
+    one per checked layer and row count as rows leave (on a GPU a CUDA graph: test_cuda.py). The same exits and
+    answers as the eager checks, with a translator and over candidates; rules it does not cover (a CRF, cosine
+    features, recorded features) take the eager check."""
+    from helpers import random_translator
+
+    batch = prompts(8, 6)
+    traces = collect(deep, batch, candidates=cands, progress=False)
+    clf = gap_rule(float(np.median(traces.features["gap"][:, :3])))
+    clf.translator = random_translator(deep.config.dim, range(1, deep.config.n_layers), scale=0.02) if reader \
+        else None
+    rule = ExitRule(clf)
+    tokens, mask = left_pad(batch, 0)
+    for window in (1, 2):
+        eager = deep(tokens, pad_mask=mask, plan=Plan(exit=rule, candidates=cands, sync_every=window))
+        replayed = deep(tokens, pad_mask=mask, plan=Plan(exit=rule, candidates=cands, sync_every=window,
+                                                           capture_checks=True))
+        assert len(set(eager.layers_run.tolist())) > 1, "the test needs rows that exit at different layers"
+        assert torch.equal(eager.layers_run, replayed.layers_run) and torch.equal(eager.token, replayed.token)
+        assert (eager.logits - replayed.logits).abs().max() <= 1e-5  # the exit head on fewer rows: MKL rounding
+    made = rule.check_graphs.graphs
+    assert len({k[2][0] for k in made}) > 1, "some checks should have run on fewer rows"
+    before = dict(made)
+    plan = Plan(exit=rule, candidates=cands, capture_checks=True, record_features=True)  # recorded: the eager check
+    assert torch.equal(deep(tokens, pad_mask=mask, plan=plan).layers_run, eager.layers_run)
+    assert rule.check_graphs.graphs.keys() == before.keys()

@@ -108,7 +108,8 @@ def test_dispatch_sends_cpu_to_the_reference_and_cuda_to_triton(monkeypatch):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 def test_exit_loop_on_gpu_matches_cpu(converted):
-    """The whole loop on CUDA (Triton probe, deferred reads) exits where the CPU reference path does."""
+    """The whole loop on CUDA (Triton probe, deferred reads, checks replayed as CUDA graphs) exits where the CPU
+    reference path does."""
     import numpy as np
 
     from adainfer.exit import ExitRule, Plan, gap_rule
@@ -126,12 +127,16 @@ def test_exit_loop_on_gpu_matches_cpu(converted):
     rule = gap_rule(float(np.median(traces.features["gap"][:, :2])))
     tokens, mask = left_pad(batch, 0)
     want = cpu(tokens, pad_mask=mask, plan=Plan(exit=ExitRule(rule)))
+    gpu_rule = ExitRule(rule, "cuda")
     for window in (1, 2):
-        got = gpu(tokens.cuda(), pad_mask=None if mask is None else mask.cuda(),
-                  plan=Plan(exit=ExitRule(rule, "cuda"), sync_every=window))
-        assert torch.equal(got.layers_run.cpu(), want.layers_run)
-        assert torch.equal(got.token.cpu(), want.token)
-        assert (got.logits.cpu() - want.logits).abs().max() <= 1e-4
+        runs = [gpu(tokens.cuda(), pad_mask=None if mask is None else mask.cuda(),
+                    plan=Plan(exit=gpu_rule, sync_every=window, capture_checks=capture)) for capture in (False, True)]
+        for got in runs:
+            assert torch.equal(got.layers_run.cpu(), want.layers_run)
+            assert torch.equal(got.token.cpu(), want.token)
+            assert (got.logits.cpu() - want.logits).abs().max() <= 1e-4
+        assert torch.equal(runs[0].logits, runs[1].logits), "the checks' CUDA graphs replay the same kernels"
+    assert all(g.graph is not None for g in gpu_rule.check_graphs.graphs.values())
 
 
 def test_many_rows_span_row_blocks():
