@@ -144,19 +144,18 @@ def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, c
     h = model.embed(tokens, positions)  # (B, T, dim)
     for i in order:
         h = parts.block(model.layers[i], h, ctx, i)
-    x = h.reshape(B * T, -1)
-    if reader is not None and reader.reads(len(order), L):
-        x = reader.read(len(order), x)
-    return parts.head(model, x, head, quantized).view(B, T, -1)
+    return read_head(model, h.reshape(B * T, -1), len(order), reader, head, quantized, parts.head).view(B, T, -1)
 
 
-def read_head(model: Decoder, x: torch.Tensor, n: int, reader=None, head=None, quantized: bool = False) -> torch.Tensor:
+def read_head(model: Decoder, x: torch.Tensor, n: int, reader=None, head=None, quantized: bool = False,
+              final: Callable | None = None) -> torch.Tensor:
     """States x (b, dim) after n blocks -> float32 logits (b, V): through `reader` where it maps block n, the final
     norm, the head rows `head` (None: the whole head, its int8 copy when quantized; a tensor of rows; a QuantWeight),
-    the family's soft-capping."""
+    the family's soft-capping. `final`: what does the part after the translator (default final_logits; a compiled
+    one in a fused capture)."""
     if reader is not None and reader.reads(n, model.config.n_layers):
         x = reader.read(n, x)
-    return final_logits(model, x, head, quantized)
+    return (final or final_logits)(model, x, head, quantized)
 
 
 def final_logits(model: Decoder, x: torch.Tensor, head=None, quantized: bool = False) -> torch.Tensor:
@@ -260,18 +259,15 @@ class DecodeGraph:
         if cache is None or cache.max_len < max_len:
             size = max(64, 1 << (max_len - 1).bit_length())
             cache = self.pool[batch] = KVCache(model.local, batch, size, model.dtype, model.device)
-            self._keep({k: g for k, g in self.graphs.items() if k[0] != batch})
+            self.graphs = {k: g for k, g in self.graphs.items() if k[0] != batch}
+            if not self.graphs:
+                # The next capture takes a new memory pool: the allocator keeps a pool whose graphs are all gone until
+                # its memory is freed, and a capture into it then fails an internal assert (on an H100, torch 2.11: a
+                # short generation, then a longer one that outgrew the cache).
+                self.mempool = None
         cache.valid.zero_()
         cache.length, cache.padded = 0, False
         return cache
-
-    def _keep(self, graphs: dict[tuple, Captured]) -> None:
-        """Keep only `graphs`. With none left, the next capture takes a new memory pool: the allocator keeps a pool
-        whose graphs are all gone until its memory is freed, and a capture into it then fails an internal assert
-        (measured on an H100, torch 2.11: a short generation, then a longer one that outgrew the cache)."""
-        self.graphs = graphs
-        if not graphs:
-            self.mempool = None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, depth: int | None = None, reader=None,
                  layers: list[int] | None = None, head=None) -> torch.Tensor:
@@ -321,7 +317,7 @@ class DecodeGraph:
         graph = self.graphs.pop(key, None)
         if graph is None:
             while len(self.graphs) >= MAX_GRAPHS:  # least recently used first (each new rule brings new maps)
-                self._keep(dict(list(self.graphs.items())[1:]))
+                self.graphs.pop(next(iter(self.graphs)))  # (others stay: the pool is still theirs)
             if tokens.is_cuda and self.mempool is None:
                 self.mempool = torch.cuda.graph_pool_handle()
 

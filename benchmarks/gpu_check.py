@@ -106,6 +106,14 @@ class Timer:
             times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
 
+    def once(self, fn) -> float:
+        """Seconds of one cold call of fn (its captures and compiles included)."""
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0
+
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
@@ -140,24 +148,20 @@ def bench_decode(hf, ours, device, timer, new, hf_compile, variants) -> tuple[li
         def per_token(run):  # (time of prompt + new tokens - time of prompt + 1 token) / (new - 1)
             return 1e3 * (timer(lambda: run(new)) - timer(lambda: run(1))) / (new - 1)
 
-        def first_call(run) -> float:  # seconds, captures (and compiles) included
-            t0 = time.perf_counter()
-            run()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
+        half = Plan(exit=half_depth_rule(L, device))
+
+        def first_calls(g) -> float:  # seconds of the first dense and half-depth runs: their captures and compiles
+            return timer.once(lambda: generate(ours, ids, 4, graph=g)) + timer.once(
+                lambda: generate(ours, ids, 4, half, graph=g))
 
         row["ours_eager_ms"] = per_token(lambda n: generate(ours, ids, n))
-        half = Plan(exit=half_depth_rule(L, device))
-        row["graph_first_calls_s"] = first_call(lambda: generate(ours, ids, 4, graph=graph)) + first_call(
-            lambda: generate(ours, ids, 4, half, graph=graph))
+        row["graph_first_calls_s"] = first_calls(graph)
         row["ours_graph_ms"] = per_token(lambda n: generate(ours, ids, n, graph=graph))
         row["ours_graph_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=graph))
         row["half_depth_fraction_of_ideal_2x"] = row["ours_graph_ms"] / row["ours_graph_half_depth_ms"] / 2
         ours_tokens = [r.token_ids for r in generate(ours, ids, new, graph=graph)]
         for f, other in variants.items():  # the same graphs replaying other kernels (DecodeGraph(fuse=f))
-            row[f"{f}_first_calls_s"] = first_call(lambda: generate(ours, ids, 4, graph=other)) + first_call(
-                lambda: generate(ours, ids, 4, half, graph=other))  # dense and half depth: their compiles
+            row[f"{f}_first_calls_s"] = first_calls(other)
             row[f"ours_{f}_ms"] = per_token(lambda n: generate(ours, ids, n, graph=other))
             row[f"ours_{f}_half_depth_ms"] = per_token(lambda n: generate(ours, ids, n, half, graph=other))
             row[f"{f}_half_depth_fraction_of_ideal_2x"] = row[f"ours_{f}_ms"] / row[f"ours_{f}_half_depth_ms"] / 2
