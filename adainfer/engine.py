@@ -19,7 +19,7 @@ import torch
 from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan, shipped_classifier
-from adainfer.fast_decode import decode_graph, prepare_check_head
+from adainfer.fast_decode import decode_graph, prefill_mode, prepare_check_head
 from adainfer.generate import MODES, Sampling, check_prompts, generate, length_batches
 from adainfer.loading import load_model
 from adainfer.model import Decoder
@@ -122,11 +122,12 @@ class Engine:
                  sampling: Sampling | None = None, batch_size: int = 1, candidates: list[str] | None = None,
                  min_layers: int | None = None, check_head: str = "full", decode: str = "eager",
                  truncate: bool = False, compare_dense: bool = False, sources: list[str] | None = None,
-                 speculate: Draft | None = None) -> list[Result]:
+                 speculate: Draft | None = None, prefill: str = "eager") -> list[Result]:
         """Answer each prompt with up to `max_new_tokens` tokens (greedy unless `sampling`; prompt i samples with
         seed sampling.seed + i), early exit by `exit` (see resolve_exit) beyond the first token in `mode`
         (none | sequence | token, adainfer.generate), `batch_size` prompts per forward. `decode`: eager |
-        compiled | int4 (adainfer.fast_decode). `truncate`: cut prompts longer than the context to their last
+        compiled | int4 (adainfer.fast_decode); `prefill`: eager | compiled, how the prompt's blocks run
+        (fast_decode.compile_prefill; the model keeps it). `truncate`: cut prompts longer than the context to their last
         tokens instead of refusing them. `compare_dense`: time a dense run of each batch beside it. `speculate`:
         self-speculative decoding with this draft (adainfer.speculative; the exit rule is not used: greedy answers are
         the dense model's tokens, sampled ones follow its distribution). Every prompt is
@@ -148,6 +149,7 @@ class Engine:
             raise AdainferError("--exit-mode", "token mode checks every generated token over the full vocabulary; this "
                                                "classifier was calibrated on candidate features (use sequence mode)")
         graph = decode_graph(model, decode)
+        prefill_mode(model, prefill)
         ids = [tok.encode(text) for text in prompts]
         dropped = [0] * len(ids)
         if truncate:
@@ -164,7 +166,7 @@ class Engine:
         # Sorted by length so batches carry little padding; answers come back in input order.
         batches = length_batches(ids, batch_size)
         self._warm_up(ids[batches[0][0]][-8:], {len(b) for b in batches}, graph, decode, max_new_tokens > 1,
-                      dense_plan, speculate)
+                      dense_plan, speculate, prefill)
         eos = model.config.eos_id
 
         def run(b: int) -> list[Result]:
@@ -201,9 +203,14 @@ class Engine:
         return results
 
     def _warm_up(self, warm: list[int], sizes: set[int], graph, decode: str, cached: bool, plan: Plan,
-                 draft: Draft | None = None) -> None:
+                 draft: Draft | None = None, prefill: str = "eager") -> None:
         """First-call allocations (and the decode graph's compilation, once per batch size; a draft's draft and
-        verify steps too) off the clock."""
+        verify steps too; compiled prefill's blocks at two prompt lengths, so that the length is symbolic) off the
+        clock."""
+        if prefill == "compiled" and len(warm) > 2 and ("prefill", "compiled") not in self._warm:
+            for n in (len(warm), len(warm) - 1):
+                generate(self.model, [warm[-n:]], 1, plan)
+            self._warm.add(("prefill", "compiled"))
         for size in sizes:
             key = (size, decode if cached else "prefill")
             if key not in self._warm:

@@ -35,6 +35,9 @@ compiled by inductor (`blocks`: one compile per block index and batch shape, sha
 step compiled (`step`: one compile per depth). On an H100 (benchmarks/results/gpu_check_h100.json) `step` decoded a
 1B-shaped model in 0.62-0.70x the eager capture's time; `blocks` is measured beside it by benchmarks/gpu_check.py,
 and the faster one becomes the default once its compile cost is known.
+
+A prompt's forward can run its blocks compiled too (`compile_prefill`, --prefill compiled): the eager loop with its
+exit checks, each block call through inductor instead of the module's ~45 dispatched ops.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from adainfer.quant import (
 )
 
 DECODE_MODES = ("eager", "compiled", "int4")
+PREFILL_MODES = ("eager", "compiled")  # how a prompt's blocks run (compile_prefill)
 FUSES = ("none", "blocks", "step")  # what a captured graph replays (DecodeGraph)
 FUSE_DEFAULT = "none"  # on a GPU; the others are measured beside it by benchmarks/gpu_check.py
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch sizes x depths x translators)
@@ -189,6 +193,47 @@ def compiled_parts() -> Parts:
     list then shares (a compile of the whole step would be one per depth)."""
     return Parts(torch.compile(run_block, dynamic=False, options=COMPILE_OPTIONS),
                  torch.compile(final_logits, dynamic=False, options=COMPILE_OPTIONS))
+
+
+def prefill_block(block: torch.nn.Module, h: torch.Tensor, ctx: Context, layer: int, skip_attn: bool,
+                  last_only: bool) -> torch.Tensor:
+    """One block of a prompt's forward (h (b, T, dim)), what compile_prefill compiles: a function of its own, so
+    its compiled variants and the shapes dynamo learned vary stay apart from the decode step's."""
+    return block(h, ctx, layer, skip_attn=skip_attn, last_only=last_only)
+
+
+def compile_prefill(model: Decoder, on: bool = True) -> None:
+    """Run a prompt's blocks (the eager loop from an empty cache, exit checks between them as before) through
+    inductor: norms, rotary, the cache writes and the MLP's elementwise tail fused around the matmuls, a few
+    kernels a block where the modules launch ~45 (on a GPU the loop is host-bound below ~2048 tokens: an eager
+    16-block forward of a 1B-shaped model took ~15 ms at 1 or 512 tokens on an H100). One compile per block and
+    kind of call, then one more when the batch size or prompt length first changes (dynamo then treats it as
+    symbolic); inductor's on-disk cache serves the blocks of equal shape after the first. Guards on the modules
+    stay (a sliding layer and a global one differ in attributes only). Float rounding differs from the modules'
+    in the last bits. on=False puts the modules back."""
+    if on and getattr(model, "compiled_prefill", None) is None:  # one per model: its variants stay when toggled
+        model.compiled_prefill = torch.compile(prefill_block, options={"size_asserts": False})
+        limit = max(64, 8 * model.config.n_layers)  # a variant per block, each kind of call, and the last block's
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+    model.prefill_block = model.compiled_prefill if on else None
+
+
+def prefill_mode(model: Decoder, mode: str) -> None:
+    """Set how `model` runs a prompt's blocks: eager (its modules) or compiled (compile_prefill)."""
+    if mode not in PREFILL_MODES:
+        raise AdainferError("--prefill", f"unknown mode {mode!r} (choose {', '.join(PREFILL_MODES)})")
+    if mode == "compiled":
+        if model.shard is not None:
+            raise AdainferError("--prefill", "compiled prefill is not built for tensor-parallel runs (--tp): use "
+                                             "--prefill eager")
+        cxx = os.environ.get("CXX", "g++")
+        if model.device.type == "cpu" and shutil.which(cxx) is None:
+            raise AdainferError("--prefill", f"compiled prefill on a CPU compiles C++ through torch.compile and needs "
+                                             f"a C++ compiler; {cxx!r} is not on PATH (install g++, or use --prefill "
+                                             "eager)")
+    compile_prefill(model, mode == "compiled")
 
 
 def rotary_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,

@@ -375,6 +375,9 @@ class Decoder(nn.Module):
                              persistent=False)
         self.embed_mult = config.embed_scale  # rounded to the model's dtype by adainfer.loading, as Gemma does
         self.head_q8: QuantWeight | None = None  # the head rounded to int8: the int8 check head, int4 decoding
+        # A prefill's blocks through inductor (set by adainfer.fast_decode.compile_prefill): called as
+        # prefill_block(block, h, ctx, layer, skip_attn, last_only) in place of block(h, ctx, layer, ...).
+        self.prefill_block = None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -534,11 +537,17 @@ class Decoder(nn.Module):
         features, hiddens = [], ([h] if plan.hidden_states else None)
         ctx.record = {} if rule is not None and rule.needs_record else None
         state = {"hidden": h[:, -1]}  # per-row memory of the exit rule (previous block's states, CRF scores)
+        # Compiled blocks serve a prompt written from an empty cache (the eager loop writes at cache.length, an int
+        # a compiled block would be specialised on: a compile per length); later calls take the modules.
+        fused = self.prefill_block if T > 1 and (cache is None or cache.length == 0) else None
 
         for step, i in enumerate(order[:n_run]):
             # The last block of the run only has to produce the last position (its keys still cover all).
             last_only = step == n_run - 1 and not plan.hidden_states
-            h = self.layers[i](h, ctx, i, skip_attn=i in plan.skip_attn, last_only=last_only)
+            if fused is None:
+                h = self.layers[i](h, ctx, i, skip_attn=i in plan.skip_attn, last_only=last_only)
+            else:
+                h = fused(self.layers[i], h, ctx, i, i in plan.skip_attn, last_only)
             n = step + 1  # blocks run so far
             if hiddens is not None:
                 hiddens.append(h)

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA graphs, one per batch size and depth, sequence-mode exits included) or int4 (that graph "
                         "on 4-bit block weights, an 8-bit head and int8 activations, C++ kernels built on first use; "
                         "CPU; lossy, see README)")
+    p.add_argument("--prefill", default="eager", choices=["eager", "compiled"],
+                   help="how a prompt's blocks run: eager (the modules, default) or compiled (each block through "
+                        "torch.compile/inductor, compiled on first use; 5-7%% faster in float32 for the default model "
+                        "on a 2-core Xeon, see README)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="under torchrun: ranks per model replica, tensor parallel (default 1: every rank holds the "
@@ -158,11 +162,14 @@ def run(args: argparse.Namespace) -> int:
     if args.decode != "eager" and args.max_new_tokens > 1 and not args.json and args.device == "cpu" and world.main:
         print(f"compiling the {args.decode} decode graph (first use on this machine: about a minute)...",
               file=sys.stderr, flush=True)
+    if args.prefill == "compiled" and not args.json and world.main:
+        print("compiling the prompt's blocks (first use on this machine: seconds to a minute)...", file=sys.stderr,
+              flush=True)
     results = engine.generate(list(prompts), args.max_new_tokens, exit=choice, mode=args.exit_mode,
                               sampling=sampling, batch_size=args.batch_size, check_head=args.check_head,
                               decode=args.decode, truncate=args.truncate, sources=list(sources),
                               compare_dense=(choice.rule is not None or draft is not None) and not args.json
-                              and not args.no_compare, speculate=draft)
+                              and not args.no_compare, speculate=draft, prefill=args.prefill)
     if not world.main:  # rank 0 prints for every rank
         return 0
     if dense_why:

@@ -1,7 +1,9 @@
 """Dense prefill: our decoder vs transformers on the same converted weights, same dtype and threads.
 
 transformers runs with logits_to_keep=1 and use_cache=False (ours computes the last token's logits only and keeps
-no cache on a single-token answer). Both run in this one process, interleaved, median of --repeats.
+no cache on a single-token answer). Ours runs twice: its modules (`ours`) and each block compiled by inductor
+(`compiled`, --prefill compiled: fast_decode.compile_prefill; its first call at each shape timed apart). All run in
+this one process, interleaved, median of --repeats.
 
     python benchmarks/bench_dense.py [--model DIR] [--lengths 64 256 1024] [--dtypes float32 bfloat16] [--threads 2]
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,12 +20,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_from_ours, interleaved, load_ours, machine, print_table, write_json  # noqa: E402
 
+from adainfer.fast_decode import prefill_mode  # noqa: E402
+
 
 def compare(ours, hf, ids: torch.Tensor, repeats: int) -> tuple[bool, dict]:
+    """Top-1 agreement of ours (both prefill modes) with transformers, and the median seconds of each, interleaved;
+    "compiled_first_s": the first compiled call at this shape (its compiles)."""
+    def run(mode):
+        def call():
+            prefill_mode(ours, mode)
+            return ours(ids)
+        return call
+
     with torch.inference_mode():
-        same = torch.equal(ours(ids).token, hf(ids, logits_to_keep=1, use_cache=False).logits[:, -1].argmax(-1))
-        return same, interleaved({"ours": lambda: ours(ids),
-                                  "transformers": lambda: hf(ids, logits_to_keep=1, use_cache=False)}, repeats)
+        want = hf(ids, logits_to_keep=1, use_cache=False).logits[:, -1].argmax(-1)
+        t0 = time.perf_counter()
+        compiled = run("compiled")()
+        first = time.perf_counter() - t0
+        same = torch.equal(run("eager")().token, want) and torch.equal(compiled.token, want)
+        t = interleaved({"ours": run("eager"), "compiled": run("compiled"),
+                         "transformers": lambda: hf(ids, logits_to_keep=1, use_cache=False)}, repeats)
+        prefill_mode(ours, "eager")
+        return same, {**t, "compiled_first_s": first}
 
 
 def main() -> None:
@@ -49,12 +68,15 @@ def main() -> None:
             ids = torch.randint(0, ours.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
             same, t = compare(ours, hf, ids, args.repeats)
             rows.append({"dtype": dtype_name, "tokens": n, "ours_ms": 1000 * t["ours"],
-                         "transformers_ms": 1000 * t["transformers"], "speedup": t["transformers"] / t["ours"],
-                         "same_top1": same})
+                         "compiled_ms": 1000 * t["compiled"], "transformers_ms": 1000 * t["transformers"],
+                         "speedup": t["transformers"] / t["ours"],
+                         "compiled_speedup": t["transformers"] / t["compiled"],
+                         "compiled_first_s": t["compiled_first_s"], "same_top1": same})
             print_table(rows[-1:], list(rows[-1]))
         del ours, hf
     print()
-    print_table(rows, ["dtype", "tokens", "ours_ms", "transformers_ms", "speedup", "same_top1"])
+    print_table(rows, ["dtype", "tokens", "ours_ms", "compiled_ms", "transformers_ms", "speedup", "compiled_speedup",
+                       "compiled_first_s", "same_top1"])
     write_json(args.out, {"benchmark": "dense prefill, ours vs transformers", "machine": machine(),
                           "model": str(args.model), "repeats": args.repeats, "rows": rows})
 

@@ -12,10 +12,13 @@ against transformers on the same weights in the same process:
            first calls take (captures and compiles)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five
-  prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours against transformers
+  prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours (the modules, and each block compiled by
+           inductor: --prefill compiled, fast_decode.compile_prefill, with its first calls timed apart) against
+           transformers
   checks   a never-firing exit check after every block (the real probe: Triton top-2 and the features), prefill of
            512 tokens, host read every check and every 4 checks, each check run eagerly or replayed as a CUDA graph
-           (Plan.capture_checks, not yet the default): time over dense
+           (Plan.capture_checks, not yet the default), on the modules and on the compiled blocks: time over the
+           same path's dense time
   kernel   the Triton top-2 exit check against the bare GEMV h @ W.T on the 32000 x 4096, 49152 x 2048 and 49152 x 576
            heads at batch 1 and 8: microseconds and fraction of copy bandwidth; also with its merge fused into the
            one launch (fused_merge=True, not yet the default) and how close it comes to the two-launch merge, and
@@ -46,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule  # noqa: E402
-from adainfer.fast_decode import FUSES, DecodeGraph, decode_graph  # noqa: E402
+from adainfer.fast_decode import FUSES, DecodeGraph, compile_prefill, decode_graph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 
@@ -228,22 +231,35 @@ def bench_profile(ours, device, new: int, variants) -> list[dict]:
 
 
 def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
+    """Each shape through the modules (`ours`) and through inductor's compiled blocks (compile_prefill: `compiled`,
+    its first call at each shape timed apart: the compiles), against transformers; at the first length, a
+    never-firing check after every block on both, over the same path's dense time."""
     rows = []
     checks = {"check_every_block": (1, False), "check_every_block_read_every_4": (4, False),
               "check_every_block_captured": (1, True), "check_every_block_captured_read_every_4": (4, True)}
     for B in (1, 8):
         for T in lengths:
             x = torch.randint(10, ours.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
+            row = {"batch": B, "tokens": T}
             with torch.inference_mode():
-                row = {"batch": B, "tokens": T,
-                       "ours_ms": 1e3 * timer(lambda: ours(x)),
-                       "hf_ms": 1e3 * timer(lambda: hf(x, logits_to_keep=1, use_cache=False))}
-                row["speedup_vs_hf"] = row["hf_ms"] / row["ours_ms"]
-                if T == lengths[0]:
-                    for name, (window, capture) in checks.items():  # capture: Plan.capture_checks
-                        plan = Plan(exit=ExitRule(never_rule(), device), sync_every=window, capture_checks=capture)
-                        t = 1e3 * timer(lambda: ours(x, plan=plan))
-                        row[f"{name}_overhead"] = t / row["ours_ms"] - 1
+                modules = ours(x).logits
+                for path in ("ours", "compiled"):
+                    compile_prefill(ours, path == "compiled")
+                    if path == "compiled":
+                        row["compiled_first_call_s"] = timer.once(lambda: ours(x))
+                        row["compiled_max_abs_diff"] = (ours(x).logits - modules).abs().max().item()
+                    row[f"{path}_ms"] = 1e3 * timer(lambda: ours(x))
+                    if T == lengths[0]:
+                        for name, (window, capture) in checks.items():  # capture: Plan.capture_checks
+                            plan = Plan(exit=ExitRule(never_rule(), device), sync_every=window,
+                                        capture_checks=capture)
+                            timer.once(lambda: ours(x, plan=plan))  # (its first call compiles the blocks' variant)
+                            t = 1e3 * timer(lambda: ours(x, plan=plan))
+                            row[f"{'' if path == 'ours' else 'compiled_'}{name}_overhead"] = t / row[f"{path}_ms"] - 1
+                compile_prefill(ours, False)
+                row["hf_ms"] = 1e3 * timer(lambda: hf(x, logits_to_keep=1, use_cache=False))
+            row["speedup_vs_hf"] = row["hf_ms"] / row["ours_ms"]
+            row["compiled_speedup_vs_hf"] = row["hf_ms"] / row["compiled_ms"]
             rows.append(row)
             print_table(rows[-1:], list(row))
     return rows
@@ -307,11 +323,17 @@ def bar(result: dict) -> list[dict]:
         ("forced half-depth exit in decode >= 0.9 of the ideal 2x", 0.9,
          min(r["half_depth_fraction_of_ideal_2x"] for r in dec.values()), ">="),
         ("prefill >= 1.3x transformers at every shape", 1.3, min(r["speedup_vs_hf"] for r in pre), ">="),
+        ("(compile_prefill) prefill >= 1.3x transformers at every shape", 1.3,
+         min(r["compiled_speedup_vs_hf"] for r in pre), ">="),
         ("exit check after every block <= 10% at batch 1 (the better of reading every check / every 4)", 0.10,
          min(min(r["check_every_block_overhead"], r["check_every_block_read_every_4_overhead"])
              for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r), "<="),
         ("(capture_checks) exit check after every block <= 10% at batch 1", 0.10,
          min(min(r["check_every_block_captured_overhead"], r["check_every_block_captured_read_every_4_overhead"])
+             for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r), "<="),
+        ("(compile_prefill, capture_checks) exit check after every block <= 10% at batch 1", 0.10,
+         min(min(r["compiled_check_every_block_captured_overhead"],
+                 r["compiled_check_every_block_captured_read_every_4_overhead"])
              for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r), "<="),
     ]
     for f in result.get("variants", []):  # the other captures: what switching the default to one would give

@@ -10,7 +10,7 @@ import torch
 from helpers import random_translator, run_cli
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule
-from adainfer.fast_decode import DecodeGraph, decode_graph
+from adainfer.fast_decode import DecodeGraph, compile_prefill, decode_graph
 from adainfer.generate import generate
 from adainfer.loading import load_model
 
@@ -113,6 +113,25 @@ def test_fused_capture_equals_the_block_loop(folder, fuse):
     torch.testing.assert_close(logits[1], logits[0], atol=0.05 * float(logits[0].abs().max()), rtol=0)
 
 
+def test_compiled_prefill_equals_the_modules_on_cuda(folder):
+    """compile_prefill on a GPU (Triton kernels): float32, the modules' greedy tokens and exit layers with rows
+    leaving at different layers; bfloat16, the prompt's logits within rounding."""
+    ids = prompts(8, seed=3)
+    model = load_model(folder, "float32", "cuda")[0]
+    some = ExitClassifier("svm", ["gap"], [1.0], -0.02)  # fires at different layers for different rows
+    want = generate(model, ids, 16, Plan(exit=ExitRule(some, "cuda")))
+    compile_prefill(model)
+    got = generate(model, ids, 16, Plan(exit=ExitRule(some, "cuda")))
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    assert [g.layers_run for g in got] == [g.layers_run for g in want]
+    model = load_model(folder, "bfloat16", "cuda")[0]
+    x = torch.tensor([p[:4] for p in ids], device="cuda")
+    logits = [model(x).logits]
+    compile_prefill(model)
+    logits.append(model(x).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=0.05 * float(logits[0].abs().max()), rtol=0)
+
+
 @pytest.mark.slow
 def test_clis_on_cuda(folder, tmp_path):
     base = ("--model", folder, "--prompt", "hello there", "--max-new-tokens", "12", "--json", "--dense")
@@ -120,6 +139,9 @@ def test_clis_on_cuda(folder, tmp_path):
     compiled = run_cli("adainfer.run", *base, "--device", "cuda", "--dtype", "float32", "--decode", "compiled")
     assert eager.returncode == 0 and compiled.returncode == 0, eager.stderr + compiled.stderr
     assert json.loads(compiled.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]
+    prefill = run_cli("adainfer.run", *base, "--device", "cuda", "--dtype", "float32", "--prefill", "compiled")
+    assert prefill.returncode == 0, prefill.stderr
+    assert json.loads(prefill.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]
     rows = tmp_path / "t.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"item {i} is", "answer": " x"}) + "\n" for i in range(12)))
     for dtype in ("float16", "bfloat16"):

@@ -9,8 +9,16 @@ from helpers import random_translator, run_cli
 from torch._dynamo.utils import counters
 
 from adainfer.errors import AdainferError
-from adainfer.exit import ExitClassifier, ExitRule, Plan
-from adainfer.fast_decode import MAX_GRAPHS, DecodeGraph, decode_graph, quantize_model, rotary_step
+from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule
+from adainfer.fast_decode import (
+    MAX_GRAPHS,
+    DecodeGraph,
+    compile_prefill,
+    decode_graph,
+    prefill_mode,
+    quantize_model,
+    rotary_step,
+)
 from adainfer.generate import generate, left_pad
 from adainfer.loading import load_model
 from adainfer.model import KVCache
@@ -123,6 +131,42 @@ def test_fused_capture_gives_the_block_loops_tokens(converted, fuse):
         DecodeGraph(model, "compiled", fuse="all")
 
 
+def prefill_outputs(model, plan):
+    """PROMPTS left-padded into a cache, plain (mask, cache, rows exiting at different layers with `plan`), then one
+    more prompt of another length and batch size without a cache: logits and layers of each, and 4 greedy tokens."""
+    tokens, pad_mask = left_pad(PROMPTS, 0)
+    cache = KVCache(model.config, *tokens.shape, model.dtype)
+    first = model(tokens, pad_mask=pad_mask, cache=cache, plan=plan)
+    second = model(torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]))
+    return [first.logits, first.layers_run, second.logits], [g.token_ids for g in generate(model, PROMPTS, 4, plan)]
+
+
+@pytest.mark.slow
+def test_compiled_prefill_matches_the_modules(converted):
+    """compile_prefill: a prompt's blocks through inductor give the modules' logits (to float rounding), exits and
+    tokens, with padding, a cache, rows leaving at different layers (the batch compacted between blocks), another
+    prompt length and batch size; Gemma 3's sliding and global layers each keep their own compile."""
+    model = load_model(converted("gemma3-local", seed=3)[1], "float32")[0]
+    with torch.inference_mode():  # a rule that fires for the rows whose gap after block 1 is above the median
+        gaps = model(*left_pad(PROMPTS, 0)[:1], pad_mask=left_pad(PROMPTS, 0)[1],
+                     plan=Plan(exit=ExitRule(never_rule()), record_features=True)).features[0]["gap"]
+    split = ExitClassifier("svm", ["gap"], [1.0], -float(gaps.median()))
+    plan = Plan(exit=ExitRule(split))
+    want, want_tokens = prefill_outputs(model, plan)
+    assert len(set(want[1].tolist())) > 1, "the rows should exit at different layers"
+    compiled = counters["stats"]["unique_graphs"]
+    compile_prefill(model)
+    got, tokens = prefill_outputs(model, plan)
+    assert counters["stats"]["unique_graphs"] - compiled >= model.config.n_layers, "the compiled blocks ran"
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
+    assert got[1].tolist() == want[1].tolist() and tokens == want_tokens
+    torch.testing.assert_close(got[2], want[2], atol=1e-4, rtol=0)
+    compiled = counters["stats"]["unique_graphs"]
+    compile_prefill(model, False)
+    assert model.prefill_block is None and prefill_outputs(model, plan)[1] == want_tokens
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
 @pytest.mark.slow
 def test_compiled_graph_matches_the_block_loop_and_generate(folder):
     model = load_model(folder, "float32")[0]
@@ -175,6 +219,23 @@ def test_decode_graph_refuses_what_it_does_not_cover(folder):
         decode_graph(load_model(folder, "float16")[0], "int4")
     with pytest.raises(AdainferError, match="unknown mode"):
         decode_graph(load_model(folder, "float32")[0], "fast")
+    with pytest.raises(AdainferError, match="--prefill: unknown mode 'fast'"):
+        prefill_mode(load_model(folder, "float32")[0], "fast")
+
+
+@pytest.mark.slow
+def test_run_cli_compiled_prefill(folder, tmp_path):
+    """--prefill compiled, as a user runs it: the eager run's answer and exit layer, with a rule that fires."""
+    path = tmp_path / "fires.json"
+    ExitClassifier("svm", ["gap"], [0.0], 1.0).save(path)  # every row exits at its first check
+    answers = []
+    for mode in ("eager", "compiled"):
+        r = run_cli("adainfer.run", "--model", folder, "--prompt", "hello there", "--max-new-tokens", "3",
+                    "--prefill", mode, "--exit", path, "--json")
+        assert r.returncode == 0, r.stderr
+        answers.append(json.loads(r.stdout))
+    assert answers[1]["token_ids"] == answers[0]["token_ids"] and answers[1]["layers_run"] == answers[0]["layers_run"]
+    assert answers[0]["layers_run"][0] < 3
 
 
 @pytest.mark.slow
