@@ -230,10 +230,13 @@ def measure_check_cost(model, ids: list[list[int]], candidates: torch.Tensor | N
 
     def timed(fn) -> float:
         fn()
+        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)  # queued GPU work counts
         out = []
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             out.append(time.perf_counter() - t0)
         return float(np.median(out))
 

@@ -198,10 +198,13 @@ def step_costs(model: Decoder, ids: list[int], draft: Draft, repeats: int = 10,
     runs = {"dense_step_ms": lambda: steps.dense(one), "draft_step_ms": lambda: steps.draft(one),
             "verify_ms": lambda: steps.verify(seq)}
     times = {name: [] for name in runs}
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)  # a GPU's queued work counts
     for _ in range(repeats + 1):  # in turn, so that a slow spell of the machine slows all three alike
         for name, run in runs.items():
+            sync()
             t0 = time.perf_counter()
             run()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}  # the first run allocates (compiles)
 

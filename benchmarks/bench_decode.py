@@ -22,7 +22,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import hf_from_ours, interleaved, load_ours, machine, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_device,
+    check_device,
+    device_sync,
+    hf_from_ours,
+    interleaved,
+    load_ours,
+    machine,
+    print_table,
+    write_json,
+)
 
 from adainfer.fast_decode import decode_graph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
@@ -35,7 +45,7 @@ def ours_fn(model, ids, n, graph=None):
 
 
 def hf_fn(hf, ids, n):
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=hf.device)
 
     def run():
         with torch.inference_mode():
@@ -63,10 +73,18 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--decode", nargs="*", default=["compiled", "int4"], choices=["compiled", "int4"])
+    p.add_argument("--decode", nargs="*", choices=["compiled", "int4"],
+                   help="our decode graphs to time besides eager (default: compiled int4; on cuda: compiled)")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", type=Path, default=Path("results/bench_decode.json"))
+    add_device(p, cpu_only="llama.cpp (its CPU build) is left out there, and int4")
     args = p.parse_args()
+    check_device(args.device)
+    if args.decode is None:
+        args.decode = ["compiled"] if args.device == "cuda" else ["compiled", "int4"]
+    if args.device == "cuda" and "int4" in args.decode:
+        print("error: --decode int4 runs on the CPU (its kernels are C++), not with --device cuda", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(args.threads)
     from adainfer.default_model import default_gguf, default_model_dir
 
@@ -74,12 +92,12 @@ def main() -> None:
     n = args.new_tokens
     fns, tokens = {}, {}
     for dtype in args.dtypes:
-        model, tok = load_ours(folder, dtype)
+        model, tok = load_ours(folder, dtype, args.device)
         ids = tok.encode(PROMPT)
         fns[f"ours {dtype}"] = (ours_fn(model, ids, 1), ours_fn(model, ids, 1 + n))
         tokens[f"ours {dtype}"] = generate(model, [ids], 1 + n)[0].token_ids
         for mode in args.decode:
-            m = load_ours(folder, dtype)[0]
+            m = load_ours(folder, dtype, args.device)[0]
             graph = decode_graph(m, mode)
             t0 = time.perf_counter()
             name = f"ours {mode} {dtype}"
@@ -87,9 +105,11 @@ def main() -> None:
             print(f"{name}: graph compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             fns[name] = (ours_fn(m, ids, 1, graph), ours_fn(m, ids, 1 + n, graph))
         if not args.no_transformers:
-            hf = hf_from_ours(folder, getattr(torch, dtype))
+            hf = hf_from_ours(folder, getattr(torch, dtype), args.device)
             fns[f"transformers {dtype}"] = (hf_fn(hf, ids, 1), hf_fn(hf, ids, 1 + n))
     try:
+        if args.device == "cuda":
+            raise ImportError("on a GPU run the CPU build of llama.cpp is no peer")
         from llama_cpp import Llama
 
         # logits_all: without it llama-cpp-python 0.3.36 leaves `scores` zero, and argmax would feed token 0 back
@@ -97,14 +117,15 @@ def main() -> None:
                     verbose=False, logits_all=True)
         fns["llama.cpp Q4_1"] = (llama_cpp_fn(llm, ids, 1), llama_cpp_fn(llm, ids, 1 + n))
         tokens["llama.cpp Q4_1"] = fns["llama.cpp Q4_1"][1]()
-    except ImportError:
-        print("llama-cpp-python is not installed: llama.cpp left out", file=sys.stderr)
+    except ImportError as e:
+        why = e.msg if args.device == "cuda" else "llama-cpp-python is not installed"
+        print(f"{why}: llama.cpp left out", file=sys.stderr)
 
     flat = {}
     for name, (one, many) in fns.items():
         flat[(name, 1)], flat[(name, n + 1)] = one, many
     t0 = time.perf_counter()
-    times = interleaved(flat, repeats=args.repeats)
+    times = interleaved(flat, repeats=args.repeats, sync=device_sync(args.device))
     print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     ref = "llama.cpp Q4_1" if "llama.cpp Q4_1" in fns else None
     rows = []
@@ -125,7 +146,8 @@ def main() -> None:
             r["vs_llama_cpp"] = r["ms_per_token"] / base
     print_table(rows, ["engine", "prompt_tokens", "new_tokens", "ms_per_token", "vs_llama_cpp", "first_token_ms",
                        "same_tokens"])
-    write_json(args.out, {"benchmark": "greedy decode ms per token", "machine": machine(), "model": str(folder),
+    write_json(args.out, {"benchmark": "greedy decode ms per token", "machine": machine(), "device": args.device,
+                          "model": str(folder),
                           "threads": args.threads, "repeats": args.repeats, "rows": rows})
 
 

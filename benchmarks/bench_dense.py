@@ -18,12 +18,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import hf_from_ours, interleaved, load_ours, machine, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_device,
+    check_device,
+    device_sync,
+    hf_from_ours,
+    interleaved,
+    load_ours,
+    machine,
+    print_table,
+    write_json,
+)
 
 from adainfer.fast_decode import prefill_mode  # noqa: E402
 
 
-def compare(ours, hf, ids: torch.Tensor, repeats: int) -> tuple[bool, dict]:
+def compare(ours, hf, ids: torch.Tensor, repeats: int, sync=None) -> tuple[bool, dict]:
     """Top-1 agreement of ours (both prefill modes) with transformers, and the median seconds of each, interleaved;
     "compiled_first_s": the first compiled call at this shape (its compiles)."""
     def run(mode):
@@ -34,12 +44,16 @@ def compare(ours, hf, ids: torch.Tensor, repeats: int) -> tuple[bool, dict]:
 
     with torch.inference_mode():
         want = hf(ids, logits_to_keep=1, use_cache=False).logits[:, -1].argmax(-1)
+        if sync:
+            sync()
         t0 = time.perf_counter()
         compiled = run("compiled")()
+        if sync:
+            sync()
         first = time.perf_counter() - t0
         same = torch.equal(run("eager")().token, want) and torch.equal(compiled.token, want)
         t = interleaved({"ours": run("eager"), "compiled": run("compiled"),
-                         "transformers": lambda: hf(ids, logits_to_keep=1, use_cache=False)}, repeats)
+                         "transformers": lambda: hf(ids, logits_to_keep=1, use_cache=False)}, repeats, sync=sync)
         prefill_mode(ours, "eager")
         return same, {**t, "compiled_first_s": first}
 
@@ -52,7 +66,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("results/bench_dense.json"))
+    add_device(p)
     args = p.parse_args()
+    check_device(args.device)
     torch.set_num_threads(args.threads)
     if args.model is None:
         from adainfer.default_model import default_model_dir
@@ -62,11 +78,11 @@ def main() -> None:
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        ours, _ = load_ours(args.model, dtype)
-        hf = hf_from_ours(args.model, dtype)
+        ours, _ = load_ours(args.model, dtype, args.device)
+        hf = hf_from_ours(args.model, dtype, args.device)
         for n in args.lengths:
             ids = torch.randint(0, ours.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-            same, t = compare(ours, hf, ids, args.repeats)
+            same, t = compare(ours, hf, ids.to(args.device), args.repeats, device_sync(args.device))
             rows.append({"dtype": dtype_name, "tokens": n, "ours_ms": 1000 * t["ours"],
                          "compiled_ms": 1000 * t["compiled"], "transformers_ms": 1000 * t["transformers"],
                          "speedup": t["transformers"] / t["ours"],
@@ -78,7 +94,7 @@ def main() -> None:
     print_table(rows, ["dtype", "tokens", "ours_ms", "compiled_ms", "transformers_ms", "speedup", "compiled_speedup",
                        "compiled_first_s", "same_top1"])
     write_json(args.out, {"benchmark": "dense prefill, ours vs transformers", "machine": machine(),
-                          "model": str(args.model), "repeats": args.repeats, "rows": rows})
+                          "device": args.device, "model": str(args.model), "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
    model's heads: 3 for the default model's 9 query / 3 key-value heads): tokens compared, wall-clock.
 
 Every configuration runs as a separate command, one after another (the machine's cores are shared between ranks).
+CPU only, by subject (thread and process layouts of one machine's cores); on GPUs the same CLIs take --device cuda
+under torchrun, one GPU per local rank (README).
 
     python benchmarks/bench_distributed.py [--rows 64] [--ranks 2] [--new-tokens 32] [--tp N] [--out FILE.json]
 """

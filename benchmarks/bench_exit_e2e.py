@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, machine, print_table, write_json  # noqa: E402
+from common import add_device, check_device, device_sync, interleaved, machine, print_table, write_json  # noqa: E402
 
 from adainfer.exit import (
     Plan,  # noqa: E402
@@ -59,41 +59,45 @@ def main() -> None:
     p.add_argument("--first-check", type=int, default=1, help="first layer checked (default 1: every layer)")
     p.add_argument("--candidates", nargs="+", default=[" positive", " negative"])
     p.add_argument("--out", type=Path, default=Path("results/bench_exit_e2e.json"))
+    add_device(p, cpu_only="the int8 check head (vocab8)")
     args = p.parse_args()
+    check_device(args.device)
     torch.set_num_threads(args.threads)
     if args.model is None:
         from adainfer.default_model import default_model_dir
 
         args.model = default_model_dir(progress=False)
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    kinds = ("vocab", "vocab8", "cand") if args.device == "cpu" else ("vocab", "cand")  # int8 head: the CPU's
     L = model.config.n_layers
-    cands = torch.tensor([tok.piece_id(c) for c in args.candidates])
+    cands = torch.tensor([tok.piece_id(c) for c in args.candidates], device=args.device)
     depths = sorted({max(1, L // 4), L // 2, 3 * L // 4, L})
     rows = []
     for n in args.lengths:
         for b in args.batches:
             ids = torch.randint(0, model.config.vocab_size, (b, n), generator=torch.Generator().manual_seed(n))
+            ids = ids.to(args.device)
             runs = {"dense": lambda: model(ids)}
             for k in depths:
                 runs[f"stop{k}"] = (lambda k=k: model(ids, plan=Plan(exit_at=k)))
                 runs[f"vocab{k}"] = (lambda k=k: model(ids, plan=Plan(exit=FireAt(args.first_check, k))))
-                runs[f"vocab8{k}"] = (lambda k=k: model(ids, plan=Plan(exit=FireAt(args.first_check, k),
-                                                                        check_head="int8")))
+                if "vocab8" in kinds:
+                    runs[f"vocab8{k}"] = (lambda k=k: model(ids, plan=Plan(exit=FireAt(args.first_check, k),
+                                                                            check_head="int8")))
                 runs[f"cand{k}"] = (lambda k=k: model(ids, plan=Plan(exit=FireAt(args.first_check, k),
                                                                       candidates=cands)))
             with torch.inference_mode():
-                t = interleaved(runs, repeats=args.repeats)
+                t = interleaved(runs, repeats=args.repeats, sync=device_sync(args.device))
             for k in depths:
                 checks = max(0, min(k, L - 1) - args.first_check + 1)
                 row = {"tokens": n, "batch": b, "exit_layer": k, "checks": checks, "ideal": L / k,
                        "dense_ms": 1000 * t["dense"], "no_check_ms": 1000 * t[f"stop{k}"],
-                       "vocab_ms": 1000 * t[f"vocab{k}"], "vocab8_ms": 1000 * t[f"vocab8{k}"],
-                       "cand_ms": 1000 * t[f"cand{k}"]}
-                for kind in ("vocab", "vocab8", "cand", "no_check"):
+                       **{f"{kind}_ms": 1000 * t[f"{kind}{k}"] for kind in kinds}}
+                for kind in (*kinds, "no_check"):
                     row[f"{kind}_speedup"] = t["dense"] / t[f"stop{k}" if kind == "no_check" else f"{kind}{k}"]
                     row[f"{kind}_realised/ideal"] = row[f"{kind}_speedup"] / row["ideal"]
                 saved = t["dense"] - t[f"stop{k}"]
-                for kind in ("vocab", "vocab8", "cand"):
+                for kind in kinds:
                     overhead = t[f"{kind}{k}"] - t[f"stop{k}"]
                     row[f"{kind}_check_overhead/saved"] = overhead / saved if saved > 0 else None
                 rows.append(row)
@@ -105,7 +109,8 @@ def main() -> None:
             "cand_check_overhead/saved", "vocab_check_overhead/saved", "vocab8_check_overhead/saved"]
     print()
     print_table(rows, cols)
-    write_json(args.out, {"benchmark": "forced exit depths vs dense", "machine": machine(), "model": str(args.model),
+    write_json(args.out, {"benchmark": "forced exit depths vs dense", "machine": machine(), "device": args.device,
+                          "model": str(args.model),
                           "dtype": str(model.dtype)[6:], "first_check": args.first_check,
                           "candidates": args.candidates, "repeats": args.repeats, "rows": rows})
 

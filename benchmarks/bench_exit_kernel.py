@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median_time, print_table, write_json  # noqa: E402
+from common import check_device, machine, median_time, print_table, write_json  # noqa: E402
 
 from kernels.top2 import lm_head_top2, lm_head_top2_reference  # noqa: E402
 
@@ -53,7 +53,8 @@ def heads(device: str, dtype: torch.dtype, model_dir: Path | None):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="where the heads and checks run (default: cuda where there is a GPU)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -61,6 +62,7 @@ def main() -> None:
     p.add_argument("--model", type=Path)
     p.add_argument("--out", type=Path, default=Path("results/bench_exit_kernel.json"))
     args = p.parse_args()
+    check_device(args.device)
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device == "cuda" else None
     bw = read_bandwidth(args.device)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import add_device, check_device, machine, print_table, write_json  # noqa: E402
 
 from adainfer.exit import (  # noqa: E402
     ExitClassifier,
@@ -79,14 +79,17 @@ def main() -> None:
     p.add_argument("--min-layers", type=int, help="floor for token mode")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path, default=Path("results/bench_generation.json"))
+    p.add_argument("--dtype", default="auto")
+    add_device(p)
     args = p.parse_args()
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
         from adainfer.default_model import default_model_dir
 
         args.model = default_model_dir(progress=False)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, args.dtype, args.device)
     L = model.config.n_layers
     configs = {"dense": ("none", None)}
     for spec in args.exit:
@@ -137,7 +140,8 @@ def main() -> None:
     columns = ["set", "config", "token_agreement", "identical_rows", "first_difference", "exact_match", "f1",
                "avg_layers_per_token", "pruning", "tokens_per_s", "speed_vs_dense"]
     print_table(rows, columns)
-    write_json(args.out, {"benchmark": "generation with early exit", "machine": machine(), "model": str(args.model),
+    write_json(args.out, {"benchmark": "generation with early exit", "machine": machine(), "device": args.device,
+                          "model": str(args.model),
                           "dtype": str(model.dtype)[6:], "rows_per_set": args.rows, "new_tokens": args.new_tokens,
                           "batch_size": args.batch_size, "exit": args.exit, "rows": rows})
 

@@ -6,6 +6,8 @@ weights); continuations run --new-tokens greedy tokens with every decode step in
 fraction of answers equal to float32's; `same rows` the continuations identical to float32's, `prefix` the mean
 fraction of tokens equal to float32's before the first difference.
 
+CPU only, by subject: int4 weights run on the CPU (their kernels are C++).
+
     python benchmarks/bench_int4_quality.py [--tasks sst2 agnews mmlu csqa squad] [--shots 5] [--limit 60]
 """
 

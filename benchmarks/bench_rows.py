@@ -6,6 +6,8 @@ float32 `x @ W.T`, as `W @ x.T` (the tall form quant.head_logits takes for quant
 kernel. Random weights (costs do not depend on the values); each figure the minimum over --rounds of a median of
 --repeats, in milliseconds.
 
+CPU only, by subject: the int4 / int8 kernels are C++ for the CPU.
+
     python benchmarks/bench_rows.py [--rows 1 2 3 4 8 16]
 """
 

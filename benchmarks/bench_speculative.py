@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_generation import open_prompts, squad_prompts  # noqa: E402
-from common import machine, print_table, write_json  # noqa: E402
+from common import add_device, check_device, machine, print_table, write_json  # noqa: E402
 
 from adainfer.fast_decode import decode_graph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
@@ -60,14 +60,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path, default=Path("results/bench_speculative.json"))
+    add_device(p, cpu_only="--decode int4 and --draft-head int8")
     args = p.parse_args()
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
         from adainfer.default_model import default_model_dir
 
         args.model = default_model_dir(progress=False)
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = load_model(args.model, args.dtype, args.device)
     graph = decode_graph(model, args.decode)
     L = model.config.n_layers
     corpus = [ex.x for ex in load_task("agnews", args.data).train[:3000]] + \
@@ -118,7 +120,7 @@ def main() -> None:
     print()
     print_table(rows, ["set", "batch", "draft", "identical_rows", "accepted_per_round", "tokens_per_verify",
                        "speed_vs_dense", "dense_step_ms", "draft_step_ms", "verify_ms", "predicted_speed_vs_dense"])
-    write_json(args.out, {"benchmark": "self-speculative greedy decoding", "machine": machine(),
+    write_json(args.out, {"benchmark": "self-speculative greedy decoding", "machine": machine(), "device": args.device,
                           "model": str(args.model), "dtype": args.dtype,
                           "decode": args.decode, "draft_head": args.draft_head, "rows_per_set": args.rows,
                           "new_tokens": args.new_tokens, "command": " ".join(sys.argv), "rows": rows})

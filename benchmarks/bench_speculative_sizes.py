@@ -10,6 +10,8 @@ not the compiled graph, so every size pays the same per-block Python overhead) o
 predicts at first-draft acceptance alpha, tokens per round (1 - alpha^(g+1)) / (1 - alpha) over (g draft steps + one
 verify step) in dense steps, and the acceptance it needs for --target.
 
+CPU only, by subject (when a CPU's arithmetic makes verifying cost more than a step; the int4 kernels are the CPU's).
+
     python benchmarks/bench_speculative_sizes.py [--modes int4 float32] [--sizes 135M 360M 1.7B]
 """
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,21 +31,46 @@ def median_time(fn, repeats: int = 5, warmup: int = 1, sync=None) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
-    """Median seconds of each fn, run in alternation (a, b, a, b, ...) so that machine noise hits all alike."""
+def interleaved(fns: dict, repeats: int = 5, warmup: int = 1, sync=None) -> dict:
+    """Median seconds of each fn, run in alternation (a, b, a, b, ...) so that machine noise hits all alike.
+    `sync` (device_sync): called around each timed call, so that a GPU's queued work is counted."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if sync:
+                sync()
             t0 = time.perf_counter()
             fn()
+            if sync:
+                sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def hf_from_ours(folder: Path, dtype: torch.dtype):
+def add_device(p: argparse.ArgumentParser, cpu_only: str | None = None) -> None:
+    """The benchmarks' --device (cpu or cuda; both sides of a comparison run there). `cpu_only`: what of this
+    benchmark needs the CPU, said in its help."""
+    extra = f"; {cpu_only} stays on the CPU" if cpu_only else ""
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help=f"where the models run (default cpu; cuda: the current GPU, transformers too{extra})")
+
+
+def check_device(device: str) -> None:
+    """Stop with one line and exit status 2 when CUDA is asked for and absent (before anything is loaded)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device: CUDA is not available here (torch sees no GPU)", file=sys.stderr)
+        sys.exit(2)
+
+
+def device_sync(device: str):
+    """What makes a timer wait for the device's queued work: torch.cuda.synchronize on a GPU, nothing on a CPU."""
+    return torch.cuda.synchronize if str(device).startswith("cuda") else None
+
+
+def hf_from_ours(folder: Path, dtype: torch.dtype, device: str = "cpu"):
     """A transformers model holding exactly the weights of our converted folder (Llama family)."""
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,11 +99,11 @@ def hf_from_ours(folder: Path, dtype: torch.dtype):
     if c.tie_embeddings:
         model.tie_weights()
     model.model.rotary_emb.__init__(hf_config)  # buffers built on meta: rebuild on CPU
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def load_ours(folder, dtype):
-    model, tok = load_model(folder, dtype)
+def load_ours(folder, dtype, device: str = "cpu"):
+    model, tok = load_model(folder, dtype, device)
     return model, tok
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import add_device, check_device, machine, print_table, write_json  # noqa: E402
 
 from adainfer.calibration import FitOptions, checks_made, fit, measure_check_cost, shifted, tune  # noqa: E402
 from adainfer.exit import ExitRule, gap_rule  # noqa: E402
@@ -90,12 +90,15 @@ def main() -> None:
     p.add_argument("--inter", nargs=2, action="append", default=[], metavar=("TRAIN", "TEST"),
                    help="inter-task generalisation: fit on the comma-separated TRAIN tasks' train traces, replay "
                         "on each TEST task's eval traces, e.g. --inter mmlu,csqa sst2,agnews")
+    p.add_argument("--dtype", default="auto")
+    add_device(p)
     args = p.parse_args()
+    check_device(args.device)
     if args.model is None:
         from adainfer.default_model import default_model_dir
 
         args.model = default_model_dir(progress=False)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, args.dtype, args.device)
     L = model.config.n_layers
     kind, rank = parse_kind(args.translator)
     eval_limits = {k: int(v) for k, v in (x.split("=", 1) for x in args.eval_limits)}
@@ -104,7 +107,7 @@ def main() -> None:
     for name in args.tasks:
         task = load_task(name)
         c = label_candidates(task)
-        cands = torch.tensor([tok.piece_id(x) for x in c]) if c else None
+        cands = torch.tensor([tok.piece_id(x) for x in c], device=model.device) if c else None
         train, _, train_ids = traces_for(model, tok, task, "train", args.shots,
                                          train_limits.get(name, args.train_limit), args.traces, cands,
                                          args.translator_positions if kind else None)
@@ -175,6 +178,7 @@ def main() -> None:
     print()
     print_table(summary, list(summary[0]))
     write_json(args.out, {"benchmark": "exit classifier trade-off from traces", "machine": machine(),
+                          "device": args.device,
                           "shots": args.shots, "model": str(args.model), "translator": args.translator,
                           "keep_target": args.keep_target, "rows": rows, "summary": summary,
                           "generalisation": inter_rows})

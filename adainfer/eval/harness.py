@@ -178,6 +178,8 @@ def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records, trans
         tokens, mask = left_pad([ids[i] for i in rows], pad, model.device)
         t0 = time.perf_counter()
         out = model(tokens, pad_mask=mask, plan=plan)
+        if model.device.type == "cuda":  # a GPU runs what was queued after the call returns
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         total += dt
         order = list(range(model.config.n_layers)) if plan.layers is None else plan.layers
