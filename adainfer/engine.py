@@ -122,20 +122,25 @@ class Engine:
                  sampling: Sampling | None = None, batch_size: int = 1, candidates: list[str] | None = None,
                  min_layers: int | None = None, check_head: str = "full", decode: str = "eager",
                  truncate: bool = False, compare_dense: bool = False, sources: list[str] | None = None,
-                 speculate: Draft | None = None, prefill: str = "eager") -> list[Result]:
+                 speculate: Draft | None = None, prefill: str = "eager", sync_every: int = 1,
+                 capture_checks: bool = False) -> list[Result]:
         """Answer each prompt with up to `max_new_tokens` tokens (greedy unless `sampling`; prompt i samples with
         seed sampling.seed + i), early exit by `exit` (see resolve_exit) beyond the first token in `mode`
         (none | sequence | token, adainfer.generate), `batch_size` prompts per forward. `decode`: eager |
         compiled | int4 (adainfer.fast_decode); `prefill`: eager | compiled, how the prompt's blocks run
-        (fast_decode.compile_prefill; the model keeps it). `truncate`: cut prompts longer than the context to their last
-        tokens instead of refusing them. `compare_dense`: time a dense run of each batch beside it. `speculate`:
-        self-speculative decoding with this draft (adainfer.speculative; the exit rule is not used: greedy answers are
-        the dense model's tokens, sampled ones follow its distribution). Every prompt is
+        (fast_decode.compile_prefill; the model keeps it). `sync_every`: exit decisions read from the device every
+        N checks (one host synchronisation for N layers; a row that fired answers from its layer); `capture_checks`:
+        each check replayed as a CUDA graph (GPU; adainfer.exit.CheckGraphs). `truncate`: cut prompts longer than
+        the context to their last tokens instead of refusing them. `compare_dense`: time a dense run of each batch
+        beside it. `speculate`: self-speculative decoding with this draft (adainfer.speculative; the exit rule is not
+        used: greedy answers are the dense model's tokens, sampled ones follow its distribution). Every prompt is
         checked before anything runs, so a bad one costs the others nothing; `sources` name them in errors (default
         "prompt N")."""
         model, tok = self.model, self.tokenizer
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        check_counts(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        check_counts(max_new_tokens=max_new_tokens, batch_size=batch_size, sync_every=sync_every)
+        if capture_checks and model.device.type != "cuda":
+            raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
         if not prompts:
             raise AdainferError("prompts", "no prompts given")
         if mode not in MODES:
@@ -159,7 +164,8 @@ class Engine:
         if choice.candidates:
             cand_ids = torch.tensor(tok.candidate_ids(choice.candidates), device=model.device)
         prepare_check_head(model, check_head, cand_ids, "--check-head")
-        plan = Plan(exit=choice.rule, candidates=cand_ids, check_head=check_head)
+        plan = Plan(exit=choice.rule, candidates=cand_ids, check_head=check_head, sync_every=sync_every,
+                    capture_checks=capture_checks)
         dense_plan = Plan(candidates=cand_ids)
         sampling = sampling or Sampling()
 

@@ -102,7 +102,9 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
       sequence  each row runs, for every token, the blocks it ran at prefill: the KV cache only ever holds
                 computed layers (the depth is chosen once, from the prompt's last token)
       token     each token may exit at its own layer; the blocks it skips still get K/V at its position,
-                projected from its exit hidden state (CALM's state propagation)
+                projected from its exit hidden state (CALM's state propagation). With plan.sync_every N > 1 the
+                decisions are read every N checks: a row that fired answers from its layer, the blocks it ran past
+                it until the read keep their own K/V, and the rest are projected from its state at the read
     With exit, sampling draws from the exit layer's logits. `graph` (adainfer.fast_decode.decode_graph) runs the decode
     steps in which every row runs the same first blocks (as far as graph.serves); the others take the block loop."""
     if mode not in MODES:
@@ -114,7 +116,7 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
     if mode == "none":
         plan = replace(plan, exit=None)
     elif mode == "token":
-        plan = replace(plan, fill_skipped_kv=True, sync_every=1)
+        plan = replace(plan, fill_skipped_kv=True)
     sampling = sampling or Sampling()
     seeds = row_seeds if row_seeds is not None else [sampling.seed + b for b in range(len(ids))]
     gens = [torch.Generator().manual_seed(s) for s in seeds]

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a prompt's blocks run: eager (the modules, default) or compiled (each block through "
                         "torch.compile/inductor, compiled on first use; 5-7%% faster in float32 for the default model "
                         "on a 2-core Xeon, see README)")
+    p.add_argument("--sync-every", type=int, default=1, metavar="N",
+                   help="read exit decisions from the device every N checks (default 1; on a GPU one host "
+                        "synchronisation for N layers: a row that fired answers from its own layer)")
+    p.add_argument("--capture-checks", action="store_true",
+                   help="replay each exit check as a CUDA graph (--device cuda; adainfer.exit.CheckGraphs)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="under torchrun: ranks per model replica, tensor parallel (default 1: every rank holds the "
@@ -117,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
         sources, prompts = ["--prompt"], [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
     if args.dense and args.exit:
         raise AdainferError("--exit", "cannot be combined with --dense")
+    if args.capture_checks and args.device != "cuda":
+        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
+    if args.sync_every < 1:
+        raise AdainferError("--sync-every", f"must be at least 1, got {args.sync_every}")
     drafting = (args.draft_layers is not None or args.draft_length != 3 or args.draft_min_prob or
                 args.draft_head != "full")
     options = "--draft-layers/--draft-length/--draft-min-prob/--draft-head"
@@ -169,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                               sampling=sampling, batch_size=args.batch_size, check_head=args.check_head,
                               decode=args.decode, truncate=args.truncate, sources=list(sources),
                               compare_dense=(choice.rule is not None or draft is not None) and not args.json
-                              and not args.no_compare, speculate=draft, prefill=args.prefill)
+                              and not args.no_compare, speculate=draft, prefill=args.prefill,
+                              sync_every=args.sync_every, capture_checks=args.capture_checks)
     if not world.main:  # rank 0 prints for every rank
         return 0
     if dense_why:

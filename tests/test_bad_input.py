@@ -134,6 +134,12 @@ def test_run_bad_arguments(tiny_model):
     assert_clean_error(run_cli("adainfer.run", "--model", tiny_model, "--batch-size", "0"), "--batch-size")
     assert_clean_error(run_cli("adainfer.run", "--model", tiny_model, "--dtype", "float8"), "--dtype", "float8")
     assert_clean_error(run_cli("adainfer.run", "--model", tiny_model, "--max-new-tokens", "0"), "--max-new-tokens")
+    assert_clean_error(run_cli("adainfer.run", "--model", tiny_model, "--sync-every", "0"), "--sync-every")
+    if not torch.cuda.is_available():
+        assert_clean_error(run_cli("adainfer.run", "--model", tiny_model, "--capture-checks"), "--capture-checks",
+                           "needs --device cuda")
+        assert_clean_error(run_cli("adainfer.eval", "--model", tiny_model, "--task", "sst2", "--capture-checks",
+                                   "--out", "x.json"), "--capture-checks", "needs --device cuda")
 
 
 def test_run_bad_prompt_lines(tiny_model, tmp_path):

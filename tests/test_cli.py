@@ -7,6 +7,7 @@ import torch
 from helpers import run_cli
 from tiny import hf_model, save_hf
 
+from adainfer.exit import ExitClassifier, ExitRule, Plan
 from adainfer.generate import generate
 from adainfer.loading import load_model
 
@@ -46,6 +47,23 @@ def test_run_prompts_file_batched_keeps_input_order(tiny_model, tmp_path):
     model, tok = load_model(tiny_model, "float32")
     for r in rows:
         assert r["token_ids"] == generate(model, [tok.encode(r["prompt"])], max_new_tokens=4)[0].token_ids
+
+
+def test_run_sync_every_answers_as_every_check_read(tiny_model, tmp_path):
+    """--sync-every 2: decisions read every 2 checks, each row still answering from the layer its rule fired at (the
+    answers and layers of reading every check, prompt by prompt in Python)."""
+    clf = ExitClassifier("svm", ["gap"], [1.0], -0.02)  # fires at different layers for different rows
+    clf.save(tmp_path / "c.json")
+    texts = ["a much longer prompt than the others, to force padding", "hi", "medium sized prompt", "x", "hello"]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    proc = run_cli("adainfer.run", "--model", tiny_model, "--prompts", f, "--batch-size", "3", "--json", "--dtype",
+                   "float32", "--max-new-tokens", "3", "--exit", tmp_path / "c.json", "--sync-every", "2")
+    assert proc.returncode == 0, proc.stderr
+    model, tok = load_model(tiny_model, "float32")
+    for r in map(json.loads, proc.stdout.strip().splitlines()):
+        want = generate(model, [tok.encode(r["prompt"])], 3, Plan(exit=ExitRule(clf)))[0]
+        assert r["token_ids"] == want.token_ids and r["layers_run"] == want.layers_run
 
 
 def test_run_human_output(tiny_model):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import make_converted
 
-from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule
+from adainfer.exit import ExitClassifier, ExitRule, Exits, Plan, gap_rule
 from adainfer.generate import Sampling, generate
 from adainfer.loading import load_model
 from adainfer.model import KVCache, apply_rope, rope_cos_sin
@@ -69,6 +69,27 @@ def test_token_mode_exits_per_token_and_batches_like_one_by_one(deep, spread_rul
     assert len(set(depths)) > 1
     for g, ids in zip(together, batch):
         alone = generate(deep, [ids], 8, Plan(exit=spread_rule), mode="token")[0]
+        assert alone.token_ids == g.token_ids and alone.layers_run == g.layers_run
+
+
+def test_token_mode_reads_its_decisions_every_n_checks(deep, spread_rule, monkeypatch):
+    """plan.sync_every in token mode (one host read for N layers on a GPU): with a rule that never fires, dense; with
+    one that fires, each token answers from the layer it fired at, as when every check is read: the same first token
+    and exit layer (the prompt's), and each later token's depth one the rule can fire at. A batch equals its rows
+    one by one."""
+    batch = prompts(5, 4)
+    dense = tokens_of(generate(deep, batch, 8))
+    assert tokens_of(generate(deep, batch, 8, Plan(exit=NEVER, sync_every=4), mode="token")) == dense
+    every = generate(deep, batch, 8, Plan(exit=spread_rule), mode="token")
+    noted, note = [], Exits._note
+    monkeypatch.setattr(Exits, "_note", lambda self, *a: noted.append(1) or note(self, *a))
+    windows = generate(deep, batch, 8, Plan(exit=spread_rule, sync_every=4), mode="token")
+    assert len(noted) > 8 * 4, "the decode steps kept their decisions on the device (windows of 4 checks)"
+    assert [g.token_ids[0] for g in windows] == [g.token_ids[0] for g in every]
+    assert [g.layers_run[0] for g in windows] == [g.layers_run[0] for g in every]
+    assert len({d for g in windows for d in g.layers_run}) > 1
+    for g, ids in zip(windows, batch):
+        alone = generate(deep, [ids], 8, Plan(exit=spread_rule, sync_every=4), mode="token")[0]
         assert alone.token_ids == g.token_ids and alone.layers_run == g.layers_run
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from adainfer.cli import cli_main
+from adainfer.errors import AdainferError
 from adainfer.eval.harness import DEFAULT_METHODS
 
 
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int)
+    p.add_argument("--sync-every", type=int, default=1, metavar="N",
+                   help="exit methods read their decisions from the device every N checks (default 1; on a GPU one "
+                        "host synchronisation for N layers)")
+    p.add_argument("--capture-checks", action="store_true",
+                   help="exit methods replay each check as a CUDA graph (--device cuda)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="under torchrun: ranks per model replica, tensor parallel (default 1: data parallel only, "
                         "each rank runs its share of the batches)")
@@ -66,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     from adainfer.eval.report import table
     from adainfer.tasks import task_source
 
+    if args.capture_checks and args.device != "cuda":
+        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
+    if args.sync_every < 1:
+        raise AdainferError("--sync-every", f"must be at least 1, got {args.sync_every}")
     world = distributed.init(args.device, args.tp)
     for spec in args.method:
         parse_method(spec)  # bad input is refused before the model loads
@@ -81,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(engine, task, args.method, shots=args.shots, task_file=args.task_file, exit=args.exit,
                        limit=args.limit, template=args.template, seed=args.seed, batch_size=args.batch_size,
                        calibration_prompts=args.calibration_prompts, out=args.out, figures=not args.no_figures,
-                       progress=world.main)
+                       progress=world.main, sync_every=args.sync_every, capture_checks=args.capture_checks)
     if not world.main:  # rank 0 prints and writes for every rank
         return 0
     for run in results.runs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,21 +51,25 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
              shots: list[int] | tuple[int, ...] = (5,), task_file: Path | None = None, labels: list[str] | None = None,
              demos: Path | None = None, data: Path | None = None, exit: Path | None = None, limit: int | None = None,
              template: str | None = None, seed: int = 0, batch_size: int = 8, calibration_prompts: int = 32,
-             out: Path | None = None, figures: bool = True, progress: bool = True) -> Results:
+             out: Path | None = None, figures: bool = True, progress: bool = True, sync_every: int = 1,
+             capture_checks: bool = False) -> Results:
     """Run `methods` (adainfer.eval.methods; default DEFAULT_METHODS) on the eval split of `task` (a built-in
     name with its data from `data`, a Task, or `task_file` with `labels` / `demos`: adainfer.tasks), at each of
     `shots` demonstrations, `limit` rows sampled with `seed`. svm / crf use `exit` (default: the classifier shipped
     for the model); shortgpt computes Block Influence on `calibration_prompts` train prompts. With `out`, the
     results JSON is written there (atomically), the per-layer traces beside it (reused by a rerun) and, with
-    `figures`, the PNGs."""
+    `figures`, the PNGs. The exit methods read their decisions every `sync_every` checks and, with
+    `capture_checks`, replay each check as a CUDA graph (Plan; for GPUs)."""
     from adainfer.eval.methods import build_method, oracle_translators, parse_method
     from adainfer.tasks import answer_ids, label_candidates, task_prompts, task_source
 
     methods = list(methods or DEFAULT_METHODS)
     for spec in methods:
         parse_method(spec)  # refuse a bad method name before any work
-    if limit is not None and limit < 1 or batch_size < 1 or calibration_prompts < 1:
-        raise AdainferError("--limit/--batch-size/--calibration-prompts", "must be at least 1")
+    if limit is not None and limit < 1 or batch_size < 1 or calibration_prompts < 1 or sync_every < 1:
+        raise AdainferError("--limit/--batch-size/--calibration-prompts/--sync-every", "must be at least 1")
+    if capture_checks and engine.model.device.type != "cuda":
+        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
     if not shots or any(k < 0 for k in shots):
         raise AdainferError("--shots", "must be 0 or more")
     if not isinstance(task, Task):
@@ -88,6 +92,9 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
         golds = [answer_ids(tok, ex) for _, ex in rows]
         calib = [tok.encode(p) for p, _ in task_prompts(task, "train", k, seed + 1, template, calibration_prompts)]
         built = [build_method(spec, model, calib, exit, cands) for spec in methods]
+        for m in built:
+            if m.plan is not None and m.plan.exit is not None:
+                m.plan = replace(m.plan, sync_every=sync_every, capture_checks=capture_checks)
         oracle_translators(built, model)
         traces = None if out is None else Path(out).with_name(f"{Path(out).stem}_{k}shot_traces.npz")
         run = evaluate_shots(model, tok, ids, golds, cands, built, batch_size, traces, progress)
