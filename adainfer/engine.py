@@ -213,10 +213,11 @@ class Engine:
         """First-call allocations (and the decode graph's compilation, once per batch size; a draft's draft and
         verify steps too; compiled prefill's blocks at two prompt lengths, so that the length is symbolic) off the
         clock."""
-        if prefill == "compiled" and len(warm) > 2 and ("prefill", "compiled") not in self._warm:
-            for n in (len(warm), len(warm) - 1):
-                generate(self.model, [warm[-n:]], 1, plan)
-            self._warm.add(("prefill", "compiled"))
+        key = ("prefill", "compiled", cached)  # with a cache (more than one token) the blocks write it: other variants
+        if prefill == "compiled" and len(warm) > 2 and key not in self._warm:
+            for n in (len(warm), len(warm) - 1):  # two lengths: the prompt's length (and the cache's) symbolic
+                generate(self.model, [warm[-n:]], 2 if cached else 1, plan)
+            self._warm.add(key)
         for size in sizes:
             key = (size, decode if cached else "prefill")
             if key not in self._warm:

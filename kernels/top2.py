@@ -59,10 +59,10 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
                         eps: float = 1e-5, block_v: int | None = None, block_d: int | None = None,
                         programs: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, fused_merge: bool | None = None) -> Top2:
-    """The Triton version of lm_head_top2_reference: same signature, no (B, V) logits in memory. Block sizes
-    default to the best of a sweep on an H100 (benchmarks/sweep_kernel_gpu.py); the interpreter gets small ones.
-    fused_merge: the last stage-1 program merges the rows (one launch; default FUSED_MERGE) instead of a second
-    kernel."""
+    """The Triton version of lm_head_top2_reference: same signature, no (B, V) logits in memory. Block sizes not
+    given come from `config` (on a GPU the fastest of CANDIDATES for this head shape and batch bucket, timed on the
+    first call; the interpreter gets small ones). fused_merge: the last stage-1 program merges the rows (one
+    launch; default FUSED_MERGE) instead of a second kernel."""
     import triton  # on first use: importing this module never imports triton
 
     from kernels.top2_triton import top2_merge, top2_partial
@@ -72,11 +72,12 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     weight = weight.contiguous()
     B, D = h.shape
     V = weight.shape[0]
-    cfg = _default_config(h.device, B, D)
+    given = (block_v, block_d, programs, num_warps, num_stages)
+    cfg = config(h, weight, norm_weight, eps) if None in given else {}  # (all given: the autotuner's own calls)
     block_v, block_d = block_v or cfg["block_v"], block_d or cfg["block_d"]
     num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
     n_tiles = triton.cdiv(V, block_v)
-    programs = max(1, min(programs or cfg["programs"], n_tiles))
+    programs = max(1, min(programs or cfg["programs"], n_tiles))  # (at most one tile each)
     tiles_per_prog = triton.cdiv(n_tiles, programs)
     # One row: a GEMV. Several: blocks of 16 rows through tl.dot (its smallest shape), the weights read once.
     dot = B > 1
@@ -122,6 +123,68 @@ def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+# ---------------------------------------------------------------- configurations
+
+# Configurations a GPU's first call on a head shape and batch bucket times (AUTOTUNE), keeping the fastest, as
+# (block_v, block_d, programs per SM, warps, stages): the best three of the sweep on an H100 for one row and for
+# several (benchmarks/sweep_kernel_gpu.py, results/sweep_kernel_gpu_h100.json), and for rows of d <= 1024 (the
+# 49152 x 576 head, where the sweep's best reached 30-39% of copy bandwidth) wider vocabulary tiles in shorter steps
+# (more work between the top-2 updates of a tile).
+CANDIDATES = {
+    "one": [(64, 512, 4, 4, 4), (32, 512, 8, 4, 3), (64, 256, 4, 4, 4), (128, 128, 4, 8, 3)],
+    "rows": [(64, 128, 8, 8, 3), (64, 128, 4, 8, 3), (128, 256, 8, 8, 4), (128, 128, 4, 4, 4)],
+    "short": [(256, 64, 4, 8, 3), (256, 128, 2, 8, 3), (128, 64, 8, 4, 3), (512, 64, 2, 8, 3)],
+}
+AUTOTUNE = True  # False: the fixed defaults (_default_config) everywhere
+_tuned: dict[tuple, dict] = {}
+
+
+def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float) -> dict:
+    """Block sizes, programs, warps and stages for this call. On a GPU with AUTOTUNE, the fastest of the candidates
+    for (device, head shape, dtype, norm, batch bucket: 1, 2-16, 17+), each timed replayed from a CUDA graph (its
+    kernels alone: a launch from Python costs more than the kernel on small heads), chosen on the first call and
+    kept for the process; inside a CUDA-graph capture (nothing can be timed there) the fixed defaults until then."""
+    B, D = h.shape
+    if not AUTOTUNE or h.device.type != "cuda":
+        return _default_config(h.device, B, D)
+    key = (h.device, tuple(weight.shape), weight.dtype, norm_weight is not None, min(B, 2) + (B > 16))
+    if key not in _tuned:
+        if torch.cuda.is_current_stream_capturing():
+            return _default_config(h.device, B, D)
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+        options = CANDIDATES["one" if B == 1 else "rows"] + (CANDIDATES["short"] if D <= 1024 else [])
+        configs = [{"block_v": v, "block_d": d, "programs": per_sm * sms, "num_warps": w, "num_stages": s}
+                   for v, d, per_sm, w, s in options]
+        _tuned[key] = fastest(configs, lambda c: lambda: lm_head_top2_triton(h, weight, norm_weight, eps, **c),
+                              _graph_time)
+    return _tuned[key]
+
+
+def fastest(configs: list[dict], call, timer) -> dict:
+    """The configuration whose call(config) (a function of no arguments) `timer` (seconds) finds fastest; the first
+    on a tie."""
+    times = [timer(call(c)) for c in configs]
+    return configs[times.index(min(times))]
+
+
+def _graph_time(fn, replays: int = 20) -> float:
+    """Seconds of one fn() replayed from a CUDA graph of 10 calls (after a warm-up that compiles it)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (10 * replays)
 
 
 def _default_config(device: torch.device, B: int, D: int) -> dict:
