@@ -172,7 +172,7 @@ class Engine:
         # Sorted by length so batches carry little padding; answers come back in input order.
         batches = length_batches(ids, batch_size)
         self._warm_up(ids[batches[0][0]][-8:], {len(b) for b in batches}, graph, decode, max_new_tokens > 1,
-                      dense_plan, speculate, prefill)
+                      dense_plan, speculate, prefill, plan)
         eos = model.config.eos_id
 
         def run(b: int) -> list[Result]:
@@ -209,9 +209,10 @@ class Engine:
         return results
 
     def _warm_up(self, warm: list[int], sizes: set[int], graph, decode: str, cached: bool, plan: Plan,
-                 draft: Draft | None = None, prefill: str = "eager") -> None:
+                 draft: Draft | None = None, prefill: str = "eager", checked: Plan | None = None) -> None:
         """First-call allocations (and the decode graph's compilation, once per batch size; a draft's draft and
-        verify steps too; compiled prefill's blocks at two prompt lengths, so that the length is symbolic) off the
+        verify steps too; compiled prefill's blocks at two prompt lengths, so that the length is symbolic; the exit
+        checks of `checked` once per batch size: on a GPU the kernel's tuning and the check graphs) off the
         clock."""
         key = ("prefill", "compiled", cached)  # with a cache (more than one token) the blocks write it: other variants
         if prefill == "compiled" and len(warm) > 2 and key not in self._warm:
@@ -219,9 +220,14 @@ class Engine:
                 generate(self.model, [warm[-n:]], 2 if cached else 1, plan)
             self._warm.add(key)
         for size in sizes:
-            key = (size, decode if cached else "prefill")
+            key = (size, decode if cached else "prefill", prefill)
             if key not in self._warm:
                 generate(self.model, [warm] * size, 2 if cached else 1, plan, graph=graph)
+                self._warm.add(key)
+            rule = None if checked is None else checked.exit
+            key = (size, "checks", id(rule), checked is not None and checked.capture_checks, prefill)
+            if rule is not None and key not in self._warm:
+                generate(self.model, [warm] * size, 1, checked)
                 self._warm.add(key)
             key = (size, decode, id(draft))
             if draft is not None and cached and key not in self._warm:

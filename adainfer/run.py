@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a 2-core Xeon, see README)")
     p.add_argument("--sync-every", type=int, default=1, metavar="N",
                    help="read exit decisions from the device every N checks (default 1; on a GPU one host "
-                        "synchronisation for N layers: a row that fired answers from its own layer)")
+                        "synchronisation for N layers: a row that fired answers from, and reports, the layer it "
+                        "fired at, having run on to the read)")
     p.add_argument("--capture-checks", action="store_true",
                    help="replay each exit check as a CUDA graph (--device cuda; adainfer.exit.CheckGraphs)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

@@ -77,7 +77,7 @@ def main() -> None:
                    help="our decode graphs to time besides eager (default: compiled int4; on cuda: compiled)")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", type=Path, default=Path("results/bench_decode.json"))
-    add_device(p, cpu_only="llama.cpp (its CPU build) is left out there, and int4")
+    add_device(p, cpu_only="llama.cpp (its CPU build: left out) and --decode int4 (refused)")
     args = p.parse_args()
     check_device(args.device)
     if args.decode is None:

@@ -30,15 +30,17 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from adainfer.fast_decode import prefill_mode  # noqa: E402
+from adainfer.fast_decode import compile_prefill, prefill_mode  # noqa: E402
 
 
 def compare(ours, hf, ids: torch.Tensor, repeats: int, sync=None) -> tuple[bool, dict]:
     """Top-1 agreement of ours (both prefill modes) with transformers, and the median seconds of each, interleaved;
     "compiled_first_s": the first compiled call at this shape (its compiles)."""
+    prefill_mode(ours, "compiled")  # (checked once: a compiler is there)
+
     def run(mode):
         def call():
-            prefill_mode(ours, mode)
+            compile_prefill(ours, mode == "compiled")
             return ours(ids)
         return call
 
@@ -54,7 +56,7 @@ def compare(ours, hf, ids: torch.Tensor, repeats: int, sync=None) -> tuple[bool,
         same = torch.equal(run("eager")().token, want) and torch.equal(compiled.token, want)
         t = interleaved({"ours": run("eager"), "compiled": run("compiled"),
                          "transformers": lambda: hf(ids, logits_to_keep=1, use_cache=False)}, repeats, sync=sync)
-        prefill_mode(ours, "eager")
+        compile_prefill(ours, False)
         return same, {**t, "compiled_first_s": first}
 
 

@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--first-check", type=int, default=1, help="first layer checked (default 1: every layer)")
     p.add_argument("--candidates", nargs="+", default=[" positive", " negative"])
     p.add_argument("--out", type=Path, default=Path("results/bench_exit_e2e.json"))
-    add_device(p, cpu_only="the int8 check head (vocab8)")
+    add_device(p, cpu_only="the int8 check head (its vocab8 columns are left out)")
     args = p.parse_args()
     check_device(args.device)
     torch.set_num_threads(args.threads)

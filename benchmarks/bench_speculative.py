@@ -60,9 +60,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path, default=Path("results/bench_speculative.json"))
-    add_device(p, cpu_only="--decode int4 and --draft-head int8")
+    add_device(p, cpu_only="--decode int4 and --draft-head int8 (refused)")
     args = p.parse_args()
     check_device(args.device)
+    if args.device == "cuda" and (args.decode == "int4" or args.draft_head == "int8"):
+        print("error: --decode int4 and --draft-head int8 run on the CPU, not with --device cuda", file=sys.stderr)
+        sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:

@@ -52,8 +52,8 @@ def interleaved(fns: dict, repeats: int = 5, warmup: int = 1, sync=None) -> dict
 
 def add_device(p: argparse.ArgumentParser, cpu_only: str | None = None) -> None:
     """The benchmarks' --device (cpu or cuda; both sides of a comparison run there). `cpu_only`: what of this
-    benchmark needs the CPU, said in its help."""
-    extra = f"; {cpu_only} stays on the CPU" if cpu_only else ""
+    benchmark is the CPU's, said in its help."""
+    extra = f"; CPU only, so not with cuda: {cpu_only}" if cpu_only else ""
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help=f"where the models run (default cpu; cuda: the current GPU, transformers too{extra})")
 

@@ -107,7 +107,7 @@ def main() -> None:
     for name in args.tasks:
         task = load_task(name)
         c = label_candidates(task)
-        cands = torch.tensor([tok.piece_id(x) for x in c], device=model.device) if c else None
+        cands = torch.tensor([tok.piece_id(x) for x in c]) if c else None  # (traces read them on the CPU)
         train, _, train_ids = traces_for(model, tok, task, "train", args.shots,
                                          train_limits.get(name, args.train_limit), args.traces, cands,
                                          args.translator_positions if kind else None)

@@ -73,7 +73,9 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     B, D = h.shape
     V = weight.shape[0]
     given = (block_v, block_d, programs, num_warps, num_stages)
-    cfg = config(h, weight, norm_weight, eps) if None in given else {}  # (all given: the autotuner's own calls)
+    # None given: the tuned configuration; some: the fixed defaults for the rest; all: as given (the tuner's calls).
+    cfg = config(h, weight, norm_weight, eps) if all(v is None for v in given) else \
+        _default_config(h.device, B, D) if None in given else {}
     block_v, block_d = block_v or cfg["block_v"], block_d or cfg["block_d"]
     num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
     n_tiles = triton.cdiv(V, block_v)
@@ -137,7 +139,7 @@ CANDIDATES = {
     "rows": [(64, 128, 8, 8, 3), (64, 128, 4, 8, 3), (128, 256, 8, 8, 4), (128, 128, 4, 4, 4)],
     "short": [(256, 64, 4, 8, 3), (256, 128, 2, 8, 3), (128, 64, 8, 4, 3), (512, 64, 2, 8, 3)],
 }
-AUTOTUNE = True  # False: the fixed defaults (_default_config) everywhere
+AUTOTUNE = True  # False: the fixed defaults (_default_config) everywhere; float32 heads always take them
 _tuned: dict[tuple, dict] = {}
 
 
@@ -145,9 +147,11 @@ def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | No
     """Block sizes, programs, warps and stages for this call. On a GPU with AUTOTUNE, the fastest of the candidates
     for (device, head shape, dtype, norm, batch bucket: 1, 2-16, 17+), each timed replayed from a CUDA graph (its
     kernels alone: a launch from Python costs more than the kernel on small heads), chosen on the first call and
-    kept for the process; inside a CUDA-graph capture (nothing can be timed there) the fixed defaults until then."""
+    kept for the process; inside a CUDA-graph capture (nothing can be timed there) the fixed defaults until then.
+    A candidate that does not compile or launch here (shared memory, registers) counts as infinitely slow; float32
+    heads (tiles twice the size, not what the sweep measured) keep the defaults."""
     B, D = h.shape
-    if not AUTOTUNE or h.device.type != "cuda":
+    if not AUTOTUNE or h.device.type != "cuda" or weight.dtype == torch.float32:
         return _default_config(h.device, B, D)
     key = (h.device, tuple(weight.shape), weight.dtype, norm_weight is not None, min(B, 2) + (B > 16))
     if key not in _tuned:
@@ -157,6 +161,7 @@ def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | No
         options = CANDIDATES["one" if B == 1 else "rows"] + (CANDIDATES["short"] if D <= 1024 else [])
         configs = [{"block_v": v, "block_d": d, "programs": per_sm * sms, "num_warps": w, "num_stages": s}
                    for v, d, per_sm, w, s in options]
+        configs.append(_default_config(h.device, B, D))  # the fallback, should every candidate fail
         _tuned[key] = fastest(configs, lambda c: lambda: lm_head_top2_triton(h, weight, norm_weight, eps, **c),
                               _graph_time)
     return _tuned[key]
@@ -164,9 +169,14 @@ def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | No
 
 def fastest(configs: list[dict], call, timer) -> dict:
     """The configuration whose call(config) (a function of no arguments) `timer` (seconds) finds fastest; the first
-    on a tie."""
-    times = [timer(call(c)) for c in configs]
-    return configs[times.index(min(times))]
+    on a tie; one whose call raises (a Triton compile or launch error) never, unless all do: then the last."""
+    times = []
+    for c in configs:
+        try:
+            times.append(timer(call(c)))
+        except Exception:  # noqa: BLE001 (out of shared memory, registers, ...: this GPU cannot run it)
+            times.append(float("inf"))
+    return configs[times.index(min(times))] if min(times) < float("inf") else configs[-1]
 
 
 def _graph_time(fn, replays: int = 20) -> float:

@@ -7,7 +7,8 @@ import torch
 from helpers import run_cli
 from tiny import hf_model, save_hf
 
-from adainfer.exit import ExitClassifier, ExitRule, Plan
+from adainfer.engine import load
+from adainfer.exit import ExitClassifier, ExitRule, Exits, Plan
 from adainfer.generate import generate
 from adainfer.loading import load_model
 
@@ -49,7 +50,7 @@ def test_run_prompts_file_batched_keeps_input_order(tiny_model, tmp_path):
         assert r["token_ids"] == generate(model, [tok.encode(r["prompt"])], max_new_tokens=4)[0].token_ids
 
 
-def test_run_sync_every_answers_as_every_check_read(tiny_model, tmp_path):
+def test_run_sync_every_answers_as_every_check_read(tiny_model, tmp_path, monkeypatch):
     """--sync-every 2: decisions read every 2 checks, each row still answering from the layer its rule fired at (the
     answers and layers of reading every check, prompt by prompt in Python)."""
     clf = ExitClassifier("svm", ["gap"], [1.0], -0.02)  # fires at different layers for different rows
@@ -64,6 +65,11 @@ def test_run_sync_every_answers_as_every_check_read(tiny_model, tmp_path):
     for r in map(json.loads, proc.stdout.strip().splitlines()):
         want = generate(model, [tok.encode(r["prompt"])], 3, Plan(exit=ExitRule(clf)))[0]
         assert r["token_ids"] == want.token_ids and r["layers_run"] == want.layers_run
+    # what the option reaches: Engine.generate's plans keep the decisions on the device between reads
+    noted = []
+    monkeypatch.setattr(Exits, "_note", lambda self, *a, note=Exits._note: noted.append(1) or note(self, *a))
+    load(tiny_model, "float32").generate(texts, 3, exit=tmp_path / "c.json", batch_size=3, sync_every=2)
+    assert noted
 
 
 def test_run_human_output(tiny_model):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from helpers import random_translator, run_cli
+from torch._dynamo.utils import counters
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule
 from adainfer.fast_decode import DecodeGraph, compile_prefill, decode_graph
@@ -121,7 +122,9 @@ def test_compiled_prefill_equals_the_modules_on_cuda(folder):
     some = ExitClassifier("svm", ["gap"], [1.0], -0.02)  # fires at different layers for different rows
     want = generate(model, ids, 16, Plan(exit=ExitRule(some, "cuda")))
     compile_prefill(model)
+    compiled = counters["stats"]["unique_graphs"]
     got = generate(model, ids, 16, Plan(exit=ExitRule(some, "cuda")))
+    assert counters["stats"]["unique_graphs"] > compiled, "the compiled blocks ran"
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
     assert [g.layers_run for g in got] == [g.layers_run for g in want]
     model = load_model(folder, "bfloat16", "cuda")[0]

@@ -229,8 +229,10 @@ def test_run_cli_compiled_prefill(folder, tmp_path):
     clf = ExitClassifier("svm", ["gap"], [0.0], 1.0)  # every row exits at its first check
     clf.save(tmp_path / "fires.json")
     r = run_cli("adainfer.run", "--model", folder, "--prompt", "hello there", "--max-new-tokens", "3", "--prefill",
-                "compiled", "--exit", tmp_path / "fires.json", "--json", "--dtype", "float32")
+                "compiled", "--exit", tmp_path / "fires.json", "--json", "--dtype", "float32",
+                env={"TORCH_LOGS": "recompiles"})  # dynamo says when it compiles the blocks again (new variants)
     assert r.returncode == 0, r.stderr
+    assert "Recompiling function prefill_block" in r.stderr
     got = json.loads(r.stdout)
     model, tok = load_model(folder, "float32")
     want = generate(model, [tok.encode("hello there")], 3, Plan(exit=ExitRule(clf)))[0]

@@ -176,18 +176,21 @@ def test_fused_merge_equals_the_merge_kernel(B):
 def test_every_candidate_configuration_matches_the_reference(B):
     """Each configuration the autotuner may pick (kernels.top2.CANDIDATES: one row, several, short rows) gives the
     reference's top-2 on a head of short rows (600: a partial last feature block for every block_d) and a partial
-    last vocabulary tile; programs as on a 2-SM machine in the interpreter, as on this GPU's on CUDA."""
+    last vocabulary tile; programs as on a 2-SM machine in the interpreter, as on this GPU's on CUDA, in bfloat16
+    there (what is tuned: float32 heads keep the fixed defaults)."""
     import kernels.top2 as top2
 
     g = torch.Generator().manual_seed(B)
-    h, w = torch.randn(B, 600, generator=g), torch.randn(1500, 600, generator=g) * 0.05
-    nw = 1 + 0.2 * torch.randn(600, generator=g)
-    want = lm_head_top2_reference(h, w, nw, 1e-5)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    h, w = torch.randn(B, 600, generator=g).to(dtype), (torch.randn(1500, 600, generator=g) * 0.05).to(dtype)
+    nw = (1 + 0.2 * torch.randn(600, generator=g)).to(dtype)
+    want = lm_head_top2_reference(h.float(), w.float(), nw.float(), 1e-5)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 2
     for v, d, per_sm, warps, stages in top2.CANDIDATES["one" if B == 1 else "rows"] + top2.CANDIDATES["short"]:
         got = lm_head_top2_triton(h.to(DEVICE), w.to(DEVICE), nw.to(DEVICE), 1e-5, block_v=v, block_d=d,
                                   programs=per_sm * sms, num_warps=warps, num_stages=stages)
-        assert torch.equal(got.top1.cpu(), want.top1), (v, d)
+        clear = (want.p1 - want.p2) >= 1e-3
+        assert torch.equal(got.top1.cpu()[clear], want.top1[clear]), (v, d)
         torch.testing.assert_close(got.p1.cpu(), want.p1, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.p2.cpu(), want.p2, rtol=0, atol=1e-5)
 
@@ -199,6 +202,14 @@ def test_fastest_keeps_the_quickest_configuration():
     times = {64: 3.0, 128: 1.0, 256: 1.0, 32: 2.0}
     assert top2.fastest(configs, lambda c: c["block_v"], times.get) == {"block_v": 128}  # the first of a tie
 
+    def timer(v):  # 128 and 256 cannot run here (a Triton compile or launch error)
+        if v >= 128:
+            raise RuntimeError("out of resource: shared memory")
+        return times[v]
+
+    assert top2.fastest(configs, lambda c: c["block_v"], timer) == {"block_v": 32}
+    assert top2.fastest(configs[1:3], lambda c: c["block_v"], timer) == {"block_v": 256}  # all fail: the last
+
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 def test_the_launcher_tunes_once_per_head_and_batch_bucket():
@@ -207,16 +218,23 @@ def test_the_launcher_tunes_once_per_head_and_batch_bucket():
     import kernels.top2 as top2
 
     g = torch.Generator().manual_seed(7)
-    w, nw = (torch.randn(8000, 576, generator=g) * 0.05).cuda(), (1 + 0.2 * torch.randn(576, generator=g)).cuda()
+    w = (torch.randn(8000, 576, generator=g) * 0.05).to("cuda", torch.bfloat16)  # (float32 heads are not tuned)
+    nw = (1 + 0.2 * torch.randn(576, generator=g)).to("cuda", torch.bfloat16)
     top2._tuned.clear()
     for B in (1, 3, 5):
-        h = torch.randn(B, 576, generator=g).cuda()
+        h = torch.randn(B, 576, generator=g).to("cuda", torch.bfloat16)
         got, want = lm_head_top2_triton(h, w, nw, 1e-5), lm_head_top2_reference(h.float(), w.float(), nw.float())
-        assert torch.equal(got.top1, want.top1)
+        clear = (want.p1 - want.p2) >= 1e-3
+        assert torch.equal(got.top1[clear], want.top1[clear])
         torch.testing.assert_close(got.p1, want.p1, rtol=0, atol=1e-5)
     assert len(top2._tuned) == 2  # (B 1) and (B 2-16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     allowed = [(v, d, per_sm * sms, warps, stages) for v, d, per_sm, warps, stages in
                top2.CANDIDATES["one"] + top2.CANDIDATES["rows"] + top2.CANDIDATES["short"]]
+    allowed.append(tuple(top2._default_config(w.device, 1, 576).values()))  # the fallback
+    allowed.append(tuple(top2._default_config(w.device, 3, 576).values()))
     for cfg in top2._tuned.values():
         assert tuple(cfg.values()) in allowed
+    h = h.float()  # a float32 head keeps the fixed defaults, nothing tuned
+    assert top2.config(h, w.float(), nw.float(), 1e-5) == top2._default_config(h.device, len(h), 576)
+    assert len(top2._tuned) == 2

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--sync-every", type=int, default=1, metavar="N",
                    help="exit methods read their decisions from the device every N checks (default 1; on a GPU one "
-                        "host synchronisation for N layers)")
+                        "host synchronisation for N layers; a row reports the layer it fired at, having run on to "
+                        "the read: pruning counts the former, seconds the latter)")
     p.add_argument("--capture-checks", action="store_true",
                    help="exit methods replay each check as a CUDA graph (--device cuda)")
     p.add_argument("--tp", type=int, default=1, metavar="N",

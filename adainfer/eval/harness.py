@@ -85,7 +85,8 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
     results = Results(task.name, str(engine.path), meta={
         "task_file": str(task_file) if task_file else None, "model_name": model.config.name,
         "n_layers": model.config.n_layers, "dtype": str(model.dtype)[6:], "limit": limit, "seed": seed,
-        "template": template or "qa", "machine": machine(), "candidates": cand_texts if cands is not None else None})
+        "template": template or "qa", "machine": machine(), "candidates": cand_texts if cands is not None else None,
+        "sync_every": sync_every, "capture_checks": capture_checks})
     for k in shots:
         rows = task_prompts(task, "eval", k, seed, template, limit)
         ids = [tok.encode(p) for p, _ in rows]
