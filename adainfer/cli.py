@@ -10,6 +10,24 @@ from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 
 
+def add_check_options(p: argparse.ArgumentParser) -> None:
+    """--sync-every and --capture-checks: how exit checks meet the host (adainfer.run and adainfer.eval)."""
+    p.add_argument("--sync-every", type=int, default=1, metavar="N",
+                   help="read exit decisions from the device every N checks (default 1; on a GPU one host "
+                        "synchronisation for N layers: a row that fired answers from, and reports, the layer it "
+                        "fired at, having run on to the read, so pruning counts the former and seconds the latter)")
+    p.add_argument("--capture-checks", action="store_true",
+                   help="replay each exit check as a CUDA graph (--device cuda; adainfer.exit.CheckGraphs)")
+
+
+def check_check_options(args: argparse.Namespace) -> None:
+    """Refuse --capture-checks off a GPU and --sync-every below 1, before anything loads."""
+    if args.capture_checks and args.device != "cuda":
+        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
+    if args.sync_every < 1:
+        raise AdainferError("--sync-every", f"must be at least 1, got {args.sync_every}")
+
+
 def cli_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
              argv: list[str] | None = None) -> int:
     """Parse argv with `parser` and call run(args); an AdainferError is printed as `error: WHERE: PROBLEM` on stderr,

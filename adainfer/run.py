@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from adainfer.cli import cli_main
+from adainfer.cli import add_check_options, check_check_options, cli_main
 from adainfer.errors import AdainferError
 
 DEFAULT_PROMPT = (
@@ -51,12 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a prompt's blocks run: eager (the modules, default) or compiled (each block through "
                         "torch.compile/inductor, compiled on first use; 5-7%% faster in float32 for the default model "
                         "on a 2-core Xeon, see README)")
-    p.add_argument("--sync-every", type=int, default=1, metavar="N",
-                   help="read exit decisions from the device every N checks (default 1; on a GPU one host "
-                        "synchronisation for N layers: a row that fired answers from, and reports, the layer it "
-                        "fired at, having run on to the read)")
-    p.add_argument("--capture-checks", action="store_true",
-                   help="replay each exit check as a CUDA graph (--device cuda; adainfer.exit.CheckGraphs)")
+    add_check_options(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="under torchrun: ranks per model replica, tensor parallel (default 1: every rank holds the "
@@ -123,10 +118,7 @@ def run(args: argparse.Namespace) -> int:
         sources, prompts = ["--prompt"], [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
     if args.dense and args.exit:
         raise AdainferError("--exit", "cannot be combined with --dense")
-    if args.capture_checks and args.device != "cuda":
-        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
-    if args.sync_every < 1:
-        raise AdainferError("--sync-every", f"must be at least 1, got {args.sync_every}")
+    check_check_options(args)
     drafting = (args.draft_layers is not None or args.draft_length != 3 or args.draft_min_prob or
                 args.draft_head != "full")
     options = "--draft-layers/--draft-length/--draft-min-prob/--draft-head"

@@ -16,8 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from adainfer.cli import cli_main
-from adainfer.errors import AdainferError
+from adainfer.cli import add_check_options, check_check_options, cli_main
 from adainfer.eval.harness import DEFAULT_METHODS
 
 
@@ -44,12 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int)
-    p.add_argument("--sync-every", type=int, default=1, metavar="N",
-                   help="exit methods read their decisions from the device every N checks (default 1; on a GPU one "
-                        "host synchronisation for N layers; a row reports the layer it fired at, having run on to "
-                        "the read: pruning counts the former, seconds the latter)")
-    p.add_argument("--capture-checks", action="store_true",
-                   help="exit methods replay each check as a CUDA graph (--device cuda)")
+    add_check_options(p)
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="under torchrun: ranks per model replica, tensor parallel (default 1: data parallel only, "
                         "each rank runs its share of the batches)")
@@ -73,10 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from adainfer.eval.report import table
     from adainfer.tasks import task_source
 
-    if args.capture_checks and args.device != "cuda":
-        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
-    if args.sync_every < 1:
-        raise AdainferError("--sync-every", f"must be at least 1, got {args.sync_every}")
+    check_check_options(args)
     world = distributed.init(args.device, args.tp)
     for spec in args.method:
         parse_method(spec)  # bad input is refused before the model loads
