@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from adainfer.cli import cli_main
+from adainfer.cli import add_prefill_option, cli_main
 from adainfer.exit import FEATURES
 
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the held-out prompts in these dtypes (e.g. bfloat16 for a classifier fitted in "
                         "float32) and report the classifier there against that dtype's dense answers")
     p.add_argument("--threads", type=int)
+    add_prefill_option(p)
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="under torchrun: ranks per model replica, tensor parallel (default 1: data parallel only, "
                         "each rank runs its share of the prompts)")
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from adainfer import distributed
     from adainfer.calibration import FitOptions, calibrate, calibration_set, check_fit, print_report
     from adainfer.engine import load
+    from adainfer.fast_decode import prefill_mode
     from adainfer.translator import parse_kind
 
     world = distributed.init(args.device, args.tp)
@@ -126,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
                            limit=args.limit, seed=args.seed, candidates=args.candidates)
     with world.main_first():  # the default model is fetched and converted once, by rank 0
         engine = load(args.model, args.dtype, args.device, threads=args.threads, progress=world.main)
+    prefill_mode(engine.model, args.prefill)  # the traces' forwards, and the block time a check is measured against
     if args.draft:
         return write_draft(engine, data, args)
     clf = calibrate(engine, data, label=args.label, classifier=args.classifier, features=args.features,

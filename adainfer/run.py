@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from adainfer.cli import add_check_options, check_check_options, cli_main
+from adainfer.cli import add_check_options, add_prefill_option, check_check_options, cli_main
 from adainfer.errors import AdainferError
 
 DEFAULT_PROMPT = (
@@ -47,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA graphs, one per batch size and depth, sequence-mode exits included) or int4 (that graph "
                         "on 4-bit block weights, an 8-bit head and int8 activations, C++ kernels built on first use; "
                         "CPU; lossy, see README)")
-    p.add_argument("--prefill", default="eager", choices=["eager", "compiled"],
-                   help="how a prompt's blocks run: eager (the modules, default) or compiled (each block through "
-                        "torch.compile/inductor, compiled on first use; 5-7%% faster in float32 for the default model "
-                        "on a 2-core Xeon, see README)")
+    add_prefill_option(p)
     add_check_options(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--tp", type=int, default=1, metavar="N",

@@ -259,18 +259,23 @@ def test_eval_and_calibrate_on_a_task_file(tiny_model, tmp_path):
     f = write_jsonl(tmp_path / "mysent.jsonl", rows)
     assert label_candidates(load_task_file(f, words)) == [" awful", " great"]
     out = tmp_path / "r.json"
+    logs = {"TORCH_LOGS": "recompiles"}  # --prefill compiled: dynamo says when it compiles the blocks again
     proc = run_cli("adainfer.eval", "--model", tiny_model, "--task-file", f, "--labels", *words, "--shots", "2",
-                   "--limit", "5", "--method", "dense", "oracle", "--dtype", "float32", "--no-figures", "--out", out)
+                   "--limit", "5", "--method", "dense", "oracle", "--dtype", "float32", "--no-figures", "--out", out,
+                   "--prefill", "compiled", env=logs)
     assert proc.returncode == 0, proc.stderr
+    assert "Recompiling function prefill_block" in proc.stderr
     res = json.loads(out.read_text())
     assert res["task"] == "mysent" and res["task_file"] == str(f)
     records = res["runs"][0]["methods"]["dense"]["records"]
+    assert sum(r["seconds"] for r in records) < 1.0, "the blocks compiled on the clock (a compile takes seconds)"
     _, tok = load_model(tiny_model, "float32")
     assert len(records) == 5 and {tuple(r["gold"]) for r in records} <= {(tok.piece_id(" " + w),) for w in words}
     clf_path = tmp_path / "clf.json"
     proc = run_cli("adainfer.calibrate", "--model", tiny_model, "--task-file", f, "--labels", *words, "--shots", "1",
-                   "--dtype", "float32", "--out", clf_path)
+                   "--dtype", "float32", "--out", clf_path, "--prefill", "compiled", env=logs)
     assert proc.returncode == 0, proc.stderr
+    assert "Recompiling function prefill_block" in proc.stderr
     from adainfer.exit import ExitClassifier
 
     clf = ExitClassifier.load(clf_path)

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from adainfer.cli import add_check_options, check_check_options, cli_main
+from adainfer.cli import add_check_options, add_prefill_option, check_check_options, cli_main
 from adainfer.eval.harness import DEFAULT_METHODS
 
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int)
     add_check_options(p)
+    add_prefill_option(p)
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="under torchrun: ranks per model replica, tensor parallel (default 1: data parallel only, "
                         "each rank runs its share of the batches)")
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(engine, task, args.method, shots=args.shots, task_file=args.task_file, exit=args.exit,
                        limit=args.limit, template=args.template, seed=args.seed, batch_size=args.batch_size,
                        calibration_prompts=args.calibration_prompts, out=args.out, figures=not args.no_figures,
-                       progress=world.main, sync_every=args.sync_every, capture_checks=args.capture_checks)
+                       progress=world.main, sync_every=args.sync_every, capture_checks=args.capture_checks,
+                       prefill=args.prefill)
     if not world.main:  # rank 0 prints and writes for every rank
         return 0
     for run in results.runs:

@@ -52,15 +52,18 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
              demos: Path | None = None, data: Path | None = None, exit: Path | None = None, limit: int | None = None,
              template: str | None = None, seed: int = 0, batch_size: int = 8, calibration_prompts: int = 32,
              out: Path | None = None, figures: bool = True, progress: bool = True, sync_every: int = 1,
-             capture_checks: bool = False) -> Results:
+             capture_checks: bool = False, prefill: str = "eager") -> Results:
     """Run `methods` (adainfer.eval.methods; default DEFAULT_METHODS) on the eval split of `task` (a built-in
     name with its data from `data`, a Task, or `task_file` with `labels` / `demos`: adainfer.tasks), at each of
     `shots` demonstrations, `limit` rows sampled with `seed`. svm / crf use `exit` (default: the classifier shipped
     for the model); shortgpt computes Block Influence on `calibration_prompts` train prompts. With `out`, the
     results JSON is written there (atomically), the per-layer traces beside it (reused by a rerun) and, with
     `figures`, the PNGs. The exit methods read their decisions every `sync_every` checks and, with
-    `capture_checks`, replay each check as a CUDA graph (Plan; for GPUs)."""
+    `capture_checks`, replay each check as a CUDA graph (Plan; for GPUs). `prefill`: eager | compiled, how the
+    prompts' blocks run (adainfer.fast_decode.prefill_mode); compiled, every method first runs the first two
+    batches off the clock (the compiles)."""
     from adainfer.eval.methods import build_method, oracle_translators, parse_method
+    from adainfer.fast_decode import prefill_mode
     from adainfer.tasks import answer_ids, label_candidates, task_prompts, task_source
 
     methods = list(methods or DEFAULT_METHODS)
@@ -75,6 +78,7 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
     if not isinstance(task, Task):
         task = task_source(task, data, task_file, labels, demos)
     model, tok = engine.model, engine.tokenizer
+    prefill_mode(model, prefill)
     cand_texts = label_candidates(task)
     cands = None
     if cand_texts:
@@ -86,7 +90,7 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
         "task_file": str(task_file) if task_file else None, "model_name": model.config.name,
         "n_layers": model.config.n_layers, "dtype": str(model.dtype)[6:], "limit": limit, "seed": seed,
         "template": template or "qa", "machine": machine(), "candidates": cand_texts if cands is not None else None,
-        "sync_every": sync_every, "capture_checks": capture_checks})
+        "sync_every": sync_every, "capture_checks": capture_checks, "prefill": prefill})
     for k in shots:
         rows = task_prompts(task, "eval", k, seed, template, limit)
         ids = [tok.encode(p) for p, _ in rows]
@@ -98,7 +102,8 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
                 m.plan = replace(m.plan, sync_every=sync_every, capture_checks=capture_checks)
         oracle_translators(built, model)
         traces = None if out is None else Path(out).with_name(f"{Path(out).stem}_{k}shot_traces.npz")
-        run = evaluate_shots(model, tok, ids, golds, cands, built, batch_size, traces, progress)
+        run = evaluate_shots(model, tok, ids, golds, cands, built, batch_size, traces, progress,
+                             warm=prefill == "compiled")
         results.runs.append({"shots": k, **run})
     if out is not None and current_world().main:  # one writer among data-parallel ranks
         write_results(out, results.to_dict())
@@ -110,9 +115,11 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
     return results
 
 
-def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_path=None, progress=True) -> dict:
+def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_path=None, progress=True,
+                   warm: bool = False) -> dict:
     """Every method on every batch, the methods taking turns batch by batch (each batch starting with the next
-    method), so that a slow spell of a shared machine, or the first run on a new shape, hits them all alike."""
+    method), so that a slow spell of a shared machine, or the first run on a new shape, hits them all alike. `warm`:
+    every method runs the first two batches once before (compiled blocks compile there, not on the clock)."""
     from tqdm import tqdm
 
     from adainfer.generate import length_batches
@@ -138,6 +145,9 @@ def evaluate_shots(model, tok, ids, golds, cands, methods, batch_size, traces_pa
                 None if t.top1_candidates is None else float(1 - oracle_layers(t, True).mean() / L))
     records = {m.name: [None] * len(ids) for m in methods}
     seconds = dict.fromkeys(records, 0.0)
+    for b in batches[:2] if warm else []:  # two lengths: the compiled blocks' length symbolic before the clock
+        for m in methods:
+            run_batch(model, tok, ids, golds, cands, b, m.plan, depths.get(m.name), {}, m.translator)
     world = current_world()
 
     def run(b: int) -> tuple[dict, dict]:
