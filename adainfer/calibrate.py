@@ -128,15 +128,15 @@ def run(args: argparse.Namespace) -> int:
                            limit=args.limit, seed=args.seed, candidates=args.candidates)
     with world.main_first():  # the default model is fetched and converted once, by rank 0
         engine = load(args.model, args.dtype, args.device, threads=args.threads, progress=world.main)
-    prefill_mode(engine.model, args.prefill)  # the traces' forwards, and the block time a check is measured against
     if args.draft:
+        prefill_mode(engine.model, args.prefill)
         return write_draft(engine, data, args)
     clf = calibrate(engine, data, label=args.label, classifier=args.classifier, features=args.features,
                     threshold=args.threshold, first_layer=args.first_layer, target_agreement=args.target_agreement,
                     stride=args.stride, holdout=args.holdout, seed=args.seed, batch_size=args.batch_size,
                     check_dtypes=args.check_dtype, traces=args.traces, default=args.default,
                     translator=args.translator, translator_positions=args.translator_positions,
-                    check_cost=args.check_cost, progress=world.main)
+                    check_cost=args.check_cost, progress=world.main, prefill=args.prefill)
     if not world.main:  # rank 0 prints and writes for every rank
         return 0
     print_report(clf)

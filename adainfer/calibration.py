@@ -104,7 +104,7 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
               holdout: float = 0.25, seed: int = 0, batch_size: int = 8, check_dtypes: tuple[str, ...] = (),
               traces: Path | None = None, default: bool = False, progress: bool = True,
               translator: str | None = None, translator_positions: int = 8, check_cost: float | None = None,
-              check_head: str = "full", **prompts) -> ExitClassifier:
+              check_head: str = "full", prefill: str = "eager", **prompts) -> ExitClassifier:
     """Fit an exit classifier for `engine`'s model on `data` (a CalibrationSet) or on the prompts that
     calibration_set(**prompts) makes (tasks=[...], task_file=..., candidates=..., limit=..., shots=...). The fit:
     `classifier` (svm | gap | crf) over `features`, label "final" or "gold", the first check layer and a bias shift
@@ -116,8 +116,10 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
     token and up to `translator_positions` other positions per prompt), then the features, labels, first layer and
     classifier from the translated reading; the plain classifier's held-out figures are reported beside it.
     `check_cost`: one exit check's time in blocks, which the tuning weighs against the blocks an exit saves (None:
-    measured here on the median prompt at batch 1 with `check_head`; 0: checks are free).
-    Returns the classifier (save it with .save; its translator is written beside it)."""
+    measured here on the median prompt at batch 1 with `check_head`; 0: checks are free). `prefill`: eager |
+    compiled, how the prompts' blocks run (adainfer.fast_decode.prefill_mode; the block time a check is weighed
+    against included). Returns the classifier (save it with .save; its translator is written beside it)."""
+    from adainfer.fast_decode import prefill_mode
     from adainfer.generate import check_prompts
     from adainfer.loading import load_model
 
@@ -134,6 +136,7 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
     if label == "gold" and any(a is None for a in data.answers):
         raise AdainferError("--label", "gold labels need an answer for every prompt")
     model, tok = engine.model, engine.tokenizer
+    prefill_mode(model, prefill)
     golds = [None if a is None else {tok.piece_id(" " + x.lstrip(" ")) for x in a} for a in data.answers]
     ids = [tok.encode(p) for p in data.prompts]
     check_prompts(ids, model, 1, "prompt")
