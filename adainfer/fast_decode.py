@@ -225,15 +225,19 @@ def prefill_mode(model: Decoder, mode: str) -> None:
     if mode not in PREFILL_MODES:
         raise AdainferError("--prefill", f"unknown mode {mode!r} (choose {', '.join(PREFILL_MODES)})")
     if mode == "compiled":
-        if model.shard is not None:
-            raise AdainferError("--prefill", "compiled prefill is not built for tensor-parallel runs (--tp): use "
-                                             "--prefill eager")
-        cxx = os.environ.get("CXX", "g++")
-        if model.device.type == "cpu" and shutil.which(cxx) is None:
-            raise AdainferError("--prefill", f"compiled prefill on a CPU compiles C++ through torch.compile and needs "
-                                             f"a C++ compiler; {cxx!r} is not on PATH (install g++, or use --prefill "
-                                             "eager)")
+        check_compilable(model, "--prefill", "compiled prefill", compiler=model.device.type == "cpu")
     compile_prefill(model, mode == "compiled")
+
+
+def check_compilable(model: Decoder, option: str, what: str, compiler: bool) -> None:
+    """Refuse `what` (a torch.compile path, chosen by `option`) for a tensor-parallel model, and where it compiles
+    C++ (`compiler`) without a C++ compiler on PATH."""
+    if model.shard is not None:
+        raise AdainferError(option, f"{what} is not built for tensor-parallel runs (--tp): use {option} eager")
+    cxx = os.environ.get("CXX", "g++")
+    if compiler and shutil.which(cxx) is None:
+        raise AdainferError(option, f"{what} compiles C++ through torch.compile and needs a C++ compiler; {cxx!r} is "
+                                    f"not on PATH (install g++, or use {option} eager)")
 
 
 def rotary_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
@@ -380,13 +384,8 @@ def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
         raise AdainferError("--decode", f"unknown mode {mode!r} (choose {', '.join(DECODE_MODES)})")
     if mode == "eager":
         return None
-    if model.shard is not None:
-        raise AdainferError("--decode", f"{mode} decoding is not built for tensor-parallel runs (--tp): use --decode "
-                                        "eager")
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None and not (mode == "compiled" and model.device.type == "cuda"):
-        raise AdainferError("--decode", f"{mode} decoding compiles C++ through torch.compile and needs a C++ compiler; "
-                                        f"{cxx!r} is not on PATH (install g++, or use --decode eager)")
+    check_compilable(model, "--decode", f"{mode} decoding",
+                     compiler=not (mode == "compiled" and model.device.type == "cuda"))  # (CUDA graphs: no C++)
     graph = getattr(model, "decode_graphs", {}).get(mode)
     if graph is None:
         if mode == "int4":

@@ -539,15 +539,13 @@ class Decoder(nn.Module):
         state = {"hidden": h[:, -1]}  # per-row memory of the exit rule (previous block's states, CRF scores)
         # Compiled blocks serve a prompt written from an empty cache (the eager loop writes at cache.length, an int
         # a compiled block would be specialised on: a compile per length); later calls take the modules.
-        fused = self.prefill_block if T > 1 and (cache is None or cache.length == 0) else None
+        compiled = self.prefill_block is not None and T > 1 and (cache is None or cache.length == 0)
+        run = self.prefill_block if compiled else nn.Module.__call__  # run(block, h, ctx, layer, ...)
 
         for step, i in enumerate(order[:n_run]):
             # The last block of the run only has to produce the last position (its keys still cover all).
             last_only = step == n_run - 1 and not plan.hidden_states
-            if fused is None:
-                h = self.layers[i](h, ctx, i, skip_attn=i in plan.skip_attn, last_only=last_only)
-            else:
-                h = fused(self.layers[i], h, ctx, i, i in plan.skip_attn, last_only)
+            h = run(self.layers[i], h, ctx, i, skip_attn=i in plan.skip_attn, last_only=last_only)
             n = step + 1  # blocks run so far
             if hiddens is not None:
                 hiddens.append(h)
