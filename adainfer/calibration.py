@@ -25,6 +25,7 @@ import torch
 from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.exit import FEATURES, ExitClassifier, ExitRule, gap_rule
+from adainfer.timing import device_sync
 from adainfer.traces import (
     Traces,
     collect_cached,
@@ -233,7 +234,7 @@ def measure_check_cost(model, ids: list[list[int]], candidates: torch.Tensor | N
 
     def timed(fn) -> float:
         fn()
-        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)  # queued GPU work counts
+        sync = device_sync(model.device)  # queued GPU work counts
         out = []
         for _ in range(repeats):
             sync()

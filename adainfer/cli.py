@@ -30,8 +30,9 @@ def add_check_options(p: argparse.ArgumentParser) -> None:
 
 def check_check_options(args: argparse.Namespace) -> None:
     """Refuse --capture-checks off a GPU and --sync-every below 1, before anything loads."""
-    if args.capture_checks and args.device != "cuda":
-        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
+    from adainfer.exit import check_capture_checks
+
+    check_capture_checks(args.capture_checks, args.device)
     if args.sync_every < 1:
         raise AdainferError("--sync-every", f"must be at least 1, got {args.sync_every}")
 

@@ -18,7 +18,7 @@ import torch
 
 from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
-from adainfer.exit import ExitClassifier, ExitRule, Plan, shipped_classifier
+from adainfer.exit import ExitClassifier, ExitRule, Plan, check_capture_checks, shipped_classifier
 from adainfer.fast_decode import decode_graph, prefill_mode, prepare_check_head
 from adainfer.generate import MODES, Sampling, check_prompts, generate, length_batches
 from adainfer.loading import load_model
@@ -139,8 +139,7 @@ class Engine:
         model, tok = self.model, self.tokenizer
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         check_counts(max_new_tokens=max_new_tokens, batch_size=batch_size, sync_every=sync_every)
-        if capture_checks and model.device.type != "cuda":
-            raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
+        check_capture_checks(capture_checks, model.device)
         if not prompts:
             raise AdainferError("prompts", "no prompts given")
         if mode not in MODES:

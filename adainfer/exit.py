@@ -273,6 +273,12 @@ class ExitRule:
         return {**state, "hidden": h_last, **(record or {})}
 
 
+def check_capture_checks(capture_checks: bool, device: torch.device | str) -> None:
+    """Refuse Plan.capture_checks (--capture-checks) off a GPU: the checks replay as CUDA graphs."""
+    if capture_checks and str(device).split(":")[0] != "cuda":
+        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
+
+
 MAX_CHECK_GRAPHS = 256  # captured checks kept per rule (checked layers x row counts as rows leave x heads)
 
 

@@ -42,6 +42,7 @@ from adainfer.fast_decode import DecodeGraph, read_head
 from adainfer.generate import Generation, Sampling, check_prompts, draw, left_pad
 from adainfer.model import Decoder, KVCache
 from adainfer.quant import QuantWeight
+from adainfer.timing import device_sync
 
 
 @dataclass
@@ -198,7 +199,7 @@ def step_costs(model: Decoder, ids: list[int], draft: Draft, repeats: int = 10,
     runs = {"dense_step_ms": lambda: steps.dense(one), "draft_step_ms": lambda: steps.draft(one),
             "verify_ms": lambda: steps.verify(seq)}
     times = {name: [] for name in runs}
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)  # a GPU's queued work counts
+    sync = device_sync(model.device)  # a GPU's queued work counts
     for _ in range(repeats + 1):  # in turn, so that a slow spell of the machine slows all three alike
         for name, run in runs.items():
             sync()

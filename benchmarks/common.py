@@ -13,6 +13,7 @@ import torch
 
 from adainfer.eval.harness import machine  # noqa: F401 (the benchmarks' import of it)
 from adainfer.loading import load_model
+from adainfer.timing import device_sync  # noqa: F401 (the benchmarks' import of it)
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1, sync=None) -> float:
@@ -63,11 +64,6 @@ def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device: CUDA is not available here (torch sees no GPU)", file=sys.stderr)
         sys.exit(2)
-
-
-def device_sync(device: str):
-    """What makes a timer wait for the device's queued work: torch.cuda.synchronize on a GPU, nothing on a CPU."""
-    return torch.cuda.synchronize if str(device).startswith("cuda") else None
 
 
 def hf_from_ours(folder: Path, dtype: torch.dtype, device: str = "cpu"):

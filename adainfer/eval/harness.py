@@ -20,6 +20,7 @@ from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.eval.metrics import summarize
 from adainfer.tasks import Task
+from adainfer.timing import device_sync
 
 DEFAULT_METHODS = ["dense", "skip-last-3", "shortgpt-3", "skip-attn-latter-3", "gap-rule", "svm", "oracle"]
 
@@ -63,6 +64,7 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
     prompts' blocks run (adainfer.fast_decode.prefill_mode); compiled, every method first runs the first two
     batches off the clock (the compiles)."""
     from adainfer.eval.methods import build_method, oracle_translators, parse_method
+    from adainfer.exit import check_capture_checks
     from adainfer.fast_decode import prefill_mode
     from adainfer.tasks import answer_ids, label_candidates, task_prompts, task_source
 
@@ -71,8 +73,7 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
         parse_method(spec)  # refuse a bad method name before any work
     if limit is not None and limit < 1 or batch_size < 1 or calibration_prompts < 1 or sync_every < 1:
         raise AdainferError("--limit/--batch-size/--calibration-prompts/--sync-every", "must be at least 1")
-    if capture_checks and engine.model.device.type != "cuda":
-        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
+    check_capture_checks(capture_checks, engine.model.device)
     if not shots or any(k < 0 for k in shots):
         raise AdainferError("--shots", "must be 0 or more")
     if not isinstance(task, Task):
@@ -196,8 +197,7 @@ def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records, trans
         tokens, mask = left_pad([ids[i] for i in rows], pad, model.device)
         t0 = time.perf_counter()
         out = model(tokens, pad_mask=mask, plan=plan)
-        if model.device.type == "cuda":  # a GPU runs what was queued after the call returns
-            torch.cuda.synchronize()
+        device_sync(model.device)()  # a GPU runs what was queued after the call returns
         dt = time.perf_counter() - t0
         total += dt
         order = list(range(model.config.n_layers)) if plan.layers is None else plan.layers
