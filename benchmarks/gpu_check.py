@@ -388,7 +388,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-compile", action="store_true", help="also transformers' static cache + torch.compile (slow)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sections", type=lambda v: v.split(","), default=list(SECTIONS),
-                   help=f"comma-separated: which of {', '.join(SECTIONS)} to measure (default: all)")
+                   help=f"comma-separated: which of {', '.join(SECTIONS)} to measure, in that order (default: all)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
                 "profile": lambda: bench_profile(ours, args.device, 8 if args.tiny else 32, variants),
                 "prefill": lambda: bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048)),
                 "kernel": lambda: bench_kernel(bw) if args.device == "cuda" else None}
-    sections = {k: v for k, v in sections.items() if k in args.sections}
+    sections = {k: sections[k] for k in dict.fromkeys(args.sections)}  # in the order given
     for name, section in sections.items():  # a failing section is reported, the others still run
         try:
             result[name] = section()
