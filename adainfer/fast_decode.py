@@ -30,11 +30,12 @@ captured per batch size, depth and KV cache; the cache comes from the graph's po
 batch size, its capacity rounded up to a power of two) so the same graph serves every later prompt and length.
 Sequence-mode exits stay in the graph world: a step in which every row runs the same first n blocks replays a graph
 of depth n (captured on first use, the row's translator reading included); rows at different depths take the loop.
-`DecodeGraph(fuse=...)` says what the graphs replay: the eager step (`none`, the default), each block and the head
-compiled by inductor (`blocks`: one compile per block index and batch shape, shared by every depth), or the whole
-step compiled (`step`: one compile per depth). On an H100 (benchmarks/results/gpu_check_h100.json) `step` decoded a
-1B-shaped model in 0.62-0.70x the eager capture's time; `blocks` is measured beside it by benchmarks/gpu_check.py,
-and the faster one becomes the default once its compile cost is known.
+`DecodeGraph(fuse=...)` says what the graphs replay: the eager step (`none`), each block and the head compiled by
+inductor (`blocks`, the default: one compile per block index and batch shape, shared by every depth), or the whole
+step compiled (`step`: one compile per depth). On an H100 (benchmarks/results/gpu_check_h100_run3.json, 1B-shaped,
+bf16) `blocks` decodes in 0.59-0.63x the eager capture's time and `step` 3% faster still, but `step` compiles ~13 s
+again for each exit depth a generation reaches; `blocks` compiles ~9-12 s once per batch size. Inductor's kernels
+round differently from the eager ones in the last bits: `none` replays exactly the block loop's kernels.
 
 A prompt's forward can run its blocks compiled too (`compile_prefill`, --prefill compiled): the eager loop with its
 exit checks, each block call through inductor instead of the module's ~45 dispatched ops.
@@ -66,7 +67,10 @@ from adainfer.quant import (
 DECODE_MODES = ("eager", "compiled", "int4")
 PREFILL_MODES = ("eager", "compiled")  # how a prompt's blocks run (compile_prefill)
 FUSES = ("none", "blocks", "step")  # what a captured graph replays (DecodeGraph)
-FUSE_DEFAULT = "none"  # on a GPU; the others are measured beside it by benchmarks/gpu_check.py
+# On a GPU. H100, 1B-shaped model, bf16 (benchmarks/results/gpu_check_h100_run3.json): ms/token at batch 1 / 8,
+# none 2.25 / 2.42, blocks 1.41 / 1.42, step 1.37 / 1.39; first calls (compiles, captures) 0.8, 12 and 13 s, but step
+# compiles again for every exit depth and blocks once per block: blocks. The others are measured by gpu_check.
+FUSE_DEFAULT = "blocks"
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch sizes x depths x translators)
 # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
 # the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph). Inductor would also

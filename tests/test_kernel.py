@@ -174,7 +174,8 @@ def test_fused_merge_equals_the_merge_kernel(B):
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_every_candidate_configuration_matches_the_reference(B):
-    """Each configuration the autotuner may pick (kernels.top2.CANDIDATES: one row, several, short rows) gives the
+    """Each configuration the autotuner may pick (kernels.top2.CANDIDATES: one row, several, short rows; one row of a
+    short head also through tensor cores, padded to 16) gives the
     reference's top-2 on a head of short rows (600: a partial last feature block for every block_d) and a partial
     last vocabulary tile; programs as on a 2-SM machine in the interpreter, as on this GPU's on CUDA, in bfloat16
     there (what is tuned: float32 heads keep the fixed defaults)."""
@@ -186,11 +187,14 @@ def test_every_candidate_configuration_matches_the_reference(B):
     nw = (1 + 0.2 * torch.randn(600, generator=g)).to(dtype)
     want = lm_head_top2_reference(h.float(), w.float(), nw.float(), 1e-5)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 2
-    for v, d, per_sm, warps, stages in top2.CANDIDATES["one" if B == 1 else "rows"] + top2.CANDIDATES["short"]:
+    one_row = [(c, False) for c in top2.CANDIDATES["one"]] + [(c, dot) for c in top2.CANDIDATES["short"]
+                                                               for dot in (False, True)]
+    for (v, d, per_sm, warps, stages), dot in one_row if B == 1 else \
+            [(c, True) for c in top2.CANDIDATES["rows"] + top2.CANDIDATES["short"]]:
         got = lm_head_top2_triton(h.to(DEVICE), w.to(DEVICE), nw.to(DEVICE), 1e-5, block_v=v, block_d=d,
-                                  programs=per_sm * sms, num_warps=warps, num_stages=stages)
+                                  programs=per_sm * sms, num_warps=warps, num_stages=stages, dot=dot)
         clear = (want.p1 - want.p2) >= 1e-3
-        assert torch.equal(got.top1.cpu()[clear], want.top1[clear]), (v, d)
+        assert torch.equal(got.top1.cpu()[clear], want.top1[clear]), (v, d, dot)
         torch.testing.assert_close(got.p1.cpu(), want.p1, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.p2.cpu(), want.p2, rtol=0, atol=1e-5)
 
@@ -229,8 +233,8 @@ def test_the_launcher_tunes_once_per_head_and_batch_bucket():
         torch.testing.assert_close(got.p1, want.p1, rtol=0, atol=1e-5)
     assert len(top2._tuned) == 2  # (B 1) and (B 2-16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    allowed = [(v, d, per_sm * sms, warps, stages) for v, d, per_sm, warps, stages in
-               top2.CANDIDATES["one"] + top2.CANDIDATES["rows"] + top2.CANDIDATES["short"]]
+    allowed = [(v, d, per_sm * sms, warps, stages, dot) for v, d, per_sm, warps, stages in
+               top2.CANDIDATES["one"] + top2.CANDIDATES["rows"] + top2.CANDIDATES["short"] for dot in (False, True)]
     allowed.append(tuple(top2._default_config(w.device, 1, 576).values()))  # the fallback
     allowed.append(tuple(top2._default_config(w.device, 3, 576).values()))
     for cfg in top2._tuned.values():
