@@ -24,10 +24,10 @@ window). Self-speculative decoding (adainfer.speculative) compiles two more kind
 its head rows) and a verify step (T tokens a row, each query seeing the cache up to its own slot), one variant per
 batch size, token count, block list and head.
 
-On a GPU, `compiled` means CUDA graphs instead (`Captured`): the same decode step, run eagerly once and captured,
-then replayed with one launch per token (gpt-fast's lever against a host-bound loop, without inductor). A graph is
-captured per batch size, depth and KV cache; the cache comes from the graph's pool (`DecodeGraph.cache`, one per
-batch size, its capacity rounded up to a power of two) so the same graph serves every later prompt and length.
+On a GPU, `compiled` means CUDA graphs (`Captured`): the decode step, run once and captured, then replayed with one
+launch per token (gpt-fast's lever against a host-bound loop), its blocks compiled by inductor first (`fuse`). A
+graph is captured per batch size, depth and KV cache; the cache comes from the graph's pool (`DecodeGraph.cache`, one
+per batch size, its capacity rounded up to a power of two) so the same graph serves every later prompt and length.
 Sequence-mode exits stay in the graph world: a step in which every row runs the same first n blocks replays a graph
 of depth n (captured on first use, the row's translator reading included); rows at different depths take the loop.
 `DecodeGraph(fuse=...)` says what the graphs replay: the eager step (`none`), each block and the head compiled by

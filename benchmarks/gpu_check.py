@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
@@ -399,8 +400,8 @@ def main(argv=None) -> int:
         return 2
     t0 = time.perf_counter()
     result = {"machine": machine(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": "tiny" if args.tiny else
-              "llama-3.2-1b", "command": " ".join(sys.argv)}
+              "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
+              "shape": "tiny" if args.tiny else "llama-3.2-1b", "command": " ".join(sys.argv)}
     if not args.skip_tests:
         result["tests"] = run_tests()
         write_json(Path(args.out), result)

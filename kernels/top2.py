@@ -110,7 +110,9 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     return Top2(top1, p[0], p[1])
 
 
-FUSED_MERGE = False  # not yet the default: to be switched on once a GPU run shows it correct and faster (gpu_check)
+# Off: correct on an H100, but slower than the two launches from Python on 5 of gpu_check run 3's 6 heads and batches
+# (faster only where a launch dominates: 49152 x 576 at batch 1, 59 vs 102 us), and a graph replays both cheaply.
+FUSED_MERGE = False
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
