@@ -26,9 +26,12 @@ def test_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
         assert r["same_tokens_as_hf"] == 1.0  # ours through the converter = transformers, greedy, float32
         assert r["ours_graph_ms"] > 0 and r["hf_ms"] > 0 and r["half_depth_fraction_of_ideal_2x"] > 0
     assert {(r["batch"], r["tokens"]) for r in result["prefill"]} == {(1, 16), (1, 64), (8, 16), (8, 64)}
+    first = [r for r in result["prefill"] if r["tokens"] == 16]
+    assert all(r["check_every_block_candidates_overhead"] > -1 and r["compiled_check_every_block_candidates_captured_"
+               "overhead"] > -1 for r in first)
     for r in result["prefill"]:  # the compiled blocks beside the modules, the same logits up to rounding
         assert r["compiled_ms"] > 0 and r["compiled_first_call_s"] > 0 and r["compiled_max_abs_diff"] < 1e-3
-    assert result["kernel"] is None and len(result["bar"]) == 8 and result["weight_read_limit_ms"] > 0
+    assert result["kernel"] is None and len(result["bar"]) == 10 and result["weight_read_limit_ms"] > 0
     assert "goal" in proc.stdout and "measured" in proc.stdout
     assert result["variants"] == [], "the other captures are a GPU's"
 
