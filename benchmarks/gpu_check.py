@@ -11,7 +11,8 @@ against transformers on the same weights in the same process:
            blocks, or its compiled step) with their agreement with the default graph's tokens and the seconds their
            first calls take (captures and compiles)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
-  profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five
+  profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five;
+           and a batch-1 prefill of 512 tokens through the modules and the compiled blocks, with the host's top five
   prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours (the modules, and each block compiled by
            inductor: --prefill compiled, fast_decode.compile_prefill, with its first calls timed apart) against
            transformers
@@ -235,6 +236,45 @@ def bench_profile(ours, device, new: int, variants) -> list[dict]:
     return rows
 
 
+def profile_prefill(ours, device, tokens: int, calls: int = 5) -> list[dict]:
+    """Where a batch-1 prefill of `tokens` goes, through the modules and through the compiled blocks: wall-clock,
+    device-busy time and kernels a call (on a GPU), and the host's five costliest operators or regions by their own
+    time (dynamo's cache lookups, the compiled graphs' wrappers, the dispatched ops): a call whose device time is far
+    under its wall-clock is host-bound, and these say on what."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    x = torch.arange(10, 10 + tokens, device=device)[None]
+    rows = []
+    for path in ("modules", "compiled"):
+        compile_prefill(ours, path == "compiled")
+        try:
+            with torch.inference_mode():
+                for _ in range(2):  # (the compiled path's first call compiles)
+                    ours(x)
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                with profile(activities=activities) as prof:
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        ours(x)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    wall = (time.perf_counter() - t0) / calls
+        finally:
+            compile_prefill(ours, False)
+        events = prof.key_averages()
+        host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                      key=lambda e: e.self_cpu_time_total, reverse=True)
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        rows.append({"prefill": path, "batch": 1, "tokens": tokens, "wall_ms": 1e3 * wall,
+                     "device_busy_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / calls if cuda else None,
+                     "kernels": sum(e.count for e in kernels) / calls if cuda else None,
+                     "host_top5": "; ".join(f"{e.key[:40]} {e.self_cpu_time_total / calls:.0f}us x{e.count / calls:.0f}"
+                                            for e in host[:5])})
+        print_table(rows[-1:], list(rows[-1]))
+    return rows
+
+
 def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
     """Each shape through the modules (`ours`) and through inductor's compiled blocks (compile_prefill: `compiled`,
     its first call at each shape timed apart: the compiles), against transformers; at the first length, a
@@ -437,7 +477,8 @@ def main(argv=None) -> int:
     result["graph_fuse"], result["variants"] = default, list(variants)  # one graph each for both sections
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
                                                args.hf_compile, variants)[0],
-                "profile": lambda: bench_profile(ours, args.device, 8 if args.tiny else 32, variants),
+                "profile": lambda: bench_profile(ours, args.device, 8 if args.tiny else 32, variants)
+                + profile_prefill(ours, args.device, 16 if args.tiny else 512),
                 "prefill": lambda: bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048)),
                 "kernel": lambda: bench_kernel(bw) if args.device == "cuda" else None}
     sections = {k: sections[k] for k in dict.fromkeys(args.sections)}  # in the order given
