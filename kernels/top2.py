@@ -59,13 +59,13 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
                         eps: float = 1e-5, block_v: int | None = None, block_d: int | None = None,
                         programs: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, fused_merge: bool | None = None,
-                        dot: bool | None = None) -> Top2:
+                        dot: bool | None = None, pipe: bool | None = None) -> Top2:
     """The Triton version of lm_head_top2_reference: same signature, no (B, V) logits in memory. Block sizes not
     given come from `config` (on a GPU the fastest of CANDIDATES for this head shape and batch bucket, timed on the
     first call; the interpreter gets small ones). fused_merge: the last stage-1 program merges the rows (one
     launch; default FUSED_MERGE) instead of a second kernel. dot: rows through tensor cores in blocks of 16 (default:
     the configuration's, which is several rows; one row may take it too, padded: on short rows that beat the GEMV
-    loop on an H100)."""
+    loop on an H100). pipe: the loops flattened and every load pipelined (default: the configuration's, off)."""
     import triton  # on first use: importing this module never imports triton
 
     from kernels.top2_triton import top2_merge, top2_partial
@@ -87,6 +87,7 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     # One row: a GEMV (or, where tuned so, a block padded to 16 rows). Several: blocks of 16 rows through tl.dot (its
     # smallest shape), the weights read once.
     dot = cfg.get("dot", B > 1) if dot is None else dot
+    pipe = cfg.get("pipe", False) if pipe is None else pipe
     block_b = 16 if dot else 1
     interpret = not h.is_cuda
     dot_dtype = _tl_dtype(torch.float32 if interpret or weight.dtype == torch.float32 else weight.dtype)
@@ -102,8 +103,8 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
         top1, p[0], p[1],
         B, V, D, h.stride(0), weight.stride(0), eps, tiles_per_prog,
         HAS_NORM=norm_weight is not None, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, DOT=dot,
-        DOT_DTYPE=dot_dtype, FUSED_MERGE=count is not None, BLOCK_P=block_p, num_warps=num_warps,
-        num_stages=num_stages,
+        DOT_DTYPE=dot_dtype, FUSED_MERGE=count is not None, BLOCK_P=block_p, PIPE=pipe,
+        LOOP_STAGES=num_stages if pipe else None, num_warps=num_warps, num_stages=num_stages,
     )
     if count is None:
         top2_merge[(B,)](part[0], part[1], i1, part[3], top1, p[0], p[1], programs, BLOCK_P=block_p)
@@ -137,16 +138,36 @@ def _tl_dtype(dtype: torch.dtype):
 
 # Configurations a GPU's first call on a head shape and batch bucket times (AUTOTUNE), keeping the fastest, as
 # (block_v, block_d, programs per SM, warps, stages): the best three of the sweep on an H100 for one row and for
-# several (benchmarks/sweep_kernel_gpu.py, results/sweep_kernel_gpu_h100.json), and for rows of d <= 1024 (the
+# several (benchmarks/sweep_kernel_gpu.py, results/sweep_kernel_gpu_h100.json); for rows of d <= 1024 (the
 # 49152 x 576 head, where the sweep's best reached 30-39% of copy bandwidth) wider vocabulary tiles in shorter steps
-# (more work between the top-2 updates of a tile).
+# (more work between the top-2 updates of a tile). Two more kinds, not yet timed on a GPU, for the heads whose reads
+# fell furthest under the GEMV's (run 3: 69% of copy bandwidth on 49152 x 2048, 55% on 49152 x 576, 83% on
+# 32000 x 4096; less the shorter the rows, as if a tile's top-2 and softmax update were not hidden behind reads):
+# "grid", one tile a program (64 a SM is more than any head here has tiles; the launcher caps programs at the
+# tiles), so the hardware balances the tail that 768 tiles over 528 programs leave; and "pipe", a few programs a SM
+# each looping over many tiles with the loops flattened and pipelined (PIPE in the kernel).
 CANDIDATES = {
     "one": [(64, 512, 4, 4, 4), (32, 512, 8, 4, 3), (64, 256, 4, 4, 4), (128, 128, 4, 8, 3)],
     "rows": [(64, 128, 8, 8, 3), (64, 128, 4, 8, 3), (128, 256, 8, 8, 4), (128, 128, 4, 4, 4)],
     "short": [(256, 64, 4, 8, 3), (256, 128, 2, 8, 3), (128, 64, 8, 4, 3), (512, 64, 2, 8, 3)],
+    "grid_one": [(32, 512, 64, 4, 3), (64, 256, 64, 4, 4)],
+    "grid_rows": [(32, 128, 64, 4, 3), (64, 128, 64, 8, 3)],
+    "pipe_one": [(32, 512, 2, 4, 3), (64, 256, 3, 4, 3)],
+    "pipe_rows": [(32, 128, 2, 4, 3), (64, 128, 3, 8, 3)],
 }
 AUTOTUNE = True  # False: the fixed defaults (_default_config) everywhere; float32 heads always take them
 _tuned: dict[tuple, dict] = {}
+
+
+def candidates(B: int, D: int, sms: int) -> list[dict]:
+    """The configurations the autotuner times for B rows of D features on a GPU of `sms` SMs (launcher arguments)."""
+    kind = "one" if B == 1 else "rows"
+    options = [(c, B > 1, False) for c in CANDIDATES[kind] + CANDIDATES[f"grid_{kind}"]]
+    options += [(c, B > 1, True) for c in CANDIDATES[f"pipe_{kind}"]]
+    if D <= 1024:  # short rows: one row also through tensor cores (37 vs 57 us on the 49152 x 576 head, H100)
+        options += [(c, dot, False) for c in CANDIDATES["short"] for dot in ((False, True) if B == 1 else (True,))]
+    return [{"block_v": v, "block_d": d, "programs": per_sm * sms, "num_warps": w, "num_stages": s, "dot": dot,
+             "pipe": pipe} for (v, d, per_sm, w, s), dot, pipe in options]
 
 
 def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float) -> dict:
@@ -154,8 +175,9 @@ def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | No
     for (device, head shape, dtype, norm, batch bucket: 1, 2-16, 17+), each timed replayed from a CUDA graph (its
     kernels alone: a launch from Python costs more than the kernel on small heads), chosen on the first call and
     kept for the process; inside a CUDA-graph capture (nothing can be timed there) the fixed defaults until then.
-    A candidate that does not compile or launch here (shared memory, registers) counts as infinitely slow; float32
-    heads (tiles twice the size, not what the sweep measured) keep the defaults."""
+    A candidate that does not compile or launch here (shared memory, registers), or whose answer on this call's rows
+    does not agree with the fixed defaults' (`agreeing`), counts as infinitely slow; float32 heads (tiles twice the
+    size, not what the sweep measured) keep the defaults."""
     B, D = h.shape
     if not AUTOTUNE or h.device.type != "cuda" or weight.dtype == torch.float32:
         return _default_config(h.device, B, D)
@@ -163,16 +185,25 @@ def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | No
     if key not in _tuned:
         if torch.cuda.is_current_stream_capturing():
             return _default_config(h.device, B, D)
-        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
-        options = [(c, B > 1) for c in CANDIDATES["one" if B == 1 else "rows"]]
-        if D <= 1024:  # short rows: one row also through tensor cores (37 vs 57 us on the 49152 x 576 head, H100)
-            options += [(c, dot) for c in CANDIDATES["short"] for dot in ((False, True) if B == 1 else (True,))]
-        configs = [{"block_v": v, "block_d": d, "programs": per_sm * sms, "num_warps": w, "num_stages": s, "dot": dot}
-                   for (v, d, per_sm, w, s), dot in options]
-        configs.append(_default_config(h.device, B, D))  # the fallback, should every candidate fail
-        _tuned[key] = fastest(configs, lambda c: lambda: lm_head_top2_triton(h, weight, norm_weight, eps, **c),
-                              _graph_time)
+        fixed = _default_config(h.device, B, D)
+        want = lm_head_top2_triton(h, weight, norm_weight, eps, **fixed)
+        configs = candidates(B, D, torch.cuda.get_device_properties(h.device).multi_processor_count)
+
+        def call(c: dict):
+            if not agreeing(lm_head_top2_triton(h, weight, norm_weight, eps, **c), want):
+                raise ValueError(f"configuration {c} disagrees with the defaults")
+            return lambda: lm_head_top2_triton(h, weight, norm_weight, eps, **c)
+
+        _tuned[key] = fastest(configs + [fixed], call, _graph_time)  # (the defaults: the fallback, should all fail)
     return _tuned[key]
+
+
+def agreeing(got: Top2, want: Top2, tol: float = 1e-3) -> bool:
+    """Whether two top-2 answers for the same rows agree: probabilities within tol, and the same top-1 wherever the
+    top two are further apart than tol (closer, summation order may break the near-tie either way)."""
+    clear = (want.p1 - want.p2) > tol
+    return bool(torch.equal(got.top1[clear], want.top1[clear]) and (got.p1 - want.p1).abs().max() <= tol
+                and (got.p2 - want.p2).abs().max() <= tol)
 
 
 def fastest(configs: list[dict], call, timer) -> dict:
@@ -209,12 +240,14 @@ def _default_config(device: torch.device, B: int, D: int) -> dict:
     """Measured on an H100 (bf16, 32000 x 4096 head): one row, 64 x 512 tiles, 4 programs per SM, 4 warps, 4
     stages (80% of copy bandwidth); 2+ rows, 64 x 128 tiles, 8 per SM, 8 warps, 3 stages (80%)."""
     if device.type != "cuda":  # the interpreter: small tiles, few programs
-        return {"block_v": 64, "block_d": 64, "programs": 8, "num_warps": 4, "num_stages": 1, "dot": B > 1}
+        return {"block_v": 64, "block_d": 64, "programs": 8, "num_warps": 4, "num_stages": 1, "dot": B > 1,
+                "pipe": False}
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if B == 1:
         return {"block_v": 64, "block_d": 512 if D >= 2048 else 256, "programs": 4 * sms, "num_warps": 4,
-                "num_stages": 4, "dot": False}
-    return {"block_v": 64, "block_d": 128, "programs": 8 * sms, "num_warps": 8, "num_stages": 3, "dot": True}
+                "num_stages": 4, "dot": False, "pipe": False}
+    return {"block_v": 64, "block_d": 128, "programs": 8 * sms, "num_warps": 8, "num_stages": 3, "dot": True,
+            "pipe": False}
 
 
 # ---------------------------------------------------------------- dispatch

@@ -15,9 +15,12 @@ def top2_partial(
     B, V, D, stride_h, stride_w, eps, tiles_per_prog,
     HAS_NORM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_P: tl.constexpr,
+    PIPE: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     # One program owns tiles of BLOCK_V vocabulary rows (interleaved over programs, so tails are balanced) for a
-    # block of BLOCK_B batch rows: each weight tile is read once for all of them.
+    # block of BLOCK_B batch rows: each weight tile is read once for all of them. PIPE: the tile and feature loops
+    # flattened into one, its loads pipelined LOOP_STAGES deep (the launch's num_stages pipelines only loads that
+    # feed a tl.dot), so the next tile's reads overlap a tile's top-2 and softmax update; otherwise plain loops.
     prog = tl.program_id(0)
     n_progs = tl.num_programs(0)
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -39,11 +42,11 @@ def top2_partial(
     i1 = tl.zeros([BLOCK_B], dtype=tl.int32)
     s = tl.zeros([BLOCK_B], dtype=tl.float32)
     v_offs = tl.arange(0, BLOCK_V)
-    for t in range(0, tiles_per_prog):
+    for t in tl.range(0, tiles_per_prog, flatten=PIPE):
         v = (prog + t * n_progs) * BLOCK_V + v_offs
         v_mask = v < V
         acc = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=LOOP_STAGES):
             d = d0 + d_offs
             d_mask = d < D
             x = tl.load(h_ptr + b[:, None] * stride_h + d[None, :], mask=b_mask[:, None] & d_mask[None, :],

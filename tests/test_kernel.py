@@ -174,8 +174,8 @@ def test_fused_merge_equals_the_merge_kernel(B):
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_every_candidate_configuration_matches_the_reference(B):
-    """Each configuration the autotuner may pick (kernels.top2.CANDIDATES: one row, several, short rows; one row of a
-    short head also through tensor cores, padded to 16) gives the
+    """Each configuration the autotuner may pick (kernels.top2.candidates: one row, several, short rows; one row of a
+    short head also through tensor cores, padded to 16; one tile a program; loops flattened and pipelined) gives the
     reference's top-2 on a head of short rows (600: a partial last feature block for every block_d) and a partial
     last vocabulary tile; programs as on a 2-SM machine in the interpreter, as on this GPU's on CUDA, in bfloat16
     there (what is tuned: float32 heads keep the fixed defaults)."""
@@ -187,16 +187,26 @@ def test_every_candidate_configuration_matches_the_reference(B):
     nw = (1 + 0.2 * torch.randn(600, generator=g)).to(dtype)
     want = lm_head_top2_reference(h.float(), w.float(), nw.float(), 1e-5)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 2
-    one_row = [(c, False) for c in top2.CANDIDATES["one"]] + [(c, dot) for c in top2.CANDIDATES["short"]
-                                                               for dot in (False, True)]
-    for (v, d, per_sm, warps, stages), dot in one_row if B == 1 else \
-            [(c, True) for c in top2.CANDIDATES["rows"] + top2.CANDIDATES["short"]]:
-        got = lm_head_top2_triton(h.to(DEVICE), w.to(DEVICE), nw.to(DEVICE), 1e-5, block_v=v, block_d=d,
-                                  programs=per_sm * sms, num_warps=warps, num_stages=stages, dot=dot)
+    configs = top2.candidates(B, 600, sms)
+    assert any(c["pipe"] for c in configs) and any(c["dot"] for c in configs) and len(configs) > 10
+    for c in configs:
+        got = lm_head_top2_triton(h.to(DEVICE), w.to(DEVICE), nw.to(DEVICE), 1e-5, **c)
         clear = (want.p1 - want.p2) >= 1e-3
-        assert torch.equal(got.top1.cpu()[clear], want.top1[clear]), (v, d, dot)
+        assert torch.equal(got.top1.cpu()[clear], want.top1[clear]), c
         torch.testing.assert_close(got.p1.cpu(), want.p1, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.p2.cpu(), want.p2, rtol=0, atol=1e-5)
+
+
+def test_agreeing_answers():
+    """The autotuner keeps only configurations whose answer agrees with the defaults': the same top-1 where the top
+    two are apart, probabilities within 1e-3."""
+    import kernels.top2 as top2
+
+    want = top2.Top2(torch.tensor([5, 7]), torch.tensor([0.6, 0.3004]), torch.tensor([0.2, 0.3]))
+    assert top2.agreeing(top2.Top2(torch.tensor([5, 9]), want.p1 + 1e-4, want.p2), want)  # row 2: a near-tie
+    assert not top2.agreeing(top2.Top2(torch.tensor([6, 7]), want.p1, want.p2), want)  # row 1 is clear
+    assert not top2.agreeing(top2.Top2(want.top1, want.p1 + torch.tensor([0.0, 0.01]), want.p2), want)
+    assert not top2.agreeing(top2.Top2(want.top1, want.p1, want.p2 - 0.002), want)
 
 
 def test_fastest_keeps_the_quickest_configuration():
@@ -233,12 +243,8 @@ def test_the_launcher_tunes_once_per_head_and_batch_bucket():
         torch.testing.assert_close(got.p1, want.p1, rtol=0, atol=1e-5)
     assert len(top2._tuned) == 2  # (B 1) and (B 2-16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    allowed = [(v, d, per_sm * sms, warps, stages, dot) for v, d, per_sm, warps, stages in
-               top2.CANDIDATES["one"] + top2.CANDIDATES["rows"] + top2.CANDIDATES["short"] for dot in (False, True)]
-    allowed.append(tuple(top2._default_config(w.device, 1, 576).values()))  # the fallback
-    allowed.append(tuple(top2._default_config(w.device, 3, 576).values()))
-    for cfg in top2._tuned.values():
-        assert tuple(cfg.values()) in allowed
+    for B, cfg in zip((1, 3), top2._tuned.values()):  # one of the bucket's candidates, or the defaults
+        assert cfg in top2.candidates(B, 576, sms) + [top2._default_config(w.device, B, 576)]
     h = h.float()  # a float32 head keeps the fixed defaults, nothing tuned
     assert top2.config(h, w.float(), nw.float(), 1e-5) == top2._default_config(h.device, len(h), 576)
     assert len(top2._tuned) == 2
