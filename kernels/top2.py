@@ -208,7 +208,8 @@ def agreeing(got: Top2, want: Top2, tol: float = 1e-3) -> bool:
 
 def fastest(configs: list[dict], call, timer) -> dict:
     """The configuration whose call(config) (a function of no arguments) `timer` (seconds) finds fastest; the first
-    on a tie; one whose call raises (a Triton compile or launch error) never, unless all do: then the last."""
+    on a tie; one whose call raises (a Triton compile or launch error, a wrong answer) never, unless all do: then
+    the last."""
     times = []
     for c in configs:
         try:
