@@ -33,9 +33,10 @@ of depth n (captured on first use, the row's translator reading included); rows 
 `DecodeGraph(fuse=...)` says what the graphs replay: the eager step (`none`), each block and the head compiled by
 inductor (`blocks`, the default: one compile per block index and batch shape, shared by every depth), or the whole
 step compiled (`step`: one compile per depth). On an H100 (benchmarks/results/gpu_check_h100_run3.json, 1B-shaped,
-bf16) `blocks` decodes in 0.59-0.63x the eager capture's time and `step` 3% faster still, but `step` compiles ~13 s
+bf16) `blocks` decodes in 0.59-0.63x the eager capture's time and `step` 3% faster still, but `step` compiles
 again for each exit depth a generation reaches; `blocks` compiles ~9-12 s once per batch size. Inductor's kernels
-round differently from the eager ones in the last bits: `none` replays exactly the block loop's kernels.
+round differently from the eager ones in the last bits: `none` replays exactly the block loop's kernels, and is
+the default where Triton has no C compiler (default_fuse).
 
 A prompt's forward can run its blocks compiled too (`compile_prefill`, --prefill compiled): the eager loop with its
 exit checks, each block call through inductor instead of the module's ~45 dispatched ops.
@@ -68,8 +69,8 @@ DECODE_MODES = ("eager", "compiled", "int4")
 PREFILL_MODES = ("eager", "compiled")  # how a prompt's blocks run (compile_prefill)
 FUSES = ("none", "blocks", "step")  # what a captured graph replays (DecodeGraph)
 # On a GPU. H100, 1B-shaped model, bf16 (benchmarks/results/gpu_check_h100_run3.json): ms/token at batch 1 / 8,
-# none 2.25 / 2.42, blocks 1.41 / 1.42, step 1.37 / 1.39; first calls (compiles, captures) 0.8, 12 and 13 s, but step
-# compiles again for every exit depth and blocks once per block: blocks. The others are measured by gpu_check.
+# none 2.25 / 2.42, blocks 1.41 / 1.42, step 1.37 / 1.39; first calls at full and half depth (compiles, captures)
+# 0.8, 12 and 13 s: step compiles again for every exit depth, blocks once for all: blocks. gpu_check measures all.
 FUSE_DEFAULT = "blocks"
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch sizes x depths x translators)
 # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
@@ -229,19 +230,39 @@ def prefill_mode(model: Decoder, mode: str) -> None:
     if mode not in PREFILL_MODES:
         raise AdainferError("--prefill", f"unknown mode {mode!r} (choose {', '.join(PREFILL_MODES)})")
     if mode == "compiled":
-        check_compilable(model, "--prefill", "compiled prefill", compiler=model.device.type == "cpu")
+        check_compilable(model, "--prefill", "compiled prefill", compiler=True)
     compile_prefill(model, mode == "compiled")
 
 
 def check_compilable(model: Decoder, option: str, what: str, compiler: bool) -> None:
     """Refuse `what` (a torch.compile path, chosen by `option`) for a tensor-parallel model, and where it compiles
-    C++ (`compiler`) without a C++ compiler on PATH."""
+    (`compiler`) without the compiler inductor needs on PATH: C++ on the CPU, C on a GPU (Triton builds its kernels'
+    launchers with one)."""
     if model.shard is not None:
         raise AdainferError(option, f"{what} is not built for tensor-parallel runs (--tp): use {option} eager")
+    if not compiler:
+        return
+    if model.device.type == "cuda":
+        if c_compiler() is None:
+            raise AdainferError(option, f"{what} compiles Triton kernels through torch.compile, whose launchers need a "
+                                        f"C compiler: none of $CC, cc, gcc is on PATH (install gcc, or use {option} "
+                                        f"eager)")
+        return
     cxx = os.environ.get("CXX", "g++")
-    if compiler and shutil.which(cxx) is None:
+    if shutil.which(cxx) is None:
         raise AdainferError(option, f"{what} compiles C++ through torch.compile and needs a C++ compiler; {cxx!r} is "
                                     f"not on PATH (install g++, or use {option} eager)")
+
+
+def c_compiler() -> str | None:
+    """The C compiler Triton would build its launchers with, or None."""
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def default_fuse(device: torch.device) -> str:
+    """What a captured decode graph on `device` replays unless told (DecodeGraph's fuse): FUSE_DEFAULT on a GPU with
+    a C compiler for inductor's Triton kernels; the eager step's kernels otherwise (no compiler needed)."""
+    return FUSE_DEFAULT if device.type == "cuda" and c_compiler() is not None else "none"
 
 
 def rotary_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
@@ -276,8 +297,8 @@ class DecodeGraph:
         #   blocks  each block and the head compiled by inductor (compiled_parts): a few fused kernels a block, one
         #           compile per block index and batch shape that every depth shares
         #   step    the whole step compiled: also fuses across blocks, but one compile per graph key (each depth)
-        # Float rounding differs from the eager step's in the last bits. Default: FUSE_DEFAULT on a GPU.
-        fuse = (FUSE_DEFAULT if model.device.type == "cuda" else "none") if fuse is None else fuse
+        # Float rounding differs from the eager step's in the last bits. Default: default_fuse (FUSE_DEFAULT on a GPU).
+        fuse = default_fuse(model.device) if fuse is None else fuse
         if fuse not in FUSES:
             raise AdainferError("fuse", f"unknown {fuse!r} (choose {', '.join(FUSES)})")
         self.fuse = fuse if self.capture else "none"
@@ -388,8 +409,9 @@ def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
         raise AdainferError("--decode", f"unknown mode {mode!r} (choose {', '.join(DECODE_MODES)})")
     if mode == "eager":
         return None
+    # (On a GPU, compiled decoding without a C compiler captures the eager step's kernels: default_fuse.)
     check_compilable(model, "--decode", f"{mode} decoding",
-                     compiler=not (mode == "compiled" and model.device.type == "cuda"))  # (CUDA graphs: no C++)
+                     compiler=not (mode == "compiled" and model.device.type == "cuda"))
     graph = getattr(model, "decode_graphs", {}).get(mode)
     if graph is None:
         if mode == "int4":

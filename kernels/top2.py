@@ -171,13 +171,13 @@ def candidates(B: int, D: int, sms: int) -> list[dict]:
 
 
 def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float) -> dict:
-    """Block sizes, programs, warps and stages for this call. On a GPU with AUTOTUNE, the fastest of the candidates
-    for (device, head shape, dtype, norm, batch bucket: 1, 2-16, 17+), each timed replayed from a CUDA graph (its
-    kernels alone: a launch from Python costs more than the kernel on small heads), chosen on the first call and
-    kept for the process; inside a CUDA-graph capture (nothing can be timed there) the fixed defaults until then.
-    A candidate that does not compile or launch here (shared memory, registers), or whose answer on this call's rows
-    does not agree with the fixed defaults' (`agreeing`), counts as infinitely slow; float32 heads (tiles twice the
-    size, not what the sweep measured) keep the defaults."""
+    """Block sizes, programs, warps, stages and the dot / pipe flags for this call. On a GPU with AUTOTUNE, the
+    fastest of the candidates for (device, head shape, dtype, norm, batch bucket: 1, 2-16, 17+), each timed replayed
+    from a CUDA graph (its kernels alone: a launch from Python costs more than the kernel on small heads), chosen on
+    the first call and kept for the process; inside a CUDA-graph capture (nothing can be timed there) the fixed
+    defaults until then. A candidate that does not compile or launch here (shared memory, registers), or whose answer
+    on this call's rows does not agree with the fixed defaults' (`agreeing`), counts as infinitely slow; float32
+    heads (tiles twice the size, not what the sweep measured) keep the defaults."""
     B, D = h.shape
     if not AUTOTUNE or h.device.type != "cuda" or weight.dtype == torch.float32:
         return _default_config(h.device, B, D)

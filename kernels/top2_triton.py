@@ -61,7 +61,7 @@ def top2_partial(
                 acc += tl.dot(hi, wt, input_precision="ieee")
                 if DOT_DTYPE != tl.float32:  # x = hi + lo in two half-precision parts: ~16 bits of x kept
                     acc += tl.dot((x - hi.to(tl.float32)).to(DOT_DTYPE), wt, input_precision="ieee")
-            else:  # one row: a plain multiply-reduce (a GEMV has nothing for tensor cores)
+            else:  # one row, by default: a plain multiply-reduce (on long rows a GEMV gains nothing from tensor cores)
                 acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         logits = tl.where(v_mask[None, :], acc, -float("inf"))  # (BLOCK_B, BLOCK_V)
         t_max = tl.max(logits, axis=1)

@@ -50,9 +50,10 @@ def test_captured_decode_equals_eager_decode(folder, B):
     assert len(captured.graphs) == 1
 
 
-def test_exits_in_captured_decode_equal_the_block_loop(folder):
+@pytest.mark.parametrize("fuse", ["none", "blocks"])
+def test_exits_in_captured_decode_equal_the_block_loop(folder, fuse):
     model = load_model(folder, "float32", "cuda")[0]
-    graph = decode_graph(model, "compiled")
+    graph = DecodeGraph(model, "compiled", fuse=fuse)
     ids = prompts(8, seed=1)
     clf = gap_rule(0.02)  # rows of this random model pass a top-2 gap of 0.02 at different layers
     reader = random_translator(model.config.dim, range(1, 6), scale=0.05)

@@ -2,6 +2,7 @@
 against the block loop, step by step; generate() handing it the dense steps; one compile per batch size."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,6 +130,27 @@ def test_fused_capture_gives_the_block_loops_tokens(converted, fuse):
     assert DecodeGraph(model, "compiled", capture=True).fuse == "none", "on the CPU the default replays eager steps"
     with pytest.raises(AdainferError, match="fuse.*unknown 'all'"):
         DecodeGraph(model, "compiled", fuse="all")
+
+
+def test_compilers_the_compiled_paths_need(converted, monkeypatch):
+    """On a GPU the default decode graph replays inductor's blocks only where Triton has a C compiler for its
+    launchers, and the eager step's kernels otherwise (nothing to compile); compiled prefill asks for the compiler
+    it needs (C++ on the CPU, C on a GPU) and refuses in one line without it."""
+    import adainfer.fast_decode as fd
+
+    model = load_model(converted("llama-gqa-tied")[1], "float32")[0]
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fd, "c_compiler", lambda: "/usr/bin/cc")
+    assert fd.default_fuse(cuda) == fd.FUSE_DEFAULT == "blocks" and fd.default_fuse(model.device) == "none"
+    monkeypatch.setattr(fd, "c_compiler", lambda: None)
+    assert fd.default_fuse(cuda) == "none"
+    on_gpu = SimpleNamespace(shard=None, device=cuda)  # (what check_compilable reads of a model)
+    with pytest.raises(AdainferError, match=r"--prefill: .*C compiler: none of \$CC, cc, gcc is on PATH"):
+        fd.check_compilable(on_gpu, "--prefill", "compiled prefill", compiler=True)
+    fd.check_compilable(on_gpu, "--decode", "compiled decoding", compiler=False)  # CUDA graphs of the eager step
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(AdainferError, match="--prefill: .*C\\+\\+ compiler; 'no-such-compiler' is not on PATH"):
+        fd.prefill_mode(model, "compiled")
 
 
 def prefill_outputs(model, plan):

@@ -2,6 +2,7 @@
 (build and convert, decode, exit, prefill, checks, the bar); the kernel section needs CUDA."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -27,8 +28,11 @@ def test_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
         assert r["ours_graph_ms"] > 0 and r["hf_ms"] > 0 and r["half_depth_fraction_of_ideal_2x"] > 0
     assert {(r["batch"], r["tokens"]) for r in result["prefill"]} == {(1, 16), (1, 64), (8, 16), (8, 64)}
     first = [r for r in result["prefill"] if r["tokens"] == 16]
-    assert all(r["check_every_block_candidates_overhead"] > -1 and r["compiled_check_every_block_candidates_captured_"
-               "overhead"] > -1 for r in first)
+    assert all(math.isfinite(r[f"{path}check_every_block_candidates{captured}_overhead"]) for r in first
+               for path in ("", "compiled_") for captured in ("", "_captured"))
+    assert [r["prefill"] for r in result["profile"] if "prefill" in r] == ["modules", "compiled"]
+    assert all(r["wall_ms"] > 0 and "error" not in r for r in result["profile"] if "prefill" in r)
+    assert not [k for k in result if k.endswith("_error")], "every section ran"
     for r in result["prefill"]:  # the compiled blocks beside the modules, the same logits up to rounding
         assert r["compiled_ms"] > 0 and r["compiled_first_call_s"] > 0 and r["compiled_max_abs_diff"] < 1e-3
     assert result["kernel"] is None and len(result["bar"]) == 10 and result["weight_read_limit_ms"] > 0

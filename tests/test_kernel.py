@@ -5,7 +5,8 @@ values upcast to float32: p1, p2 within 1e-5, and the same top-1 unless the refe
 may break either way). The CPU reference in the model's own dtype is checked against that too, looser for bf16/fp16
 (its logits are rounded to the dtype). Shapes are odd on purpose: partial vocabulary tiles (333, 1000, 4097 rows
 against 64-row tiles), a partial feature block (37 against 32) and a row count off the 16-row blocks (3 rows); one row
-takes the GEMV branch, several the tl.dot one."""
+takes the GEMV branch by default, several the tl.dot one (every configuration the autotuner may pick, one row through
+tl.dot and the pipelined loops included: test_every_candidate_configuration_matches_the_reference)."""
 
 import os
 from types import SimpleNamespace
