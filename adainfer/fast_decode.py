@@ -26,15 +26,16 @@ batch size, token count, block list and head.
 
 On a GPU, `compiled` means CUDA graphs (`Captured`): the decode step, run once and captured, then replayed with one
 launch per token (gpt-fast's lever against a host-bound loop), its blocks compiled by inductor first (`fuse`). A
-graph is captured per batch size, depth and KV cache; the cache comes from the graph's pool (`DecodeGraph.cache`, one
-per batch size, its capacity rounded up to a power of two) so the same graph serves every later prompt and length.
+graph is captured per batch-size bucket (powers of two), depth and KV cache; the cache comes from the graph's pool
+(`DecodeGraph.cache`, one per bucket, its capacity rounded up to a power of two; a batch of 3 gets the first rows of
+the 4-row one) so the same graph serves every later prompt, length and batch size of its bucket.
 Sequence-mode exits stay in the graph world: a step in which every row runs the same first n blocks replays a graph
 of depth n (captured on first use, the row's translator reading included); rows at different depths take the loop.
 `DecodeGraph(fuse=...)` says what the graphs replay: the eager step (`none`), each block and the head compiled by
 inductor (`blocks`, the default: one compile per block index and batch shape, shared by every depth), or the whole
 step compiled (`step`: one compile per depth). On an H100 (benchmarks/results/gpu_check_h100_run3.json, 1B-shaped,
 bf16) `blocks` decodes in 0.59-0.63x the eager capture's time and `step` 3% faster still, but `step` compiles
-again for each exit depth a generation reaches; `blocks` compiles ~9-12 s once per batch size. Inductor's kernels
+again for each exit depth a generation reaches; `blocks` compiles ~9-12 s once per batch-size bucket. Inductor's kernels
 round differently from the eager ones in the last bits: `none` replays exactly the block loop's kernels, and is
 the default where Triton has no C compiler (default_fuse).
 
@@ -281,8 +282,8 @@ class DecodeGraph:
     block subset (`layers`) with its own head rows (`head`), and the verify step T tokens a row through every block.
 
     On the CPU one torch.compile graph per batch size, token count, block list and head (`serves` says which exit
-    depths go through one: the full depth only); on CUDA one captured graph per batch size, token count, block list,
-    head and cache (`Captured`), any depth. compile=False runs the step eagerly (tests)."""
+    depths go through one: the full depth only); on CUDA one captured graph per batch-size bucket, token count, block
+    list, head and cache (`Captured`), any depth. compile=False runs the step eagerly (tests)."""
 
     def __init__(self, model: Decoder, mode: str = "compiled", compile: bool = True, capture: bool | None = None,
                  fuse: str | None = None):
@@ -325,15 +326,18 @@ class DecodeGraph:
 
     def cache(self, batch: int, max_len: int) -> KVCache:
         """A KV cache for `batch` rows and `max_len` positions, emptied. On CUDA the graph's own (captured graphs
-        hold its addresses): one per batch size, replaced (with its graphs) by a larger one when it is outgrown."""
+        hold its addresses): one per batch-size bucket (a power of two: a batch of 3 is the first rows of a 4-row
+        cache, and its steps replay the 4-row graphs, the spare rows attending to themselves), replaced (with its
+        graphs) by a larger one when it is outgrown. One capture, and with fuse one compile, per bucket."""
         model = self.model
         if not self.capture:
             return KVCache(model.local, batch, max_len, model.dtype, model.device)
-        cache = self.pool.get(batch)
+        rows = 1 << (batch - 1).bit_length()
+        cache = self.pool.get(rows)
         if cache is None or cache.max_len < max_len:
             size = max(64, 1 << (max_len - 1).bit_length())
-            cache = self.pool[batch] = KVCache(model.local, batch, size, model.dtype, model.device)
-            self.graphs = {k: g for k, g in self.graphs.items() if k[0] != batch}
+            cache = self.pool[rows] = KVCache(model.local, rows, size, model.dtype, model.device)
+            self.graphs = {k: g for k, g in self.graphs.items() if k[0] != rows}
             if not self.graphs:
                 # The next capture takes a new memory pool: the allocator keeps a pool whose graphs are all gone until
                 # its memory is freed, and a capture into it then fails an internal assert (on an H100, torch 2.11: a
@@ -341,7 +345,7 @@ class DecodeGraph:
                 self.mempool = None
         cache.valid.zero_()
         cache.length, cache.padded = 0, False
-        return cache
+        return cache if rows == batch else cache.first_rows(batch)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, depth: int | None = None, reader=None,
                  layers: list[int] | None = None, head=None) -> torch.Tensor:
@@ -360,6 +364,11 @@ class DecodeGraph:
                 raise AdainferError("decode", f"the compiled CPU graph runs all {L} blocks, not {depth}")
             layers = range(depth)
         layers = None if list(layers) == list(range(L)) else tuple(layers)
+        if self.capture and cache.parent is not None:  # the first B rows of a bucket's cache: its graphs, padded
+            full = cache.parent
+            full.length, full.padded = cache.length, cache.padded
+            spare = tokens.new_zeros(full.valid.shape[0] - B, T)  # (rows that attend to their own new slots only)
+            return self(torch.cat([tokens, spare]), full, layers=layers, reader=reader, head=head)[:B]
         if reader is not None and not reader.reads(L if layers is None else len(layers), L):
             reader = None  # not read at this depth: the same graph whichever translator the rule carries
         with torch.inference_mode():

@@ -291,6 +291,16 @@ class KVCache:
         self.length = 0  # positions written so far
         self.padded = False  # whether any row holds padding (then attention needs an explicit mask)
         self.max_len = max_len
+        self.parent: KVCache | None = None  # the cache this one is the first rows of (first_rows)
+
+    def first_rows(self, n: int) -> KVCache:
+        """A cache of this one's first n rows (views: what it writes, this one holds), `parent` this one: B rows of a
+        decode graph captured for a larger batch (DecodeGraph.cache)."""
+        rows = KVCache.__new__(KVCache)
+        rows.__dict__.update(self.__dict__)
+        rows.k, rows.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
+        rows.valid, rows.parent = self.valid[:n], self
+        return rows
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: Context):
         """Write k, v (b, Hkv, T, hd) for the rows in ctx.rows; return the keys and values to attend to."""

@@ -31,7 +31,7 @@ def folder(tmp_path_factory):
     return make_converted("llama-gqa-tied", tmp_path_factory.mktemp("cuda"), seed=5, n_layers=6)[1]
 
 
-@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("B", [1, 3, 8])
 def test_captured_decode_equals_eager_decode(folder, B):
     ids = prompts(B)
     # float32: the captured graph gives the block loop's greedy tokens, 64 of them.
@@ -41,7 +41,10 @@ def test_captured_decode_equals_eager_decode(folder, B):
     want = [g.token_ids for g in generate(model, ids, 64)]
     assert [g.token_ids for g in generate(model, ids, 64, graph=graph)] == want
     # bfloat16: the same step function eagerly and replayed from its graph, token for token (same kernels: fuse none;
-    # the default, inductor's blocks, rounds differently, within test_fused_capture_equals_the_block_loop's bound).
+    # the default, inductor's blocks, rounds differently, within test_fused_capture_equals_the_block_loop's bound;
+    # 3 rows replay the 4-row bucket's graph, whose matmuls may be other kernels than 3 rows' eager ones).
+    if B & (B - 1):
+        return
     model = load_model(folder, "bfloat16", "cuda")[0]
     eager = DecodeGraph(model, "compiled", compile=False, capture=False)
     captured = DecodeGraph(model, "compiled", fuse="none")

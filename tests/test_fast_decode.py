@@ -76,10 +76,11 @@ def test_graph_at_any_depth_with_a_translator_matches_the_block_loop(converted, 
     translated, _ = step_logits(model, graph, 2, 2, reader)
     assert float((plain - translated).abs().max()) > 1e-3, "the translator must change the depth-2 reading"
     if capture:
-        # one step function per (batch size, tokens, blocks, cache, translator, head), the cache the graph's own
-        # (at depth 3, the model's last block, the translator is not read: the plain graph serves; None = all blocks)
+        # one step function per (batch-size bucket, tokens, blocks, cache, translator, head), the cache the graph's
+        # own (at depth 3, the model's last block, the translator is not read: the plain graph serves; None = all
+        # blocks); the 3 prompts run in the 4-row bucket
         assert sorted((k[0], k[1], k[2] or (0, 1, 2), k[4] == id(reader)) for k in graph.graphs) == [
-            (3, 1, (0,), False), (3, 1, (0, 1), False), (3, 1, (0, 1), True), (3, 1, (0, 1, 2), False)]
+            (4, 1, (0,), False), (4, 1, (0, 1), False), (4, 1, (0, 1), True), (4, 1, (0, 1, 2), False)]
         # every new rule brings its own translator object: the graphs that read it are kept to MAX_GRAPHS, least
         # recently used dropped first
         for seed in range(MAX_GRAPHS + 4):
@@ -91,8 +92,9 @@ def test_graph_at_any_depth_with_a_translator_matches_the_block_loop(converted, 
 
 def test_captured_generation_reuses_its_cache_and_graphs(converted):
     """generate() hands the captured path every step whose rows share a depth (sequence-mode exits included): the
-    same tokens as the block loop, one pooled cache per batch size (emptied between prompts, replaced when
-    outgrown), and no new step function for a new prompt of the same batch size and depth."""
+    same tokens as the block loop, one pooled cache per batch-size bucket (emptied between prompts, replaced when
+    outgrown; 3 rows run as the first rows of the 4-row bucket), and no new step function for a new prompt of the
+    same bucket and depth."""
     model = load_model(converted("llama-gqa-tied", seed=3)[1], "float32")[0]
     graph = DecodeGraph(model, "compiled", compile=False, capture=True)
     firing = Plan(exit=ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0)))  # every row exits at layer 1
@@ -100,12 +102,16 @@ def test_captured_generation_reuses_its_cache_and_graphs(converted):
         want = [g.token_ids for g in generate(model, PROMPTS, 6, plan)]
         assert [g.token_ids for g in generate(model, PROMPTS, 6, plan, graph=graph)] == want
     assert [g.layers_run for g in generate(model, PROMPTS, 6, firing, graph=graph)] == [[1] * 6] * 3
-    cache, made = graph.pool[3], dict(graph.graphs)
+    cache, made = graph.pool[4], dict(graph.graphs)  # 3 rows: the first rows of the 4-row bucket's cache
+    assert list(graph.pool) == [4] and {k[0] for k in made} == {4}
     assert sorted(len(k[2] or (0, 1, 2)) for k in made) == [1, 3]
     generate(model, PROMPTS[::-1], 5, firing, graph=graph)
-    assert graph.pool[3] is cache and graph.graphs == made
+    assert graph.pool[4] is cache and graph.graphs == made
+    want = [g.token_ids for g in generate(model, PROMPTS + [[7, 8]], 5, firing)]  # 4 rows: the same graphs
+    assert [g.token_ids for g in generate(model, PROMPTS + [[7, 8]], 5, firing, graph=graph)] == want
+    assert graph.graphs.keys() == made.keys()
     generate(model, PROMPTS, 80, graph=graph)  # 9 + 79 positions outgrow the 64 of the first cache
-    assert graph.pool[3] is not cache and graph.pool[3].max_len == 128 and len(graph.graphs) == 1
+    assert graph.pool[4] is not cache and graph.pool[4].max_len == 128 and len(graph.graphs) == 1
 
 
 @pytest.mark.slow
