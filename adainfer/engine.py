@@ -209,10 +209,10 @@ class Engine:
 
     def _warm_up(self, warm: list[int], sizes: set[int], graph, decode: str, cached: bool, plan: Plan,
                  draft: Draft | None = None, prefill: str = "eager", checked: Plan | None = None) -> None:
-        """First-call allocations (and the decode graph's compilation, once per batch size; a draft's draft and
-        verify steps too; compiled prefill's blocks at two prompt lengths, so that the length is symbolic; the exit
-        checks of `checked` once per batch size: on a GPU the kernel's tuning and the check graphs) off the
-        clock."""
+        """First-call allocations (and the decode graph's compilation, once per batch size, on a GPU per bucket, so
+        some of these reuse another's; a draft's draft and verify steps too; compiled prefill's blocks at two prompt
+        lengths, so that the length is symbolic; the exit checks of `checked` once per batch size: on a GPU the
+        kernel's tuning and the check graphs) off the clock."""
         key = ("prefill", "compiled", cached)  # with a cache (more than one token) the blocks write it: other variants
         if prefill == "compiled" and len(warm) > 2 and key not in self._warm:
             for n in (len(warm), len(warm) - 1):  # two lengths: the prompt's length (and the cache's) symbolic

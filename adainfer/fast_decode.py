@@ -35,9 +35,10 @@ of depth n (captured on first use, the row's translator reading included); rows 
 inductor (`blocks`, the default: one compile per block index and batch shape, shared by every depth), or the whole
 step compiled (`step`: one compile per depth). On an H100 (benchmarks/results/gpu_check_h100_run3.json, 1B-shaped,
 bf16) `blocks` decodes in 0.59-0.63x the eager capture's time and `step` 3% faster still, but `step` compiles
-again for each exit depth a generation reaches; `blocks` compiles ~9-12 s once per batch-size bucket. Inductor's kernels
-round differently from the eager ones in the last bits: `none` replays exactly the block loop's kernels, and is
-the default where Triton has no C compiler (default_fuse).
+again for each exit depth a generation reaches; `blocks` compiles ~9-12 s once per batch-size bucket. Inductor's
+kernels round differently from the eager ones in the last bits: `none` replays the block loop's kernels (at a
+power-of-two batch size exactly; other sizes run padded to their bucket, whose matmuls may round differently), and
+is the default where Triton has no C compiler (default_fuse).
 
 A prompt's forward can run its blocks compiled too (`compile_prefill`, --prefill compiled): the eager loop with its
 exit checks, each block call through inductor instead of the module's ~45 dispatched ops.
@@ -73,7 +74,7 @@ FUSES = ("none", "blocks", "step")  # what a captured graph replays (DecodeGraph
 # none 2.25 / 2.42, blocks 1.41 / 1.42, step 1.37 / 1.39; first calls at full and half depth (compiles, captures)
 # 0.8, 12 and 13 s: step compiles again for every exit depth, blocks once for all: blocks. gpu_check measures all.
 FUSE_DEFAULT = "blocks"
-MAX_GRAPHS = 32  # captured decode steps kept per model (batch sizes x depths x translators)
+MAX_GRAPHS = 32  # captured decode steps kept per model (batch-size buckets x depths x translators)
 # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
 # the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph). Inductor would also
 # assert the size and stride of each of those inputs and of every kernel's output at each call (~600 Python calls a
@@ -246,8 +247,8 @@ def check_compilable(model: Decoder, option: str, what: str, compiler: bool) -> 
     if model.device.type == "cuda":
         if c_compiler() is None:
             raise AdainferError(option, f"{what} compiles Triton kernels through torch.compile, whose launchers need a "
-                                        f"C compiler: none of $CC, cc, gcc is on PATH (install gcc, or use {option} "
-                                        f"eager)")
+                                        f"C compiler: {'$CC' if os.environ.get('CC') else 'gcc, clang'} not on PATH "
+                                        f"(install gcc, or use {option} eager)")
         return
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
@@ -256,8 +257,9 @@ def check_compilable(model: Decoder, option: str, what: str, compiler: bool) -> 
 
 
 def c_compiler() -> str | None:
-    """The C compiler Triton would build its launchers with, or None."""
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    """The C compiler Triton would build its launchers with ($CC as given, else gcc, else clang), or None."""
+    cc = os.environ.get("CC")
+    return shutil.which(cc) if cc else shutil.which("gcc") or shutil.which("clang")
 
 
 def default_fuse(device: torch.device) -> str:
@@ -328,7 +330,8 @@ class DecodeGraph:
         """A KV cache for `batch` rows and `max_len` positions, emptied. On CUDA the graph's own (captured graphs
         hold its addresses): one per batch-size bucket (a power of two: a batch of 3 is the first rows of a 4-row
         cache, and its steps replay the 4-row graphs, the spare rows attending to themselves), replaced (with its
-        graphs) by a larger one when it is outgrown. One capture, and with fuse one compile, per bucket."""
+        graphs) by a larger one when it is outgrown. Captures (per depth, token count, translator and head) and, with
+        fuse="blocks", compiles are then per bucket, not per batch size."""
         model = self.model
         if not self.capture:
             return KVCache(model.local, batch, max_len, model.dtype, model.device)
@@ -365,9 +368,14 @@ class DecodeGraph:
             layers = range(depth)
         layers = None if list(layers) == list(range(L)) else tuple(layers)
         if self.capture and cache.parent is not None:  # the first B rows of a bucket's cache: its graphs, padded
+            if B != cache.valid.shape[0]:
+                raise AdainferError("decode", f"{B} rows of tokens for a cache of {cache.valid.shape[0]}")
             full = cache.parent
             full.length, full.padded = cache.length, cache.padded
-            spare = tokens.new_zeros(full.valid.shape[0] - B, T)  # (rows that attend to their own new slots only)
+            # The spare rows attend to their new slots only (nothing earlier valid: their positions stay 0..T-1, what a
+            # speculative rollback of the real rows' slots would otherwise leave growing past the position table).
+            full.valid[B:].zero_()
+            spare = tokens.new_zeros(full.valid.shape[0] - B, T)
             return self(torch.cat([tokens, spare]), full, layers=layers, reader=reader, head=head)[:B]
         if reader is not None and not reader.reads(L if layers is None else len(layers), L):
             reader = None  # not read at this depth: the same graph whichever translator the rule carries
@@ -418,9 +426,9 @@ def decode_graph(model: Decoder, mode: str) -> DecodeGraph | None:
         raise AdainferError("--decode", f"unknown mode {mode!r} (choose {', '.join(DECODE_MODES)})")
     if mode == "eager":
         return None
-    # (On a GPU, compiled decoding without a C compiler captures the eager step's kernels: default_fuse.)
-    check_compilable(model, "--decode", f"{mode} decoding",
-                     compiler=not (mode == "compiled" and model.device.type == "cuda"))
+    # (On a GPU, compiled decoding without a C compiler captures the eager step's kernels, default_fuse; int4 is
+    # refused there by quantize_model.)
+    check_compilable(model, "--decode", f"{mode} decoding", compiler=model.device.type == "cpu")
     graph = getattr(model, "decode_graphs", {}).get(mode)
     if graph is None:
         if mode == "int4":

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", default="eager", choices=["eager", "compiled", "int4"],
                    help="how decode steps run: eager (the block loop, default), compiled (on a CPU one torch.compile "
                         "graph for full-depth steps, compiled on first use, ~1-2 min for the default model; on CUDA "
-                        "CUDA graphs, one per batch size and depth, sequence-mode exits included) or int4 (that graph "
+                        "CUDA graphs of inductor-compiled blocks, one per batch-size bucket and depth, sequence-mode "
+                        "exits included) or int4 (that graph "
                         "on 4-bit block weights, an 8-bit head and int8 activations, C++ kernels built on first use; "
                         "CPU; lossy, see README)")
     add_prefill_option(p)

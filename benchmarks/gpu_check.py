@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule  # noqa: E402
-from adainfer.fast_decode import FUSES, DecodeGraph, compile_prefill, decode_graph  # noqa: E402
+from adainfer.fast_decode import FUSES, DecodeGraph, c_compiler, compile_prefill, decode_graph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 
@@ -478,7 +478,8 @@ def main(argv=None) -> int:
     print(f"weights {result['weight_GB']:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s: weight-read limit "
           f"{result['weight_read_limit_ms']:.3f} ms/token")
     default = decode_graph(ours, "compiled").fuse
-    others = [f for f in FUSES if f != default] if args.device == "cuda" else []  # (a captured path's option)
+    # (a captured path's option; inductor's need a C compiler, without which the default is the eager step's)
+    others = [f for f in FUSES if f != default and c_compiler()] if args.device == "cuda" else []
     variants = {f: DecodeGraph(ours, "compiled", fuse=f) for f in others}
     result["graph_fuse"], result["variants"] = default, list(variants)  # one graph each for both sections
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,

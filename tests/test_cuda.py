@@ -11,7 +11,7 @@ from helpers import random_translator, run_cli
 from torch._dynamo.utils import counters
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule
-from adainfer.fast_decode import DecodeGraph, compile_prefill, decode_graph
+from adainfer.fast_decode import DecodeGraph, compile_prefill, decode_graph, default_fuse
 from adainfer.generate import generate
 from adainfer.loading import load_model
 
@@ -37,7 +37,7 @@ def test_captured_decode_equals_eager_decode(folder, B):
     # float32: the captured graph gives the block loop's greedy tokens, 64 of them.
     model = load_model(folder, "float32", "cuda")[0]
     graph = decode_graph(model, "compiled")
-    assert graph.capture and graph.fuse == "blocks"
+    assert graph.capture and graph.fuse == default_fuse(model.device)  # blocks where Triton has a C compiler
     want = [g.token_ids for g in generate(model, ids, 64)]
     assert [g.token_ids for g in generate(model, ids, 64, graph=graph)] == want
     # bfloat16: the same step function eagerly and replayed from its graph, token for token (same kernels: fuse none;

@@ -146,12 +146,15 @@ def test_compilers_the_compiled_paths_need(converted, monkeypatch):
 
     model = load_model(converted("llama-gqa-tied")[1], "float32")[0]
     cuda = torch.device("cuda")
-    monkeypatch.setattr(fd, "c_compiler", lambda: "/usr/bin/cc")
+    monkeypatch.setenv("CC", "no-such-cc")  # Triton's search: $CC as given (else gcc, else clang)
+    assert fd.c_compiler() is None
+    monkeypatch.setattr(fd, "c_compiler", lambda: "/usr/bin/gcc")
     assert fd.default_fuse(cuda) == fd.FUSE_DEFAULT == "blocks" and fd.default_fuse(model.device) == "none"
     monkeypatch.setattr(fd, "c_compiler", lambda: None)
     assert fd.default_fuse(cuda) == "none"
     on_gpu = SimpleNamespace(shard=None, device=cuda)  # (what check_compilable reads of a model)
-    with pytest.raises(AdainferError, match=r"--prefill: .*C compiler: none of \$CC, cc, gcc is on PATH"):
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(AdainferError, match=r"--prefill: .*C compiler: gcc, clang not on PATH"):
         fd.check_compilable(on_gpu, "--prefill", "compiled prefill", compiler=True)
     fd.check_compilable(on_gpu, "--decode", "compiled decoding", compiler=False)  # CUDA graphs of the eager step
     monkeypatch.setenv("CXX", "no-such-compiler")

@@ -270,6 +270,11 @@ def test_speculation_through_decode_graph_steps_equals_dense_through_them(deep, 
         got = speculative_generate(model, batch, 16, draft, graph=graph)
         assert [r.token_ids for r in got] == dense
         assert speculative_generate(model, batch[:1], 16, draft, graph=graph)[0].token_ids == dense[0]
+        # 3 rows: with capture, the first rows of the 4-row bucket; its spare row sees only each step's new slots
+        # (rejected drafts' slots left valid would carry its position past the table: an OPT model's IndexError)
+        assert [r.token_ids for r in speculative_generate(model, batch[:3], 16, draft, graph=graph)] == dense[:3]
+        if capture:
+            assert int(graph.pool[4].valid[3].sum()) <= draft.length + 1
     whole = speculative_generate(model, batch, 16, Draft(None, 2), graph=graph)
     assert {n for r in whole for n in r.accepted} == {2}  # the whole model drafting through the graph: all kept
 
