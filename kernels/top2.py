@@ -145,7 +145,7 @@ def _tl_dtype(dtype: torch.dtype):
 # 32000 x 4096; less the shorter the rows, as if a tile's top-2 and softmax update were not hidden behind reads):
 # "grid", one tile a program (64 a SM is more than any head here has tiles; the launcher caps programs at the
 # tiles), so the hardware balances the tail that 768 tiles over 528 programs leave; and "pipe", a few programs a SM
-# each looping over many tiles with the loops flattened and pipelined (PIPE in the kernel).
+# each looping over many tiles with the loops flattened and pipelined (PIPE in the kernel; only with TRY_PIPE).
 CANDIDATES = {
     "one": [(64, 512, 4, 4, 4), (32, 512, 8, 4, 3), (64, 256, 4, 4, 4), (128, 128, 4, 8, 3)],
     "rows": [(64, 128, 8, 8, 3), (64, 128, 4, 8, 3), (128, 256, 8, 8, 4), (128, 128, 4, 4, 4)],
@@ -156,14 +156,18 @@ CANDIDATES = {
     "pipe_rows": [(32, 128, 2, 4, 3), (64, 128, 3, 8, 3)],
 }
 AUTOTUNE = True  # False: the fixed defaults (_default_config) everywhere; float32 heads always take them
+# The pipelined candidates compile kernel code (the flattened loops) no GPU has compiled yet: measured by gpu_check,
+# which turns this on, and left out of the tuning a user's first call does until a run shows them compile and win.
+TRY_PIPE = False
 _tuned: dict[tuple, dict] = {}
 
 
-def candidates(B: int, D: int, sms: int) -> list[dict]:
-    """The configurations the autotuner times for B rows of D features on a GPU of `sms` SMs (launcher arguments)."""
+def candidates(B: int, D: int, sms: int, pipe: bool | None = None) -> list[dict]:
+    """The configurations the autotuner times for B rows of D features on a GPU of `sms` SMs (launcher arguments);
+    the pipelined ones with pipe (default TRY_PIPE)."""
     kind = "one" if B == 1 else "rows"
     options = [(c, B > 1, False) for c in CANDIDATES[kind] + CANDIDATES[f"grid_{kind}"]]
-    options += [(c, B > 1, True) for c in CANDIDATES[f"pipe_{kind}"]]
+    options += [(c, B > 1, True) for c in CANDIDATES[f"pipe_{kind}"] if (TRY_PIPE if pipe is None else pipe)]
     if D <= 1024:  # short rows: one row also through tensor cores (37 vs 57 us on the 49152 x 576 head, H100)
         options += [(c, dot, False) for c in CANDIDATES["short"] for dot in ((False, True) if B == 1 else (True,))]
     return [{"block_v": v, "block_d": d, "programs": per_sm * sms, "num_warps": w, "num_stages": s, "dot": dot,

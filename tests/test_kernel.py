@@ -188,7 +188,7 @@ def test_every_candidate_configuration_matches_the_reference(B):
     nw = (1 + 0.2 * torch.randn(600, generator=g)).to(dtype)
     want = lm_head_top2_reference(h.float(), w.float(), nw.float(), 1e-5)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 2
-    configs = top2.candidates(B, 600, sms)
+    configs = top2.candidates(B, 600, sms, pipe=True)
     assert any(c["pipe"] for c in configs) and any(c["dot"] for c in configs) and len(configs) > 10
     for c in configs:
         got = lm_head_top2_triton(h.to(DEVICE), w.to(DEVICE), nw.to(DEVICE), 1e-5, **c)
