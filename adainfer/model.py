@@ -11,6 +11,7 @@ switches a quantized model's products to the int4 / int8 kernels).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -296,8 +297,7 @@ class KVCache:
     def first_rows(self, n: int) -> KVCache:
         """A cache of this one's first n rows (views: what it writes, this one holds), `parent` this one: B rows of a
         decode graph captured for a larger batch (DecodeGraph.cache)."""
-        rows = KVCache.__new__(KVCache)
-        rows.__dict__.update(self.__dict__)
+        rows = copy.copy(self)
         rows.k, rows.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
         rows.valid, rows.parent = self.valid[:n], self
         return rows

@@ -494,7 +494,7 @@ def main(argv=None) -> int:
           f"{result['weight_read_limit_ms']:.3f} ms/token")
     default = decode_graph(ours, "compiled").fuse
     # (a captured path's option; inductor's need a C compiler, without which the default is the eager step's)
-    others = [f for f in FUSES if f != default and c_compiler()] if args.device == "cuda" else []
+    others = [f for f in FUSES if f != default] if args.device == "cuda" and c_compiler() else []
     variants = {f: DecodeGraph(ours, "compiled", fuse=f) for f in others}
     result["graph_fuse"], result["variants"] = default, list(variants)  # one graph each for both sections
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
