@@ -32,13 +32,14 @@ the 4-row one) so the same graph serves every later prompt, length and batch siz
 Sequence-mode exits stay in the graph world: a step in which every row runs the same first n blocks replays a graph
 of depth n (captured on first use, the row's translator reading included); rows at different depths take the loop.
 `DecodeGraph(fuse=...)` says what the graphs replay: the eager step (`none`), each block and the head compiled by
-inductor (`blocks`, the default: one compile per block index and batch shape, shared by every depth), or the whole
-step compiled (`step`: one compile per depth). On an H100 (benchmarks/results/gpu_check_h100_run3.json, 1B-shaped,
-bf16) `blocks` decodes in 0.59-0.63x the eager capture's time and `step` 3% faster still, but `step` compiles
-again for each exit depth a generation reaches; `blocks` compiles ~9-12 s once per batch-size bucket. Inductor's
-kernels round differently from the eager ones in the last bits: `none` replays the block loop's kernels (at a
-power-of-two batch size exactly; other sizes run padded to their bucket, whose matmuls may round differently), and
-is the default where Triton has no C compiler (default_fuse).
+inductor (`blocks`, the default: one compile per block index and batch shape, shared by every depth), or the whole step
+compiled (`step`: one compile per depth), or the blocks compiled with inductor's coordinate-descent tuning (`tuned`: a
+batch-1 GEMV becomes a tuned Triton reduction instead of a cuBLAS call; not yet measured on a GPU). On an H100
+(benchmarks/results/gpu_check_h100_run3.json, 1B-shaped, bf16) `blocks` decodes in 0.59-0.63x the eager capture's time
+and `step` 3% faster still, but `step` compiles again for each exit depth a generation reaches; `blocks` compiles ~9-12
+s once per batch-size bucket. Inductor's kernels round differently from the eager ones in the last bits: `none` replays
+the block loop's kernels (at a power-of-two batch size exactly; other sizes run padded to their bucket, whose matmuls
+may round differently), and is the default where Triton has no C compiler (default_fuse).
 
 A prompt's forward can run its blocks compiled too (`compile_prefill`, --prefill compiled): the eager loop with its
 exit checks, each block call through inductor instead of the module's ~45 dispatched ops.
@@ -69,7 +70,7 @@ from adainfer.quant import (
 
 DECODE_MODES = ("eager", "compiled", "int4")
 PREFILL_MODES = ("eager", "compiled")  # how a prompt's blocks run (compile_prefill)
-FUSES = ("none", "blocks", "step")  # what a captured graph replays (DecodeGraph)
+FUSES = ("none", "blocks", "step", "tuned")  # what a captured graph replays (DecodeGraph)
 # On a GPU. H100, 1B-shaped model, bf16 (benchmarks/results/gpu_check_h100_run3.json): ms/token at batch 1 / 8,
 # none 2.25 / 2.42, blocks 1.41 / 1.42, step 1.37 / 1.39; first calls at full and half depth (compiles, captures)
 # 0.8, 12 and 13 s: step compiles again for every exit depth, blocks once for all: blocks. gpu_check measures all.
@@ -80,6 +81,11 @@ MAX_GRAPHS = 32  # captured decode steps kept per model (batch-size buckets x de
 # assert the size and stride of each of those inputs and of every kernel's output at each call (~600 Python calls a
 # step, 0.4 ms of it): the shapes are fixed by the modules.
 COMPILE_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
+# fuse="tuned": inductor's coordinate-descent tuning of each Triton kernel's launch configuration, which on a GPU also
+# writes a one-row matmul (a batch-1 GEMV) as its own Triton reduction, fused with the norm before it, instead of
+# calling cuBLAS (torch._inductor.decomposition.mm: "our matrix vector multiplies only achieve peak bandwidth with
+# coordinate descent tuning"; gpt-fast's setting). Longer compiles (each kernel benchmarked); on the CPU the same C++.
+TUNED_OPTIONS = {**COMPILE_OPTIONS, "coordinate_descent_tuning": True}
 
 
 def quantize_model(model: Decoder) -> None:
@@ -194,12 +200,12 @@ class Parts:
 EAGER = Parts()
 
 
-def compiled_parts() -> Parts:
+def compiled_parts(options: dict = COMPILE_OPTIONS) -> Parts:
     """The block and the head compiled by inductor (norms, rotary, cache writes and elementwise tails fused around
     the matmuls): one compile per block index and batch shape, and per head, which every depth, translator and block
     list then shares (a compile of the whole step would be one per depth)."""
-    return Parts(torch.compile(run_block, dynamic=False, options=COMPILE_OPTIONS),
-                 torch.compile(final_logits, dynamic=False, options=COMPILE_OPTIONS))
+    return Parts(torch.compile(run_block, dynamic=False, options=options),
+                 torch.compile(final_logits, dynamic=False, options=options))
 
 
 def prefill_block(block: torch.nn.Module, h: torch.Tensor, ctx: Context, layer: int, skip_attn: bool,
@@ -300,6 +306,8 @@ class DecodeGraph:
         #   blocks  each block and the head compiled by inductor (compiled_parts): a few fused kernels a block, one
         #           compile per block index and batch shape that every depth shares
         #   step    the whole step compiled: also fuses across blocks, but one compile per graph key (each depth)
+        #   tuned   blocks, with inductor's coordinate-descent tuning (TUNED_OPTIONS: batch-1 GEMVs as tuned Triton
+        #           reductions fused with their norms; gpu_check measures it beside the default)
         # Float rounding differs from the eager step's in the last bits. Default: default_fuse (FUSE_DEFAULT on a GPU).
         fuse = default_fuse(model.device) if fuse is None else fuse
         if fuse not in FUSES:
@@ -308,8 +316,9 @@ class DecodeGraph:
         self.replay_step = rotary_step
         if self.fuse == "step":
             self.replay_step = torch.compile(rotary_step, dynamic=False, options=COMPILE_OPTIONS)
-        elif self.fuse == "blocks":
-            self.replay_step = functools.partial(rotary_step, parts=compiled_parts())
+        elif self.fuse in ("blocks", "tuned"):
+            parts = compiled_parts(TUNED_OPTIONS if self.fuse == "tuned" else COMPILE_OPTIONS)
+            self.replay_step = functools.partial(rotary_step, parts=parts)
         self.step = decode_step if self.capture or not compile else \
             torch.compile(decode_step, dynamic=False, options=COMPILE_OPTIONS)
         if self.fuse != "none" or self.step is not decode_step:

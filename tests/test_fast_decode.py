@@ -115,7 +115,7 @@ def test_captured_generation_reuses_its_cache_and_graphs(converted):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fuse", ["blocks", "step"])
+@pytest.mark.parametrize("fuse", ["blocks", "step", "tuned"])
 def test_fused_capture_gives_the_block_loops_tokens(converted, fuse):
     """fuse: the captured path replays inductor's compiled blocks and head, or its compiled step (on the CPU its C++
     loops in the static buffers; on a GPU the fused Triton kernels captured, test_cuda.py): the block loop's tokens,
@@ -131,7 +131,7 @@ def test_fused_capture_gives_the_block_loops_tokens(converted, fuse):
         assert [g.token_ids for g in generate(model, PROMPTS, 8, plan, graph=graph)] == want
         compiled.append(counters["stats"]["unique_graphs"])
     assert sorted(len(k[2] or (0, 1, 2)) for k in graph.graphs) == [1, 3]
-    assert (compiled[1] == compiled[0]) == (fuse == "blocks")
+    assert (compiled[1] == compiled[0]) == (fuse != "step")
     assert DecodeGraph(model, "compiled", compile=False, fuse=fuse).fuse == "none", "a captured path's option"
     assert DecodeGraph(model, "compiled", capture=True).fuse == "none", "on the CPU the default replays eager steps"
     with pytest.raises(AdainferError, match="fuse.*unknown 'all'"):
