@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from adainfer.cli import add_prefill_option, cli_main
+from adainfer.cli import add_prefill_option, check_prefill_option, cli_main
 from adainfer.exit import FEATURES
 
 
@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                          args.target_agreement, args.stride), args.label, args.holdout, args.batch_size,
               args.check_dtype)
     parse_kind(args.translator)
+    check_prefill_option(args)
     data = calibration_set(tasks=args.task, task_file=args.task_file, prompts_file=args.prompts, labels=args.labels,
                            demos=args.demos, data=args.data, shots=args.shots, template=args.template,
                            limit=args.limit, seed=args.seed, candidates=args.candidates)

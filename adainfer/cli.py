@@ -12,10 +12,18 @@ from adainfer.errors import AdainferError
 
 def add_prefill_option(p: argparse.ArgumentParser) -> None:
     """--prefill: how a prompt's blocks run (adainfer.fast_decode.prefill_mode)."""
-    p.add_argument("--prefill", default="eager", choices=["eager", "compiled"],
-                   help="how a prompt's blocks run: eager (the modules, default) or compiled (each block through "
+    p.add_argument("--prefill", default="eager", choices=["eager", "compiled", "captured"],
+                   help="how a prompt's blocks run: eager (the modules, default), compiled (each block through "
                         "torch.compile/inductor, compiled on first use, before the clock starts; 5-7%% faster in "
-                        "float32 for the default model on a 2-core Xeon, see README)")
+                        "float32 for the default model on a 2-core Xeon, see README) or captured (--device cuda: "
+                        "the compiled blocks replayed from CUDA graphs, captured per prompt shape)")
+
+
+def check_prefill_option(args: argparse.Namespace) -> None:
+    """Refuse --prefill captured off a GPU, before anything loads."""
+    from adainfer.fast_decode import check_prefill_device
+
+    check_prefill_device(args.prefill, args.device)
 
 
 def add_check_options(p: argparse.ArgumentParser) -> None:
@@ -29,10 +37,11 @@ def add_check_options(p: argparse.ArgumentParser) -> None:
 
 
 def check_check_options(args: argparse.Namespace) -> None:
-    """Refuse --capture-checks off a GPU and --sync-every below 1, before anything loads."""
+    """Refuse --capture-checks (and --prefill captured) off a GPU and --sync-every below 1, before anything loads."""
     from adainfer.exit import check_capture_checks
 
     check_capture_checks(args.capture_checks, args.device)
+    check_prefill_option(args)
     if args.sync_every < 1:
         raise AdainferError("--sync-every", f"must be at least 1, got {args.sync_every}")
 

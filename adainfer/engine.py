@@ -127,8 +127,9 @@ class Engine:
         """Answer each prompt with up to `max_new_tokens` tokens (greedy unless `sampling`; prompt i samples with
         seed sampling.seed + i), early exit by `exit` (see resolve_exit) beyond the first token in `mode`
         (none | sequence | token, adainfer.generate), `batch_size` prompts per forward. `decode`: eager |
-        compiled | int4 (adainfer.fast_decode); `prefill`: eager | compiled, how the prompt's blocks run
-        (fast_decode.compile_prefill; the model keeps it). `sync_every`: exit decisions read from the device every
+        compiled | int4 (adainfer.fast_decode); `prefill`: eager | compiled | captured, how the prompt's blocks
+        run (fast_decode.prefill_mode; the model keeps it; captured: on a GPU, each new prompt shape captured on its
+        first call). `sync_every`: exit decisions read from the device every
         N checks (one host synchronisation for N layers; a row that fired answers from its layer); `capture_checks`:
         each check replayed as a CUDA graph (GPU; adainfer.exit.CheckGraphs). `truncate`: cut prompts longer than
         the context to their last tokens instead of refusing them. `compare_dense`: time a dense run of each batch
@@ -213,8 +214,8 @@ class Engine:
         some of these reuse another's; a draft's draft and verify steps too; compiled prefill's blocks at two prompt
         lengths, so that the length is symbolic; the exit checks of `checked` once per batch size: on a GPU the
         kernel's tuning and the check graphs) off the clock."""
-        key = ("prefill", "compiled", cached)  # with a cache (more than one token) the blocks write it: other variants
-        if prefill == "compiled" and len(warm) > 2 and key not in self._warm:
+        key = ("prefill", prefill, cached)  # with a cache (more than one token) the blocks write it: other variants
+        if prefill != "eager" and len(warm) > 2 and key not in self._warm:
             for n in (len(warm), len(warm) - 1):  # two lengths: the prompt's length (and the cache's) symbolic
                 generate(self.model, [warm[-n:]], 2 if cached else 1, plan)
             self._warm.add(key)

@@ -51,7 +51,7 @@ import functools
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -69,13 +69,14 @@ from adainfer.quant import (
 )
 
 DECODE_MODES = ("eager", "compiled", "int4")
-PREFILL_MODES = ("eager", "compiled")  # how a prompt's blocks run (compile_prefill)
+PREFILL_MODES = ("eager", "compiled", "captured")  # how a prompt's blocks run (prefill_mode)
 FUSES = ("none", "blocks", "step", "tuned")  # what a captured graph replays (DecodeGraph)
 # On a GPU. H100, 1B-shaped model, bf16 (benchmarks/results/gpu_check_h100_run3.json): ms/token at batch 1 / 8,
 # none 2.25 / 2.42, blocks 1.41 / 1.42, step 1.37 / 1.39; first calls at full and half depth (compiles, captures)
 # 0.8, 12 and 13 s: step compiles again for every exit depth, blocks once for all: blocks. gpu_check measures all.
 FUSE_DEFAULT = "blocks"
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch-size buckets x depths x translators)
+MAX_PREFILL_GRAPHS = 512  # captured prefill blocks kept per model (blocks x prompt shapes x kinds of call)
 # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
 # the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph). Inductor would also
 # assert the size and stride of each of those inputs and of every kernel's output at each call (~600 Python calls a
@@ -224,22 +225,94 @@ def compile_prefill(model: Decoder, on: bool = True) -> None:
     symbolic); inductor's on-disk cache serves the blocks of equal shape after the first. Guards on the modules
     stay (a sliding layer and a global one differ in attributes only). Float rounding differs from the modules'
     in the last bits. on=False puts the modules back."""
-    if on and getattr(model, "compiled_prefill", None) is None:  # one per model: its variants stay when toggled
+    model.prefill_block = compiled_prefill_block(model) if on else None
+
+
+def compiled_prefill_block(model: Decoder) -> Callable:
+    """prefill_block through torch.compile, one per model (built on first use: its variants stay when toggled)."""
+    if getattr(model, "compiled_prefill", None) is None:
         model.compiled_prefill = torch.compile(prefill_block, options={"size_asserts": False})
         limit = max(64, 8 * model.config.n_layers)  # a variant per block, each kind of call, and the last block's
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
-    model.prefill_block = model.compiled_prefill if on else None
+    return model.compiled_prefill
+
+
+CONTEXT_TENSORS = ("cos", "sin", "mask", "rows", "local_mask", "cos_local", "sin_local")  # a prefill's, per forward
+
+
+class PrefillGraphs:
+    """A prompt's blocks replayed from CUDA graphs (--prefill captured), called as the model's prefill_block: each
+    block's call (its compiled function, compile_prefill's, or the module with compiled=False) captured on first use
+    per block, prompt shape and kind of call (`Captured`: the block's state and the forward's tables copied into the
+    graph's buffers, one replay, the output cloned out), so a forward launches a few copies and one graph a block
+    instead of a block's kernels one by one: on a GPU a prefill below ~2048 tokens is host-bound (benchmarks/
+    results/gpu_check_h100_run3.json: 8.1 ms through the modules at 1 x 512 tokens, 11.5 ms at 1 x 2048). Every new
+    batch size or prompt length captures its blocks again (batches compacted by exits included): it pays where
+    shapes repeat (fixed-length batches, a benchmark), not yet for prompts of every length. The KV cache's tensors
+    are the graphs' (keyed by their addresses: a decode graph's pooled cache keeps them; a new cache at new
+    addresses captures again). A call that records the sublayers' outputs for the exit rule (Context.record) runs
+    uncaptured. graph=False runs the same static-buffer path without capture (how the CPU tests exercise it)."""
+
+    def __init__(self, model: Decoder, graph: bool = True, compiled: bool = True):
+        self.block = compiled_prefill_block(model) if compiled else prefill_block
+        self.graph, self.graphs, self.pool = graph, {}, None  # graphs: in order of last use
+        self.cache: KVCache | None = None  # the cache of the call under way
+
+    def __call__(self, block: torch.nn.Module, h: torch.Tensor, ctx: Context, layer: int, skip_attn: bool,
+                 last_only: bool) -> torch.Tensor:
+        if ctx.record is not None or ctx.write_pos is not None:
+            return self.block(block, h, ctx, layer, skip_attn, last_only)
+        names = tuple(n for n in CONTEXT_TENSORS if getattr(ctx, n) is not None)
+        # (the cache rows of a compacted batch are indices on the CPU: a graph copies only on its device)
+        inputs = [h, *(getattr(ctx, n).to(h.device) for n in names)]
+        cache = ctx.cache
+        where = None if cache is None else (cache.length, *((t[layer].data_ptr(), t[layer].shape)
+                                                            for t in (cache.k, cache.v)))
+        key = (layer, skip_attn, last_only, ctx.is_causal, names, where,
+               *((t.shape, t.dtype, t.device) for t in inputs))
+        self.cache = cache  # what a step writes (not held by the graphs: a cache at other addresses is another key)
+        try:
+            graph = self.graphs.pop(key, None)
+            if graph is None:
+                while len(self.graphs) >= MAX_PREFILL_GRAPHS:
+                    self.graphs.pop(next(iter(self.graphs)))
+                if self.graph and self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()  # one pool: the blocks never replay at once
+                bare = replace(ctx, cache=None, **dict.fromkeys(names))  # the call's flags; tensors: the buffers
+
+                def step(h, *tensors):
+                    c = replace(bare, cache=self.cache, **dict(zip(names, tensors)))
+                    return self.block(block, h, c, layer, skip_attn, last_only)
+
+                graph = Captured(step, inputs, graph=self.graph, pool=self.pool)
+            self.graphs[key] = graph
+            return graph(*inputs)
+        finally:
+            self.cache = None
 
 
 def prefill_mode(model: Decoder, mode: str) -> None:
-    """Set how `model` runs a prompt's blocks: eager (its modules) or compiled (compile_prefill)."""
+    """Set how `model` runs a prompt's blocks: eager (its modules), compiled (compile_prefill) or captured (the
+    compiled blocks replayed from CUDA graphs: PrefillGraphs, GPUs only; the model keeps its captures)."""
     if mode not in PREFILL_MODES:
         raise AdainferError("--prefill", f"unknown mode {mode!r} (choose {', '.join(PREFILL_MODES)})")
-    if mode == "compiled":
-        check_compilable(model, "--prefill", "compiled prefill", compiler=True)
+    check_prefill_device(mode, model.device)
+    if mode != "eager":
+        check_compilable(model, "--prefill", f"{mode} prefill", compiler=True)
     compile_prefill(model, mode == "compiled")
+    if mode == "captured":
+        if getattr(model, "prefill_graphs", None) is None:
+            model.prefill_graphs = PrefillGraphs(model)
+        model.prefill_block = model.prefill_graphs
+
+
+def check_prefill_device(mode: str, device: torch.device | str) -> None:
+    """Refuse --prefill captured off a GPU (its blocks replay as CUDA graphs), before anything loads."""
+    if mode == "captured" and str(device).split(":")[0] != "cuda":
+        raise AdainferError("--prefill", "captured replays the prompt's blocks as CUDA graphs: it needs --device cuda "
+                                         "(on the CPU use --prefill compiled)")
 
 
 def check_compilable(model: Decoder, option: str, what: str, compiler: bool) -> None:

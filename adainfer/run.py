@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.decode != "eager" and args.max_new_tokens > 1 and not args.json and args.device == "cpu" and world.main:
         print(f"compiling the {args.decode} decode graph (first use on this machine: about a minute)...",
               file=sys.stderr, flush=True)
-    if args.prefill == "compiled" and not args.json and world.main:
+    if args.prefill != "eager" and not args.json and world.main:
         print("compiling the prompt's blocks (first use on this machine: seconds to a minute)...", file=sys.stderr,
               flush=True)
     results = engine.generate(list(prompts), args.max_new_tokens, exit=choice, mode=args.exit_mode,

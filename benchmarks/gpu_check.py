@@ -8,19 +8,20 @@ against transformers on the same weights in the same process:
            torch.compile graph on a CPU), transformers (dynamic cache; --hf-compile adds its static cache +
            torch.compile), against the weight-read limit (weight bytes / measured copy bandwidth)
            and, on a GPU, the same graphs replaying the other kernels DecodeGraph's `fuse` offers (recorded as
-           variants: the eager step's, inductor's compiled blocks or its compiled step, whichever are not the
-           default) with their agreement with the default graph's tokens and the seconds their first calls take
-           (captures and compiles, at full and at half depth)
+           variants: the eager step's, inductor's compiled blocks, its compiled step or the blocks compiled with
+           coordinate-descent tuning, whichever are not the default) with their agreement with the default graph's
+           tokens and the seconds their first calls take (captures and compiles, at full and at half depth)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five;
-           and a batch-1 prefill of 512 tokens through the modules and the compiled blocks, with the host's top five
-  prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours (the modules, and each block compiled by
-           inductor: --prefill compiled, fast_decode.compile_prefill, with its first calls timed apart) against
-           transformers
+           and a batch-1 prefill of 512 tokens through the modules, the compiled blocks and (GPU) the captured ones,
+           with the host's top five
+  prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours (the modules, each block compiled by
+           inductor: --prefill compiled, fast_decode.compile_prefill, and on a GPU those blocks replayed from CUDA
+           graphs: --prefill captured, fast_decode.PrefillGraphs; first calls timed apart) against transformers
   checks   a never-firing exit check after every block (the real probe: Triton top-2 and the features), prefill of
            512 tokens, host read every check and every 4 checks, each check run eagerly or replayed as a CUDA graph
            (Plan.capture_checks, not yet the default), and the features over 8 candidate head rows (a
-           classification task's answer tokens: Plan.candidates), on the modules and on the compiled blocks: time
+           classification task's answer tokens: Plan.candidates), on each of those prefill paths: time
            over the same path's dense time; the bar adds the floor of a full-vocabulary check after every block once
            the dense pass is device-bound (the head's read at copy bandwidth over the dense time)
   kernel   the Triton top-2 exit check against the bare GEMV h @ W.T on the 32000 x 4096, 49152 x 2048 and 49152 x 576
@@ -57,7 +58,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule  # noqa: E402
-from adainfer.fast_decode import FUSES, DecodeGraph, c_compiler, compile_prefill, decode_graph  # noqa: E402
+from adainfer.fast_decode import (  # noqa: E402
+    FUSES,
+    DecodeGraph,
+    c_compiler,
+    compile_prefill,
+    decode_graph,
+    prefill_mode,
+)
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 
@@ -258,8 +266,8 @@ def profile_prefill(ours, device, tokens: int, calls: int = 5) -> list[dict]:
     cuda = device == "cuda"
     x = torch.arange(10, 10 + tokens, device=device)[None]
     rows = []
-    for path in ("modules", "compiled"):
-        compile_prefill(ours, path == "compiled")
+    for path in ("modules", "compiled") + (("captured",) if cuda else ()):
+        prefill_mode(ours, "eager" if path == "modules" else path)
         try:
             with torch.inference_mode():
                 for _ in range(2):  # (the compiled path's first call compiles)
@@ -292,10 +300,11 @@ def profile_prefill(ours, device, tokens: int, calls: int = 5) -> list[dict]:
 
 
 def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
-    """Each shape through the modules (`ours`) and through inductor's compiled blocks (compile_prefill: `compiled`,
-    its first call at each shape timed apart: the compiles), against transformers; at the first length, a
-    never-firing check after every block on both, over the same path's dense time. A failure of the compiled path
-    is recorded in its row (`compiled_error`) and the others still measured."""
+    """Each shape through the modules (`ours`), inductor's compiled blocks (compile_prefill: `compiled`) and on a GPU
+    those replayed from CUDA graphs (PrefillGraphs: `captured`), their first call at each shape timed apart (the
+    compiles and captures), against transformers; at the first length, a never-firing check after every block on
+    each, over the same path's dense time. A failure of a compiled path is recorded in its row (`compiled_error`,
+    `captured_error`) and the others still measured."""
     rows = []
     checks = {  # name: (read every N checks, captured, candidate rows only)
         "check_every_block": (1, False, False), "check_every_block_read_every_4": (4, False, False),
@@ -307,31 +316,33 @@ def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
             row = {"batch": B, "tokens": T}
             with torch.inference_mode():
                 modules = ours(x).logits
-                for path in ("ours", "compiled"):
+                for path in ("ours", "compiled") + (("captured",) if device == "cuda" else ()):
                     try:
                         prefill_path(ours, x, path, modules, row, timer, checks, T == lengths[0], device)
-                    except Exception as e:  # noqa: BLE001 (the compiled path: said in the row, the rest measured)
+                    except Exception as e:  # noqa: BLE001 (a compiled path: said in the row, the rest measured)
                         if path == "ours":
                             raise
-                        row["compiled_error"] = f"{type(e).__name__}: {e}"[:500]
-                        print(f"compiled prefill failed: {row['compiled_error']}", file=sys.stderr)
+                        row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:500]
+                        print(f"{path} prefill failed: {row[f'{path}_error']}", file=sys.stderr)
                     finally:
                         compile_prefill(ours, False)
                 row["hf_ms"] = 1e3 * timer(lambda: hf(x, logits_to_keep=1, use_cache=False))
             row["speedup_vs_hf"] = row["hf_ms"] / row["ours_ms"]
-            if "compiled_ms" in row:
-                row["compiled_speedup_vs_hf"] = row["hf_ms"] / row["compiled_ms"]
+            for path in ("compiled", "captured"):
+                if f"{path}_ms" in row:
+                    row[f"{path}_speedup_vs_hf"] = row["hf_ms"] / row[f"{path}_ms"]
             rows.append(row)
             print_table(rows[-1:], list(row))
     return rows
 
 
 def prefill_path(ours, x, path: str, modules, row: dict, timer, checks: dict, with_checks: bool, device) -> None:
-    """One path of bench_prefill ("ours": the modules; "compiled": compile_prefill) into `row`."""
-    compile_prefill(ours, path == "compiled")
-    if path == "compiled":
-        row["compiled_first_call_s"] = timer.once(lambda: ours(x))
-        row["compiled_max_abs_diff"] = (ours(x).logits - modules).abs().max().item()
+    """One path of bench_prefill ("ours": the modules; "compiled": compile_prefill; "captured": the compiled blocks
+    replayed from CUDA graphs, PrefillGraphs) into `row`."""
+    prefill_mode(ours, "eager" if path == "ours" else path)
+    if path != "ours":
+        row[f"{path}_first_call_s"] = timer.once(lambda: ours(x))
+        row[f"{path}_max_abs_diff"] = (ours(x).logits - modules).abs().max().item()
     row[f"{path}_ms"] = 1e3 * timer(lambda: ours(x))
     # capture: Plan.capture_checks; candidates: the features over CANDIDATES head rows (a task's answer tokens)
     candidates = torch.arange(10, 10 + CANDIDATES, device=device)
@@ -340,7 +351,7 @@ def prefill_path(ours, x, path: str, modules, row: dict, timer, checks: dict, wi
                     candidates=candidates if restrict else None)
         timer.once(lambda: ours(x, plan=plan))  # (its first call compiles the blocks' variant)
         t = 1e3 * timer(lambda: ours(x, plan=plan))
-        row[f"{'' if path == 'ours' else 'compiled_'}{name}_overhead"] = t / row[f"{path}_ms"] - 1
+        row[f"{'' if path == 'ours' else path + '_'}{name}_overhead"] = t / row[f"{path}_ms"] - 1
 
 
 def graphed(fn):
@@ -447,6 +458,18 @@ def bar(result: dict) -> list[dict]:
                     r.get("compiled_check_every_block_captured_read_every_4_overhead", float("nan")))
                 for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r], min), "<="),
     ]
+    if any("captured_ms" in r or "captured_error" in r for r in pre):  # (a GPU's)
+        lines += [
+            ("(--prefill captured) prefill >= 1.3x transformers at every shape", 1.3,
+             every([r.get("captured_speedup_vs_hf") for r in pre], min), ">="),
+            ("(--prefill captured, capture_checks) exit check after every block <= 10% at batch 1", 0.10,
+             every([min(r.get("captured_check_every_block_captured_overhead", float("nan")),
+                        r.get("captured_check_every_block_captured_read_every_4_overhead", float("nan")))
+                    for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r], min), "<="),
+            (f"(--prefill captured, capture_checks, {CANDIDATES} candidate rows) exit check after every block <= 10% "
+             f"at batch 1", 0.10,
+             every([r.get("captured_check_every_block_candidates_captured_overhead")
+                    for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r], min), "<=")]
     for f in result.get("variants", []):  # the other captures: what switching the default to one would give
         lines += [(f"(fuse={f}) decode batch 1 <= 1.5x the weight-read limit (ms/token)", 1.5 * limit,
                    every([dec[1].get(f"ours_{f}_ms")], min), "<="),

@@ -140,6 +140,10 @@ def test_run_bad_arguments(tiny_model):
                            "needs --device cuda")
         assert_clean_error(run_cli("adainfer.eval", "--model", tiny_model, "--task", "sst2", "--capture-checks",
                                    "--out", "x.json"), "--capture-checks", "needs --device cuda")
+        assert_clean_error(run_cli("adainfer.run", "--model", tiny_model, "--prefill", "captured"), "--prefill",
+                           "needs --device cuda")
+        assert_clean_error(run_cli("adainfer.calibrate", "--model", tiny_model, "--prefill", "captured", "--prompts",
+                                   "p.jsonl", "--out", "c.json"), "--prefill", "needs --device cuda")
 
 
 def test_run_bad_prompt_lines(tiny_model, tmp_path):

@@ -11,7 +11,7 @@ from helpers import random_translator, run_cli
 from torch._dynamo.utils import counters
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule
-from adainfer.fast_decode import DecodeGraph, compile_prefill, decode_graph, default_fuse
+from adainfer.fast_decode import DecodeGraph, compile_prefill, decode_graph, default_fuse, prefill_mode
 from adainfer.generate import generate
 from adainfer.loading import load_model
 
@@ -142,6 +142,33 @@ def test_compiled_prefill_equals_the_modules_on_cuda(folder):
     torch.testing.assert_close(logits[1], logits[0], atol=0.05 * float(logits[0].abs().max()), rtol=0)
 
 
+def test_captured_prefill_equals_the_modules_on_cuda(folder):
+    """--prefill captured (PrefillGraphs: the compiled blocks replayed from CUDA graphs): float32, the modules'
+    greedy tokens and exit layers with rows leaving at different layers (compacted batches, cache rows), the same
+    prompts again replaying every block without a new capture; bfloat16, the prompt's logits within rounding."""
+    ids = prompts(8, seed=3)
+    model = load_model(folder, "float32", "cuda")[0]
+    plan = Plan(exit=ExitRule(ExitClassifier("svm", ["gap"], [1.0], -0.02), "cuda"))  # rows leave at various layers
+    want = generate(model, ids, 16, plan)
+    prefill_mode(model, "captured")
+    got = generate(model, ids, 16, plan)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    assert [g.layers_run for g in got] == [g.layers_run for g in want]
+    x = torch.tensor([p[:5] for p in ids], device="cuda")
+    with torch.inference_mode():
+        first = model(x, plan=plan)
+        n = len(model.prefill_graphs.graphs)
+        again = model(x, plan=plan)
+    assert n > 0 and len(model.prefill_graphs.graphs) == n
+    assert torch.equal(again.logits, first.logits) and torch.equal(again.layers_run, first.layers_run)
+    model = load_model(folder, "bfloat16", "cuda")[0]
+    with torch.inference_mode():
+        logits = [model(x).logits]
+        prefill_mode(model, "captured")
+        logits.append(model(x).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=0.05 * float(logits[0].abs().max()), rtol=0)
+
+
 @pytest.mark.slow
 def test_clis_on_cuda(folder, tmp_path):
     base = ("--model", folder, "--prompt", "hello there", "--max-new-tokens", "12", "--json", "--dense")
@@ -150,6 +177,10 @@ def test_clis_on_cuda(folder, tmp_path):
     assert eager.returncode == 0 and compiled.returncode == 0, eager.stderr + compiled.stderr
     assert json.loads(compiled.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]
     prefill = run_cli("adainfer.run", *base, "--device", "cuda", "--dtype", "float32", "--prefill", "compiled")
+    assert prefill.returncode == 0, prefill.stderr
+    assert json.loads(prefill.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]
+    prefill = run_cli("adainfer.run", *base, "--device", "cuda", "--dtype", "float32", "--prefill", "captured",
+                      "--decode", "compiled")
     assert prefill.returncode == 0, prefill.stderr
     assert json.loads(prefill.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]
     rows = tmp_path / "t.jsonl"

@@ -60,9 +60,9 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
     for the model); shortgpt computes Block Influence on `calibration_prompts` train prompts. With `out`, the
     results JSON is written there (atomically), the per-layer traces beside it (reused by a rerun) and, with
     `figures`, the PNGs. The exit methods read their decisions every `sync_every` checks and, with
-    `capture_checks`, replay each check as a CUDA graph (Plan; for GPUs). `prefill`: eager | compiled, how the
-    prompts' blocks run (adainfer.fast_decode.prefill_mode); compiled, every method first runs the first two
-    batches off the clock (the compiles)."""
+    `capture_checks`, replay each check as a CUDA graph (Plan; for GPUs). `prefill`: eager | compiled | captured,
+    how the prompts' blocks run (adainfer.fast_decode.prefill_mode); compiled or captured, every method first runs
+    the first two batches off the clock (the compiles and captures)."""
     from adainfer.eval.methods import build_method, oracle_translators, parse_method
     from adainfer.exit import check_capture_checks
     from adainfer.fast_decode import prefill_mode
@@ -104,7 +104,7 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
         oracle_translators(built, model)
         traces = None if out is None else Path(out).with_name(f"{Path(out).stem}_{k}shot_traces.npz")
         run = evaluate_shots(model, tok, ids, golds, cands, built, batch_size, traces, progress,
-                             warm=prefill == "compiled")
+                             warm=prefill != "eager")
         results.runs.append({"shots": k, **run})
     if out is not None and current_world().main:  # one writer among data-parallel ranks
         write_results(out, results.to_dict())
