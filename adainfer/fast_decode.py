@@ -76,7 +76,8 @@ FUSES = ("none", "blocks", "step", "tuned")  # what a captured graph replays (De
 # 0.8, 12 and 13 s: step compiles again for every exit depth, blocks once for all: blocks. gpu_check measures all.
 FUSE_DEFAULT = "blocks"
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch-size buckets x depths x translators)
-MAX_PREFILL_GRAPHS = 512  # captured prefill blocks kept per model (blocks x prompt shapes x kinds of call)
+MAX_PREFILL_LANES = 64  # prompt shapes whose captured blocks a model keeps (PrefillGraphs)
+PREFILL_PAD = 64  # --prefill captured: prompt lengths rounded up to a multiple of this (fewer shapes to capture)
 # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
 # the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph). Inductor would also
 # assert the size and stride of each of those inputs and of every kernel's output at each call (~600 Python calls a
@@ -245,19 +246,24 @@ CONTEXT_TENSORS = ("cos", "sin", "mask", "rows", "local_mask", "cos_local", "sin
 class PrefillGraphs:
     """A prompt's blocks replayed from CUDA graphs (--prefill captured), called as the model's prefill_block: each
     block's call (its compiled function, compile_prefill's, or the module with compiled=False) captured on first use
-    per block, prompt shape and kind of call (`Captured`: the block's state and the forward's tables copied into the
-    graph's buffers, one replay, the output cloned out), so a forward launches a few copies and one graph a block
+    per block, prompt shape and kind of call, so a forward launches a copy in, one graph and a copy out a block
     instead of a block's kernels one by one: on a GPU a prefill below ~2048 tokens is host-bound (benchmarks/
-    results/gpu_check_h100_run3.json: 8.1 ms through the modules at 1 x 512 tokens, 11.5 ms at 1 x 2048). Every new
-    batch size or prompt length captures its blocks again (batches compacted by exits included): it pays where
-    shapes repeat (fixed-length batches, a benchmark), not yet for prompts of every length. The KV cache's tensors
-    are the graphs' (keyed by their addresses: a decode graph's pooled cache keeps them; a new cache at new
-    addresses captures again). A call that records the sublayers' outputs for the exit rule (Context.record) runs
-    uncaptured. graph=False runs the same static-buffer path without capture (how the CPU tests exercise it)."""
+    results/gpu_check_h100_run3.json: 8.1 ms through the modules at 1 x 512 tokens, 11.5 ms at 1 x 2048).
 
-    def __init__(self, model: Decoder, graph: bool = True, compiled: bool = True):
+    The graphs of one shape (batch, length, which tables the forward has) share a `Lane` of static buffers: the
+    block's input and output and the forward's tables (rotary, masks, a compacted batch's cache rows), these copied in
+    once per forward. A new batch size or prompt length (batches compacted by exits included) captures its blocks
+    again: it pays where shapes repeat; `pad_multiple` rounds prompt lengths up for it (generate and the eval pad to
+    it). The KV cache's tensors are the graphs' (keyed by their addresses: a decode graph's pooled cache keeps them; a
+    new cache at new addresses captures again). A call that records the sublayers' outputs for the exit rule
+    (Context.record) runs uncaptured. graph=False runs the same static-buffer path without capture (how the CPU
+    tests exercise it)."""
+
+    def __init__(self, model: Decoder, graph: bool = True, compiled: bool = True, pad_multiple: int = 1):
         self.block = compiled_prefill_block(model) if compiled else prefill_block
-        self.graph, self.graphs, self.pool = graph, {}, None  # graphs: in order of last use
+        self.graph, self.pad_multiple = graph, pad_multiple
+        self.lanes: dict[tuple, Lane] = {}  # in order of last use
+        self.pool = None  # one memory pool for every capture: the blocks never replay at once
         self.cache: KVCache | None = None  # the cache of the call under way
 
     def __call__(self, block: torch.nn.Module, h: torch.Tensor, ctx: Context, layer: int, skip_attn: bool,
@@ -265,32 +271,66 @@ class PrefillGraphs:
         if ctx.record is not None or ctx.write_pos is not None:
             return self.block(block, h, ctx, layer, skip_attn, last_only)
         names = tuple(n for n in CONTEXT_TENSORS if getattr(ctx, n) is not None)
-        # (the cache rows of a compacted batch are indices on the CPU: a graph copies only on its device)
-        inputs = [h, *(getattr(ctx, n).to(h.device) for n in names)]
+        sources = [getattr(ctx, n) for n in names]
+        shape = (ctx.is_causal, names, *((t.shape, t.dtype) for t in [h, *sources]))
+        lane = self.lanes.pop(shape, None)
+        if lane is None:
+            while len(self.lanes) >= MAX_PREFILL_LANES:
+                self.lanes.pop(next(iter(self.lanes)))
+            if not self.lanes:
+                self.pool = None  # (a pool whose graphs are all gone is not captured into again: DecodeGraph.cache)
+            lane = Lane(h, ctx, names, sources)
+        self.lanes[shape] = lane
+        lane.load(h, sources)
         cache = ctx.cache
         where = None if cache is None else (cache.length, *((t[layer].data_ptr(), t[layer].shape)
                                                             for t in (cache.k, cache.v)))
-        key = (layer, skip_attn, last_only, ctx.is_causal, names, where,
-               *((t.shape, t.dtype, t.device) for t in inputs))
+        key = (layer, skip_attn, last_only, where)
         self.cache = cache  # what a step writes (not held by the graphs: a cache at other addresses is another key)
         try:
-            graph = self.graphs.pop(key, None)
+            graph = lane.graphs.get(key)
             if graph is None:
-                while len(self.graphs) >= MAX_PREFILL_GRAPHS:
-                    self.graphs.pop(next(iter(self.graphs)))
                 if self.graph and self.pool is None:
-                    self.pool = torch.cuda.graph_pool_handle()  # one pool: the blocks never replay at once
-                bare = replace(ctx, cache=None, **dict.fromkeys(names))  # the call's flags; tensors: the buffers
+                    self.pool = torch.cuda.graph_pool_handle()
+                out = lane.last(h) if last_only else lane.out
 
-                def step(h, *tensors):
-                    c = replace(bare, cache=self.cache, **dict(zip(names, tensors)))
-                    return self.block(block, h, c, layer, skip_attn, last_only)
+                def step():
+                    y = self.block(block, lane.h, lane.context(self.cache), layer, skip_attn, last_only)
+                    return out.copy_(y)
 
-                graph = Captured(step, inputs, graph=self.graph, pool=self.pool)
-            self.graphs[key] = graph
-            return graph(*inputs)
+                graph = lane.graphs[key] = Captured(step, [], graph=self.graph, pool=self.pool)
+            return graph()  # (cloned out of the lane's buffer)
         finally:
             self.cache = None
+
+
+class Lane:
+    """PrefillGraphs' buffers for one prompt shape: h, the block's input; out and last_out, its output (all positions,
+    or the last one for a run's final block); the forward's tables; and the graphs that read and write them."""
+
+    def __init__(self, h: torch.Tensor, ctx: Context, names: tuple[str, ...], sources: list[torch.Tensor]):
+        self.h, self.out, self.last_out = torch.empty_like(h), torch.empty_like(h), None
+        self.names = names
+        self.tables = [torch.empty_like(t, device=h.device) for t in sources]  # (cache rows: indices on the CPU)
+        self.bare = replace(ctx, cache=None, **dict.fromkeys(names))  # the forward's flags
+        self.sources: list[torch.Tensor] = []  # the tables last copied in (held: compared by identity)
+        self.graphs: dict[tuple, Captured] = {}
+
+    def load(self, h: torch.Tensor, sources: list[torch.Tensor]) -> None:
+        """Copy a block's input in, and the forward's tables unless they are those copied last."""
+        self.h.copy_(h)
+        if len(sources) != len(self.sources) or any(a is not b for a, b in zip(sources, self.sources)):
+            for static, t in zip(self.tables, sources):
+                static.copy_(t)
+            self.sources = sources
+
+    def last(self, h: torch.Tensor) -> torch.Tensor:
+        if self.last_out is None:
+            self.last_out = torch.empty_like(h[:, -1:])
+        return self.last_out
+
+    def context(self, cache: KVCache | None) -> Context:
+        return replace(self.bare, cache=cache, **dict(zip(self.names, self.tables)))
 
 
 def prefill_mode(model: Decoder, mode: str) -> None:
@@ -304,7 +344,7 @@ def prefill_mode(model: Decoder, mode: str) -> None:
     compile_prefill(model, mode == "compiled")
     if mode == "captured":
         if getattr(model, "prefill_graphs", None) is None:
-            model.prefill_graphs = PrefillGraphs(model)
+            model.prefill_graphs = PrefillGraphs(model, pad_multiple=PREFILL_PAD)
         model.prefill_block = model.prefill_graphs
 
 

@@ -32,15 +32,23 @@ def check_prompts(ids: list[list[int]], model: Decoder, max_new_tokens: int, whe
                                       "tokens")
 
 
-def left_pad(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(tokens (B, T), pad_mask (B, T) or None when no row is padded)."""
-    T = max(len(p) for p in ids)
+def left_pad(ids: list[list[int]], pad_id: int, device="cpu", multiple: int = 1
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens (B, T), pad_mask (B, T) or None when no row is padded); T the longest prompt rounded up to `multiple`
+    (prefill_pad)."""
+    T = -(-max(len(p) for p in ids) // multiple) * multiple
     tokens = torch.full((len(ids), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.bool)
     for b, p in enumerate(ids):
         tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[b, T - len(p):] = True
     return tokens.to(device), (None if bool(mask.all()) else mask.to(device))
+
+
+def prefill_pad(model) -> int:
+    """The multiple a prompt batch's length is padded to for `model`: its captured prefill's
+    (PrefillGraphs.pad_multiple: fewer shapes to capture), else 1."""
+    return getattr(model.prefill_block, "pad_multiple", 1)
 
 
 def length_batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -121,7 +129,7 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
     seeds = row_seeds if row_seeds is not None else [sampling.seed + b for b in range(len(ids))]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     pad = model.config.pad_id if model.config.pad_id is not None else 0
-    tokens, pad_mask = left_pad(ids, pad, model.device)
+    tokens, pad_mask = left_pad(ids, pad, model.device, prefill_pad(model))
     B, T = tokens.shape
     cache = None
     if max_new_tokens > 1:  # a decode graph hands out its own (on a GPU its captured graphs hold the addresses)

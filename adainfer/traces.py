@@ -17,7 +17,7 @@ import torch
 
 from adainfer.distributed import current_world
 from adainfer.exit import ExitClassifier, ExitRule, Plan
-from adainfer.generate import left_pad, length_batches
+from adainfer.generate import left_pad, length_batches, prefill_pad
 from adainfer.model import Decoder
 
 
@@ -105,7 +105,7 @@ def collect(model: Decoder, ids: list[list[int]], features=("gap", "top_prob"), 
     def run(b: int) -> dict:
         """One batch's readings (batch b, whichever process runs it)."""
         rows = batches[b]
-        tokens, mask = left_pad([ids[i] for i in rows], pad, model.device)
+        tokens, mask = left_pad([ids[i] for i in rows], pad, model.device, prefill_pad(model))
         out = model(tokens, pad_mask=mask, plan=plan)
         got = {"top1": np.zeros((len(rows), L), dtype=np.int64),
                "feats": {f: np.zeros((len(rows), L - 1), dtype=np.float32) for f in features}}

@@ -176,39 +176,50 @@ def prefill_outputs(model, plan):
 def test_captured_prefill_replays_each_shape_of_the_blocks(converted):
     """PrefillGraphs (--prefill captured) through its static buffers (graph=False, the modules inside: the same ops,
     so the same bits): Gemma 3's sliding and global layers, padding, a cache, rows leaving at different layers (the
-    batch compacted, its cache rows an input); each block, shape and kind of call captured once, replayed when the
-    same shapes come again, a new cache's addresses captured anew; a rule that records the sublayers runs the
-    blocks uncaptured. Captured on a GPU: test_cuda.py."""
+    batch compacted, its cache rows a table); each block, shape and kind of call captured once, replayed when the
+    same shapes come again, a new cache's addresses captured anew; a rule that records the sublayers runs the blocks
+    uncaptured; prompt lengths padded to pad_multiple give the same tokens. Captured on a GPU: test_cuda.py."""
     model = load_model(converted("gemma3-local", seed=3)[1], "float32")[0]
+    L = model.config.n_layers
     with torch.inference_mode():
         gaps = model(*left_pad(PROMPTS, 0)[:1], pad_mask=left_pad(PROMPTS, 0)[1],
                      plan=Plan(exit=ExitRule(never_rule()), record_features=True)).features[0]["gap"]
     plan = Plan(exit=ExitRule(ExitClassifier("svm", ["gap"], [1.0], -float(gaps.median()))))
     want, want_tokens = prefill_outputs(model, plan)
     model.prefill_block = graphs = PrefillGraphs(model, graph=False, compiled=False)
+
+    def captured():
+        return {(shape, key) for shape, lane in graphs.lanes.items() for key in lane.graphs}
+
     got, tokens = prefill_outputs(model, plan)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
     assert got[1].tolist() == want[1].tolist() and tokens == want_tokens
-    kinds = {k[:6] for k in graphs.graphs}
-    assert {k[0] for k in kinds} == set(range(model.config.n_layers)), "every block"
-    assert any(k[5] is not None for k in kinds) and any(k[5] is None for k in kinds), "with and without a cache"
-    assert any("rows" in k[4] for k in kinds) and any("local_mask" in k[4] for k in kinds)
+    assert {key[0] for _, key in captured()} == set(range(L)), "every block"
+    assert {key[3] is None for _, key in captured()} == {True, False}, "with and without a cache"
+    assert any("rows" in shape[1] for shape in graphs.lanes) and any("local_mask" in shape[1] for shape in graphs.lanes)
     tokens, pad_mask = left_pad(PROMPTS, 0)
     with torch.inference_mode():
         first = model(tokens, pad_mask=pad_mask, plan=plan).logits
-        n = len(graphs.graphs)
+        made = captured()
         assert torch.equal(model(tokens, pad_mask=pad_mask, plan=plan).logits, first)
-        assert len(graphs.graphs) == n, "the same shapes again: every block replayed, nothing captured"
+        other = left_pad(PROMPTS[::-1], 0)  # the same shape, other tables (padding, positions): copied in afresh
+        got = model(other[0], pad_mask=other[1], plan=plan).logits
+        assert captured() == made, "the same shapes again: every block replayed, nothing captured"
+        model.prefill_block = None
+        assert torch.equal(got, model(other[0], pad_mask=other[1], plan=plan).logits)
+        model.prefill_block = graphs
         caches = [KVCache(model.config, *tokens.shape, model.dtype) for _ in range(2)]  # both alive: two addresses
         for cache in caches:
             model(tokens, pad_mask=pad_mask, cache=cache)
-        assert len(graphs.graphs) == n + 2 * model.config.n_layers, "each cache's blocks captured"
+        assert len(captured()) == len(made) + 2 * L, "each cache's blocks captured"
         assert torch.equal(caches[0].k[0], caches[1].k[0]) and caches[0].k[0].abs().sum() > 0
-    cos = Plan(exit=ExitRule(ExitClassifier("svm", ["gap", "cos_mlp"], [1.0, 0.0], 1.0)))
-    n = len(graphs.graphs)
-    with torch.inference_mode():
+        cos = Plan(exit=ExitRule(ExitClassifier("svm", ["gap", "cos_mlp"], [1.0, 0.0], 1.0)))
+        made = captured()
         model(torch.tensor([[3, 4, 5, 6, 7]]), plan=cos)  # records the sublayers: the blocks run uncaptured
-    assert len(graphs.graphs) == n
+        assert captured() == made
+    model.prefill_block = graphs = PrefillGraphs(model, graph=False, compiled=False, pad_multiple=8)
+    assert [g.token_ids for g in generate(model, PROMPTS, 4, plan)] == want_tokens  # 9 tokens padded to 16
+    assert {shape[2][0][1] for shape in graphs.lanes} == {16}
     model.prefill_block = None
 
 

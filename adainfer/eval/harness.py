@@ -184,7 +184,7 @@ def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records, trans
     """Run one batch with `plan`, or with forced exits at per-row `depths` (the oracles: rows grouped by depth, each
     layer read through `translator` when given); fill the rows' records; return the seconds spent in the model."""
     from adainfer.exit import Plan
-    from adainfer.generate import left_pad
+    from adainfer.generate import left_pad, prefill_pad
 
     pad = model.config.pad_id if model.config.pad_id is not None else 0
     if depths is None:
@@ -194,7 +194,7 @@ def run_batch(model, tok, ids, golds, cands, batch, plan, depths, records, trans
         groups = [([i for i in batch if depths[i] == k], Plan(exit_at=k, translator=translator)) for k in levels]
     total = 0.0
     for rows, plan in groups:
-        tokens, mask = left_pad([ids[i] for i in rows], pad, model.device)
+        tokens, mask = left_pad([ids[i] for i in rows], pad, model.device, prefill_pad(model))
         t0 = time.perf_counter()
         out = model(tokens, pad_mask=mask, plan=plan)
         device_sync(model.device)()  # a GPU runs what was queued after the call returns
