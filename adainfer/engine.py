@@ -20,7 +20,7 @@ from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan, check_capture_checks, shipped_classifier
 from adainfer.fast_decode import decode_graph, prefill_mode, prepare_check_head
-from adainfer.generate import MODES, Sampling, check_prompts, generate, length_batches
+from adainfer.generate import MODES, Sampling, check_prompts, generate, length_batches, prefill_pad
 from adainfer.loading import load_model
 from adainfer.model import Decoder
 from adainfer.speculative import Draft, speculative_generate
@@ -216,8 +216,12 @@ class Engine:
         kernel's tuning and the check graphs) off the clock."""
         key = ("prefill", prefill, cached)  # with a cache (more than one token) the blocks write it: other variants
         if prefill != "eager" and len(warm) > 2 and key not in self._warm:
-            for n in (len(warm), len(warm) - 1):  # two lengths: the prompt's length (and the cache's) symbolic
-                generate(self.model, [warm[-n:]], 2 if cached else 1, plan)
+            # Two lengths: the prompt's length (and the cache's) symbolic. A captured prefill pads lengths to a
+            # multiple (prefill_pad): there the second is one past it, in the next multiple.
+            m = prefill_pad(self.model)
+            second = len(warm) - 1 if m == 1 else min(m + 1, self.model.config.max_seq_len - 2)
+            for n in (len(warm), second):
+                generate(self.model, [(warm * (n // len(warm) + 1))[-n:]], 2 if cached else 1, plan)
             self._warm.add(key)
         for size in sizes:
             key = (size, decode if cached else "prefill", prefill)
