@@ -33,6 +33,8 @@ class Captured:
         for static, t in zip(self.inputs, inputs):
             static.copy_(t)
         if self.graph is None:
-            return self.fn(*self.inputs)
-        self.graph.replay()
-        return tuple(t.clone() for t in self.output) if isinstance(self.output, tuple) else self.output.clone()
+            output = self.fn(*self.inputs)
+        else:
+            self.graph.replay()
+            output = self.output
+        return tuple(t.clone() for t in output) if isinstance(output, tuple) else output.clone()

@@ -76,7 +76,8 @@ FUSES = ("none", "blocks", "step", "tuned")  # what a captured graph replays (De
 # 0.8, 12 and 13 s: step compiles again for every exit depth, blocks once for all: blocks. gpu_check measures all.
 FUSE_DEFAULT = "blocks"
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch-size buckets x depths x translators)
-MAX_PREFILL_LANES = 64  # prompt shapes whose captured blocks a model keeps (PrefillGraphs)
+MAX_PREFILL_LANES = 32  # prompt shapes whose captured blocks a model keeps (PrefillGraphs)
+MAX_PREFILL_CACHES = 4  # KV caches PrefillGraphs hands out for generation, kept with their addresses
 PREFILL_PAD = 64  # --prefill captured: prompt lengths rounded up to a multiple of this (fewer shapes to capture)
 # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
 # the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph). Inductor would also
@@ -233,7 +234,9 @@ def compiled_prefill_block(model: Decoder) -> Callable:
     """prefill_block through torch.compile, one per model (built on first use: its variants stay when toggled)."""
     if getattr(model, "compiled_prefill", None) is None:
         model.compiled_prefill = torch.compile(prefill_block, options={"size_asserts": False})
-        limit = max(64, 8 * model.config.n_layers)  # a variant per block, each kind of call, and the last block's
+        # a variant per block and kind of call (the last block's, skipped attention, a mask or none), then the same
+        # again once the length, and once the batch size, is symbolic
+        limit = max(64, 16 * model.config.n_layers)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
@@ -262,9 +265,11 @@ class PrefillGraphs:
     def __init__(self, model: Decoder, graph: bool = True, compiled: bool = True, pad_multiple: int = 1):
         self.block = compiled_prefill_block(model) if compiled else prefill_block
         self.graph, self.pad_multiple = graph, pad_multiple
+        self.model = model
         self.lanes: dict[tuple, Lane] = {}  # in order of last use
         self.pool = None  # one memory pool for every capture: the blocks never replay at once
-        self.cache: KVCache | None = None  # the cache of the call under way
+        self.writing: KVCache | None = None  # the cache of the call under way
+        self.caches: dict[tuple[int, int], KVCache] = {}  # cache(): (rows, capacity) -> cache, in order of use
 
     def __call__(self, block: torch.nn.Module, h: torch.Tensor, ctx: Context, layer: int, skip_attn: bool,
                  last_only: bool) -> torch.Tensor:
@@ -277,8 +282,8 @@ class PrefillGraphs:
         if lane is None:
             while len(self.lanes) >= MAX_PREFILL_LANES:
                 self.lanes.pop(next(iter(self.lanes)))
-            if not self.lanes:
-                self.pool = None  # (a pool whose graphs are all gone is not captured into again: DecodeGraph.cache)
+            if not self.lanes:  # (a pool whose graphs are all gone is not captured into again: DecodeGraph.cache)
+                self.pool = None
             lane = Lane(h, ctx, names, sources)
         self.lanes[shape] = lane
         lane.load(h, sources)
@@ -286,22 +291,41 @@ class PrefillGraphs:
         where = None if cache is None else (cache.length, *((t[layer].data_ptr(), t[layer].shape)
                                                             for t in (cache.k, cache.v)))
         key = (layer, skip_attn, last_only, where)
-        self.cache = cache  # what a step writes (not held by the graphs: a cache at other addresses is another key)
+        self.writing = cache  # what a step writes (not held by the graphs: a cache at other addresses is another key)
         try:
-            graph = lane.graphs.get(key)
+            graph = lane.graphs.pop(key, None)
             if graph is None:
+                while len(lane.graphs) >= 4 * len(self.model.layers):  # (another cache's, least recently used first)
+                    lane.graphs.pop(next(iter(lane.graphs)))
                 if self.graph and self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
                 out = lane.last(h) if last_only else lane.out
 
                 def step():
-                    y = self.block(block, lane.h, lane.context(self.cache), layer, skip_attn, last_only)
+                    y = self.block(block, lane.h, lane.context(self.writing), layer, skip_attn, last_only)
                     return out.copy_(y)
 
-                graph = lane.graphs[key] = Captured(step, [], graph=self.graph, pool=self.pool)
+                graph = Captured(step, [], graph=self.graph, pool=self.pool)
+            lane.graphs[key] = graph  # (re)inserted last: in order of use
             return graph()  # (cloned out of the lane's buffer)
         finally:
-            self.cache = None
+            self.writing = None
+
+    def cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache for a generation whose prompt these graphs write (generate asks for it when it has no decode
+        graph): one per batch size and capacity (rounded up to a power of two), emptied, kept at its addresses, so
+        the blocks captured writing it replay for the next prompt of that shape instead of capturing again."""
+        size = max(64, 1 << (max_len - 1).bit_length())
+        cache = self.caches.pop((batch, size), None)
+        if cache is None:
+            while len(self.caches) >= MAX_PREFILL_CACHES:
+                self.caches.pop(next(iter(self.caches)))
+            model = self.model
+            cache = KVCache(model.local, batch, size, model.dtype, model.device)
+        self.caches[(batch, size)] = cache
+        cache.valid.zero_()
+        cache.length, cache.padded = 0, False
+        return cache
 
 
 class Lane:
@@ -436,9 +460,10 @@ class DecodeGraph:
             torch.compile(decode_step, dynamic=False, options=COMPILE_OPTIONS)
         if self.fuse != "none" or self.step is not decode_step:
             # One compiled variant per batch size, token count, block list and head (and captured depth, translator;
-            # with fuse="blocks" per block index and batch shape): dynamo's default of 8 variants per function is met
-            # by a speculative run at two batch sizes, and past it steps silently run uncompiled.
-            limit = max(64, 4 * model.config.n_layers)
+            # with fuse="blocks" or "tuned" per block index, batch bucket and cache size, and both count against
+            # run_block's one limit): dynamo's default of 8 variants per function is met by a speculative run at two
+            # batch sizes, and past it steps silently run uncompiled.
+            limit = max(64, 32 * model.config.n_layers)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 4 * limit)

@@ -132,9 +132,11 @@ def generate(model: Decoder, ids: list[list[int]], max_new_tokens: int = 1, plan
     tokens, pad_mask = left_pad(ids, pad, model.device, prefill_pad(model))
     B, T = tokens.shape
     cache = None
-    if max_new_tokens > 1:  # a decode graph hands out its own (on a GPU its captured graphs hold the addresses)
-        cache = KVCache(model.local, B, T + max_new_tokens - 1, model.dtype, model.device) if graph is None else \
-            graph.cache(B, T + max_new_tokens - 1)
+    if max_new_tokens > 1:  # a decode graph hands out its own (on a GPU its captured graphs hold the addresses),
+        # else a captured prefill does (its graphs write the cache they were captured on: PrefillGraphs.cache)
+        owner = graph if graph is not None else model.prefill_block if hasattr(model.prefill_block, "cache") else None
+        cache = KVCache(model.local, B, T + max_new_tokens - 1, model.dtype, model.device) if owner is None else \
+            owner.cache(B, T + max_new_tokens - 1)
     out = model(tokens, pad_mask=pad_mask, cache=cache, plan=plan)
     results = [Generation(logits=out.logits[b] if keep_logits else None) for b in range(B)]
     depth = out.layers_run

@@ -267,8 +267,8 @@ def profile_prefill(ours, device, tokens: int, calls: int = 5) -> list[dict]:
     x = torch.arange(10, 10 + tokens, device=device)[None]
     rows = []
     for path in ("modules", "compiled") + (("captured",) if cuda else ()):
-        prefill_mode(ours, "eager" if path == "modules" else path)
         try:
+            prefill_mode(ours, "eager" if path == "modules" else path)
             with torch.inference_mode():
                 for _ in range(2):  # (the compiled path's first call compiles)
                     ours(x)
@@ -310,13 +310,17 @@ def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
         "check_every_block": (1, False, False), "check_every_block_read_every_4": (4, False, False),
         "check_every_block_captured": (1, True, False), "check_every_block_captured_read_every_4": (4, True, False),
         "check_every_block_candidates": (1, False, True), "check_every_block_candidates_captured": (1, True, True)}
+    failed = False
     for B in (1, 8):
         for T in lengths:
             x = torch.randint(10, ours.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
             row = {"batch": B, "tokens": T}
             with torch.inference_mode():
                 modules = ours(x).logits
-                for path in ("ours", "compiled") + (("captured",) if device == "cuda" else ()):
+                row["hf_ms"] = 1e3 * timer(lambda: hf(x, logits_to_keep=1, use_cache=False))
+                # captured last: a capture that fails may leave the device unusable for what follows it
+                paths = ("ours", "compiled") + (("captured",) if device == "cuda" and not failed else ())
+                for path in paths:
                     try:
                         prefill_path(ours, x, path, modules, row, timer, checks, T == lengths[0], device)
                     except Exception as e:  # noqa: BLE001 (a compiled path: said in the row, the rest measured)
@@ -324,9 +328,9 @@ def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
                             raise
                         row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:500]
                         print(f"{path} prefill failed: {row[f'{path}_error']}", file=sys.stderr)
+                        failed |= path == "captured"  # (not tried again at the other shapes)
                     finally:
                         compile_prefill(ours, False)
-                row["hf_ms"] = 1e3 * timer(lambda: hf(x, logits_to_keep=1, use_cache=False))
             row["speedup_vs_hf"] = row["hf_ms"] / row["ours_ms"]
             for path in ("compiled", "captured"):
                 if f"{path}_ms" in row:
@@ -344,6 +348,10 @@ def prefill_path(ours, x, path: str, modules, row: dict, timer, checks: dict, wi
         row[f"{path}_first_call_s"] = timer.once(lambda: ours(x))
         row[f"{path}_max_abs_diff"] = (ours(x).logits - modules).abs().max().item()
     row[f"{path}_ms"] = 1e3 * timer(lambda: ours(x))
+    if path == "captured":  # what generate runs: the prompt left-padded (here by one token) to a multiple, masked
+        pad = torch.ones_like(x, dtype=torch.bool)
+        pad[:, 0] = False
+        row["captured_masked_ms"] = 1e3 * timer(lambda: ours(x, pad_mask=pad))
     # capture: Plan.capture_checks; candidates: the features over CANDIDATES head rows (a task's answer tokens)
     candidates = torch.arange(10, 10 + CANDIDATES, device=device)
     for name, (window, capture, restrict) in checks.items() if with_checks else ():
@@ -513,6 +521,8 @@ def main(argv=None) -> int:
         result["tests"] = run_tests()
         write_json(Path(args.out), result)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    # A compiled function past dynamo's recompile limit runs uncompiled, silently: here it raises (and is reported).
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     timer = Timer(args.device, args.repeats)
     with tempfile.TemporaryDirectory() as root:
         hf, ours = build(result["shape"], args.device, dtype, Path(root))

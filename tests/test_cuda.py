@@ -11,7 +11,15 @@ from helpers import random_translator, run_cli
 from torch._dynamo.utils import counters
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule
-from adainfer.fast_decode import DecodeGraph, compile_prefill, decode_graph, default_fuse, prefill_mode
+from adainfer.fast_decode import (
+    PREFILL_PAD,
+    DecodeGraph,
+    PrefillGraphs,
+    compile_prefill,
+    decode_graph,
+    default_fuse,
+    prefill_mode,
+)
 from adainfer.generate import generate
 from adainfer.loading import load_model
 
@@ -149,17 +157,24 @@ def test_captured_prefill_equals_the_modules_on_cuda(folder):
     ids = prompts(8, seed=3)
     model = load_model(folder, "float32", "cuda")[0]
     plan = Plan(exit=ExitRule(ExitClassifier("svm", ["gap"], [1.0], -0.02), "cuda"))  # rows leave at various layers
+    # the reference pads the prompts as the captured path does (to PREFILL_PAD), through the modules uncaptured
+    model.prefill_block = PrefillGraphs(model, graph=False, compiled=False, pad_multiple=PREFILL_PAD)
     want = generate(model, ids, 16, plan)
     prefill_mode(model, "captured")
     got = generate(model, ids, 16, plan)
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
     assert [g.layers_run for g in got] == [g.layers_run for g in want]
+
+    def captured():
+        return sum(len(lane.graphs) for lane in model.prefill_graphs.lanes.values())
+
+    n = captured()
+    assert n > 0 and [g.token_ids for g in generate(model, ids, 16, plan)] == [g.token_ids for g in got]
+    assert captured() == n, "the same prompts again: every block replayed (the cache handed out again)"
     x = torch.tensor([p[:5] for p in ids], device="cuda")
     with torch.inference_mode():
         first = model(x, plan=plan)
-        n = len(model.prefill_graphs.graphs)
         again = model(x, plan=plan)
-    assert n > 0 and len(model.prefill_graphs.graphs) == n
     assert torch.equal(again.logits, first.logits) and torch.equal(again.layers_run, first.layers_run)
     model = load_model(folder, "bfloat16", "cuda")[0]
     with torch.inference_mode():

@@ -186,6 +186,7 @@ def test_captured_prefill_replays_each_shape_of_the_blocks(converted):
                      plan=Plan(exit=ExitRule(never_rule()), record_features=True)).features[0]["gap"]
     plan = Plan(exit=ExitRule(ExitClassifier("svm", ["gap"], [1.0], -float(gaps.median()))))
     want, want_tokens = prefill_outputs(model, plan)
+    want_reversed = [g.token_ids for g in generate(model, PROMPTS[::-1], 4, plan)]
     model.prefill_block = graphs = PrefillGraphs(model, graph=False, compiled=False)
 
     def captured():
@@ -220,6 +221,9 @@ def test_captured_prefill_replays_each_shape_of_the_blocks(converted):
     model.prefill_block = graphs = PrefillGraphs(model, graph=False, compiled=False, pad_multiple=8)
     assert [g.token_ids for g in generate(model, PROMPTS, 4, plan)] == want_tokens  # 9 tokens padded to 16
     assert {shape[2][0][1] for shape in graphs.lanes} == {16}
+    made = captured()
+    assert [g.token_ids for g in generate(model, PROMPTS[::-1], 4, plan)] == want_reversed
+    assert captured() == made and len(graphs.caches) == 1, "the cache it handed out again, at its addresses"
     model.prefill_block = None
 
 
