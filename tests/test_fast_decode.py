@@ -224,6 +224,11 @@ def test_captured_prefill_replays_each_shape_of_the_blocks(converted):
     made = captured()
     assert [g.token_ids for g in generate(model, PROMPTS[::-1], 4, plan)] == want_reversed
     assert captured() == made and len(graphs.caches) == 1, "the cache it handed out again, at its addresses"
+    # with a decode graph (its static-buffer path) the prompt's blocks write the graph's pooled cache instead
+    decode = DecodeGraph(model, "compiled", compile=False, capture=True)
+    for _ in range(2):
+        assert [g.token_ids for g in generate(model, PROMPTS[::-1], 4, plan, graph=decode)] == want_reversed
+    assert len(graphs.caches) == 1 and len(captured()) == len(made) + L
     model.prefill_block = None
 
 
