@@ -219,7 +219,7 @@ class Engine:
             # Two lengths: the prompt's length (and the cache's) symbolic. A captured prefill pads lengths to a
             # multiple (prefill_pad): there the second is one past it, in the next multiple.
             m = prefill_pad(self.model)
-            second = len(warm) - 1 if m == 1 else min(m + 1, self.model.config.max_seq_len - 2)
+            second = m + 1 if 1 < m < self.model.config.max_seq_len - 2 else len(warm) - 1
             for n in (len(warm), second):
                 generate(self.model, [(warm * (n // len(warm) + 1))[-n:]], 2 if cached else 1, plan)
             self._warm.add(key)
