@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from adainfer.errors import AdainferError
+
 
 class Captured:
     """One function of fixed-shape tensors replayed as a CUDA graph: its inputs are copied into static buffers, the
@@ -38,3 +40,9 @@ class Captured:
             self.graph.replay()
             output = self.output
         return tuple(t.clone() for t in output) if isinstance(output, tuple) else output.clone()
+
+
+def require_cuda(option: str, what: str, device: torch.device | str, hint: str = "") -> None:
+    """Refuse `option` (`what` it does: replay CUDA graphs) off a GPU, in one line."""
+    if str(device).split(":")[0] != "cuda":
+        raise AdainferError(option, f"{what}: it needs --device cuda{hint}")

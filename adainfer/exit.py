@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adainfer.capture import Captured
+from adainfer.capture import Captured, require_cuda
 from adainfer.errors import AdainferError
 from adainfer.translator import Translator, sha256
 from kernels.top2 import Top2, lm_head_top2, top2_from_logits
@@ -275,8 +275,8 @@ class ExitRule:
 
 def check_capture_checks(capture_checks: bool, device: torch.device | str) -> None:
     """Refuse Plan.capture_checks (--capture-checks) off a GPU: the checks replay as CUDA graphs."""
-    if capture_checks and str(device).split(":")[0] != "cuda":
-        raise AdainferError("--capture-checks", "replays exit checks as CUDA graphs: it needs --device cuda")
+    if capture_checks:
+        require_cuda("--capture-checks", "replays exit checks as CUDA graphs", device)
 
 
 MAX_CHECK_GRAPHS = 256  # captured checks kept per rule (checked layers x row counts as rows leave x heads)

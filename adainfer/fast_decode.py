@@ -55,7 +55,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from adainfer.capture import Captured
+from adainfer.capture import Captured, require_cuda
 from adainfer.errors import AdainferError
 from adainfer.model import Context, Decoder, KVCache, default_positions
 from adainfer.quant import (
@@ -280,10 +280,8 @@ class PrefillGraphs:
         shape = (ctx.is_causal, names, *((t.shape, t.dtype) for t in [h, *sources]))
         lane = self.lanes.pop(shape, None)
         if lane is None:
-            while len(self.lanes) >= MAX_PREFILL_LANES:
+            while len(self.lanes) >= MAX_PREFILL_LANES:  # (never all: the pool keeps live graphs, DecodeGraph.cache)
                 self.lanes.pop(next(iter(self.lanes)))
-            if not self.lanes:  # (a pool whose graphs are all gone is not captured into again: DecodeGraph.cache)
-                self.pool = None
             lane = Lane(h, ctx, names, sources)
         self.lanes[shape] = lane
         lane.load(h, sources)
@@ -315,7 +313,7 @@ class PrefillGraphs:
         """A KV cache for a generation whose prompt these graphs write (generate asks for it when it has no decode
         graph): one per batch size and capacity (rounded up to a power of two), emptied, kept at its addresses, so
         the blocks captured writing it replay for the next prompt of that shape instead of capturing again."""
-        size = max(64, 1 << (max_len - 1).bit_length())
+        size = pool_capacity(max_len)
         cache = self.caches.pop((batch, size), None)
         if cache is None:
             while len(self.caches) >= MAX_PREFILL_CACHES:
@@ -323,9 +321,19 @@ class PrefillGraphs:
             model = self.model
             cache = KVCache(model.local, batch, size, model.dtype, model.device)
         self.caches[(batch, size)] = cache
-        cache.valid.zero_()
-        cache.length, cache.padded = 0, False
-        return cache
+        return emptied(cache)
+
+
+def pool_capacity(max_len: int) -> int:
+    """A pooled KV cache's capacity for max_len positions: a power of two, at least 64 (few sizes: few captures)."""
+    return max(64, 1 << (max_len - 1).bit_length())
+
+
+def emptied(cache: KVCache) -> KVCache:
+    """A pooled cache handed out again: nothing written, nothing valid."""
+    cache.valid.zero_()
+    cache.length, cache.padded = 0, False
+    return cache
 
 
 class Lane:
@@ -374,9 +382,9 @@ def prefill_mode(model: Decoder, mode: str) -> None:
 
 def check_prefill_device(mode: str, device: torch.device | str) -> None:
     """Refuse --prefill captured off a GPU (its blocks replay as CUDA graphs), before anything loads."""
-    if mode == "captured" and str(device).split(":")[0] != "cuda":
-        raise AdainferError("--prefill", "captured replays the prompt's blocks as CUDA graphs: it needs --device cuda "
-                                         "(on the CPU use --prefill compiled)")
+    if mode == "captured":
+        require_cuda("--prefill", "captured replays the prompt's blocks as CUDA graphs", device,
+                     " (on the CPU use --prefill compiled)")
 
 
 def check_compilable(model: Decoder, option: str, what: str, compiler: bool) -> None:
@@ -485,16 +493,14 @@ class DecodeGraph:
         rows = 1 << (batch - 1).bit_length()
         cache = self.pool.get(rows)
         if cache is None or cache.max_len < max_len:
-            size = max(64, 1 << (max_len - 1).bit_length())
-            cache = self.pool[rows] = KVCache(model.local, rows, size, model.dtype, model.device)
+            cache = self.pool[rows] = KVCache(model.local, rows, pool_capacity(max_len), model.dtype, model.device)
             self.graphs = {k: g for k, g in self.graphs.items() if k[0] != rows}
             if not self.graphs:
                 # The next capture takes a new memory pool: the allocator keeps a pool whose graphs are all gone until
                 # its memory is freed, and a capture into it then fails an internal assert (on an H100, torch 2.11: a
                 # short generation, then a longer one that outgrew the cache).
                 self.mempool = None
-        cache.valid.zero_()
-        cache.length, cache.padded = 0, False
+        emptied(cache)
         return cache if rows == batch else cache.first_rows(batch)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, depth: int | None = None, reader=None,
