@@ -190,8 +190,7 @@ def bench_decode(hf, ours, device, timer, new, hf_compile, variants) -> tuple[li
                 row[f"{f}_same_tokens_as_graph"] = sum(
                     x == y for r, q in zip(ours_tokens, b) for x, y in zip(r, q)) / (B * new)
             except Exception as e:  # noqa: BLE001 (a variant that fails is said in its row; the rest still measured)
-                row[f"{f}_error"] = f"{type(e).__name__}: {e}"[:500]
-                print(f"decode variant fuse={f} failed: {row[f'{f}_error']}", file=sys.stderr)
+                row[f"{f}_error"] = failure(f"decode variant fuse={f}", e)
         x = torch.tensor(ids, device=device)
 
         def hf_run(n, **kw):
@@ -237,8 +236,7 @@ def bench_profile(ours, device, new: int, variants) -> list[dict]:
                     torch.cuda.synchronize()
                 wall = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 (a variant that fails: said in its row, the others profiled)
-            rows.append({"graph": name, "new_tokens": new, "error": f"{type(e).__name__}: {e}"[:500]})
-            print(f"decode profile ({name}) failed: {rows[-1]['error']}", file=sys.stderr)
+            rows.append({"graph": name, "new_tokens": new, "error": failure(f"decode profile ({name})", e)})
             continue
         kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
         events = [e for e in prof.key_averages() if e.device_type == kind]
@@ -281,8 +279,8 @@ def profile_prefill(ours, device, tokens: int, calls: int = 5) -> list[dict]:
                         torch.cuda.synchronize()
                     wall = (time.perf_counter() - t0) / calls
         except Exception as e:  # noqa: BLE001 (the compiled path: said in its row, the decode profile kept)
-            rows.append({"prefill": path, "batch": 1, "tokens": tokens, "error": f"{type(e).__name__}: {e}"[:500]})
-            print(f"prefill profile ({path}) failed: {rows[-1]['error']}", file=sys.stderr)
+            rows.append({"prefill": path, "batch": 1, "tokens": tokens,
+                         "error": failure(f"prefill profile ({path})", e)})
             continue
         finally:
             compile_prefill(ours, False)
@@ -326,8 +324,7 @@ def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
                     except Exception as e:  # noqa: BLE001 (a compiled path: said in the row, the rest measured)
                         if path == "ours":
                             raise
-                        row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:500]
-                        print(f"{path} prefill failed: {row[f'{path}_error']}", file=sys.stderr)
+                        row[f"{path}_error"] = failure(f"{path} prefill", e)
                         failed |= path == "captured"  # (not tried again at the other shapes)
                     finally:
                         compile_prefill(ours, False)
@@ -429,6 +426,13 @@ def kernel_rows(timer_bw: float) -> list[dict]:
                                                          for a, b in zip(fused[1:], got[1:]))})
             print_table(rows[-1:], list(rows[-1]))
     return rows
+
+
+def failure(what: str, e: Exception) -> str:
+    """What broke, said on stderr and returned for the JSON (a part that failed; the rest is still measured)."""
+    said = f"{type(e).__name__}: {e}"[:500]
+    print(f"{what} failed: {said}", file=sys.stderr)
+    return said
 
 
 def every(values: list, reduce) -> float:
