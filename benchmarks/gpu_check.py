@@ -32,8 +32,12 @@ against transformers on the same weights in the same process:
            candidates, kernels.top2.TRY_PIPE), and the untuned defaults replayed so
            (what the autotuner bought)
 
-    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--hf-compile]
-                                   [--sections decode,profile,prefill,kernel]
+    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--test-workers 4]
+                                   [--hf-compile] [--sections decode,profile,prefill,kernel]
+
+The tests (tests/test_cuda.py, tests/test_kernel.py) run first, dealt to --test-workers pytest processes at once
+(mostly compiling on the host's cores: one process took ~6 minutes on the H100 machine); the measurements after them
+run alone.
 
 Prints each table and the bar (goal, measured, met) and writes JSON with the machine. `--device cpu --tiny` runs the
 same code on a tiny model (seconds; the kernel section needs CUDA): how CPU CI keeps this script working.
@@ -81,16 +85,62 @@ CANDIDATES = 8  # head rows a candidate-mode check reads (a classification task'
 SECTIONS = ("decode", "profile", "prefill", "kernel")
 
 
-def run_tests() -> dict:
-    """The CUDA tests and the kernel tests, with Triton compiling for the GPU (not its interpreter)."""
+TEST_FILES = ("tests/test_cuda.py", "tests/test_kernel.py")
+HEAVY_TESTS = {"clis": 8, "fuse": 3, "prefill": 3, "captured": 2, "candidate": 2}  # nodeid word -> rough cost
+
+
+def shards(nodeids: list[str], workers: int) -> list[list[str]]:
+    """The tests dealt to `workers` groups of about equal cost, dearest first (HEAVY_TESTS: each starts its own
+    compiles or CLI processes)."""
+    cost = {n: max([w for word, w in HEAVY_TESTS.items() if word in n], default=1) for n in nodeids}
+    groups = [[] for _ in range(max(1, min(workers, len(nodeids))))]
+    load = [0] * len(groups)
+    for n in sorted(nodeids, key=lambda n: -cost[n]):
+        i = load.index(min(load))
+        groups[i].append(n)
+        load[i] += cost[n]
+    return groups
+
+
+def run_tests(workers: int = 4, files: tuple[str, ...] = TEST_FILES) -> dict:
+    """The CUDA tests and the kernel tests, with Triton compiling for the GPU (not its interpreter), in `workers`
+    pytest processes at once: most of their time is compiling (inductor, Triton) on the host's cores, not the GPU."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py", "tests/test_kernel.py"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
-    tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-300:]]
-    print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n")
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail[0])}
-    return {"returncode": proc.returncode, "summary": tail[0], **counts, "seconds": time.perf_counter() - t0}
+    collect = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *files],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    nodeids = [line for line in collect.stdout.splitlines() if "::" in line]
+    if collect.returncode != 0 or not nodeids:
+        print(collect.stdout[-3000:], collect.stderr[-2000:], sep="\n")
+        return {"returncode": collect.returncode or 1, "summary": "collection failed", "error": 1,
+                "seconds": time.perf_counter() - t0}
+    logs = tempfile.TemporaryDirectory()
+    procs = []
+    for i, group in enumerate(shards(nodeids, workers)):
+        with open(Path(logs.name) / f"{i}.log", "w") as log:  # (the process keeps its own handle)
+            procs.append(subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                                           *group], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    seconds = [None] * len(procs)
+    while None in seconds:  # each process's own end
+        for i, proc in enumerate(procs):
+            if seconds[i] is None and proc.poll() is not None:
+                seconds[i] = time.perf_counter() - t0
+        time.sleep(0.2)
+    counts, summaries = {}, []
+    for i, proc in enumerate(procs):
+        out = (Path(logs.name) / f"{i}.log").read_text()
+        tail = out.strip().splitlines()[-1:] or ["no output"]
+        summaries.append(tail[0])
+        if proc.returncode != 0:
+            print(out[-3000:])
+        for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail[0]):
+            counts[k.rstrip("s")] = counts.get(k.rstrip("s"), 0) + int(n)
+    logs.cleanup()
+    summary = (", ".join(f"{n} {k}" for k, n in counts.items())
+               + f" in {time.perf_counter() - t0:.0f}s ({len(procs)} processes)")
+    print(summary)
+    return {"returncode": max(p.returncode for p in procs), "summary": summary, **counts, "collected": len(nodeids),
+            "seconds": time.perf_counter() - t0, "shard_summaries": summaries, "shard_seconds": seconds}
 
 
 def build(shape: str, device: str, dtype: torch.dtype, root: Path):
@@ -505,6 +555,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="a tiny model and short runs (a check of this script)")
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--test-workers", type=int, default=4, help="pytest processes the tests are dealt to (default 4)")
     p.add_argument("--hf-compile", action="store_true", help="also transformers' static cache + torch.compile (slow)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sections", type=lambda v: v.split(","), default=list(SECTIONS),
@@ -514,6 +565,9 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: --sections: unknown {', '.join(unknown)} (choose from {', '.join(SECTIONS)})", file=sys.stderr)
         return 2
+    if args.test_workers < 1:
+        print(f"error: --test-workers: {args.test_workers} (at least 1)", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device: CUDA is not available here (--device cpu --tiny checks the script)", file=sys.stderr)
         return 2
@@ -522,7 +576,7 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
               "shape": "tiny" if args.tiny else "llama-3.2-1b", "command": " ".join(sys.argv)}
     if not args.skip_tests:
-        result["tests"] = run_tests()
+        result["tests"] = run_tests(args.test_workers)
         write_json(Path(args.out), result)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     # A compiled function past dynamo's recompile limit runs uncompiled, silently: here it raises (and is reported).

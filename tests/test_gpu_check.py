@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, the command a session lent a GPU runs: on the CPU with a tiny model its whole path runs
 (build and convert, decode, exit, prefill, checks, the bar); the kernel section needs CUDA."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -51,3 +52,29 @@ def test_gpu_check_refuses_cuda_where_there_is_none(tmp_path):
     proc = gpu_check("--skip-tests", "--out", tmp_path / "gc.json")
     assert proc.returncode == 2 and "CUDA is not available" in proc.stderr
     assert not (tmp_path / "gc.json").exists()
+
+
+def gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_tests_are_dealt_to_processes_of_about_equal_cost():
+    shards = gpu_check_module().shards
+    ids = ["t.py::test_clis_on_cuda", *(f"t.py::test_fused_capture[{f}]" for f in "abc"),
+           *(f"t.py::test_small[{i}]" for i in range(10))]
+    groups = shards(ids, 4)
+    assert sorted(n for g in groups for n in g) == sorted(ids), "every test once"
+    assert groups[0] == ["t.py::test_clis_on_cuda"], "the dearest alone (8 against 3 fused + 3 small a process)"
+    assert max(map(len, groups[1:])) - min(map(len, groups[1:])) <= 1
+    assert shards(ids[:2], 4) == [[ids[0]], [ids[1]]], "no more processes than tests"
+
+
+def test_the_cuda_tests_run_in_several_processes(tmp_path):
+    """Here every test of test_cuda.py skips (no GPU): each is collected, dealt and counted once."""
+    result = gpu_check_module().run_tests(3, ("tests/test_cuda.py",))
+    assert result["returncode"] == 0, result
+    assert result["collected"] >= 10 and result["skipped"] == result["collected"] and "passed" not in result
+    assert len(result["shard_seconds"]) == 3 and all(0 < s <= result["seconds"] for s in result["shard_seconds"])
