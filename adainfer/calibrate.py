@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from adainfer import distributed
     from adainfer.calibration import FitOptions, calibrate, calibration_set, check_fit, print_report
     from adainfer.engine import load
-    from adainfer.fast_decode import prefill_mode
+    from adainfer.fast_prefill import prefill_mode
     from adainfer.translator import parse_kind
 
     world = distributed.init(args.device, args.tp)

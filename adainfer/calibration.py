@@ -118,9 +118,9 @@ def calibrate(engine, data: CalibrationSet | None = None, *, label: str = "final
     classifier from the translated reading; the plain classifier's held-out figures are reported beside it.
     `check_cost`: one exit check's time in blocks, which the tuning weighs against the blocks an exit saves (None:
     measured here on the median prompt at batch 1 with `check_head`; 0: checks are free). `prefill`: eager |
-    compiled | captured, how the prompts' blocks run (adainfer.fast_decode.prefill_mode; the block time a check is
+    compiled | captured, how the prompts' blocks run (adainfer.fast_prefill.prefill_mode; the block time a check is
     weighed against included). Returns the classifier (save it with .save; its translator is written beside it)."""
-    from adainfer.fast_decode import prefill_mode
+    from adainfer.fast_prefill import prefill_mode
     from adainfer.generate import check_prompts
     from adainfer.loading import load_model
 

@@ -1,5 +1,6 @@
 """One fixed-shape step replayed as a CUDA graph (gpt-fast's lever against a host-bound loop): the captured decode
-steps (adainfer.fast_decode) and the captured exit checks (adainfer.exit.CheckGraphs) both replay through it."""
+steps (adainfer.fast_decode), a prompt's captured blocks (adainfer.fast_prefill) and the captured exit checks
+(adainfer.exit.CheckGraphs) all replay through it."""
 
 from __future__ import annotations
 

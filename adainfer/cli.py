@@ -11,7 +11,7 @@ from adainfer.errors import AdainferError
 
 
 def add_prefill_option(p: argparse.ArgumentParser) -> None:
-    """--prefill: how a prompt's blocks run (adainfer.fast_decode.prefill_mode)."""
+    """--prefill: how a prompt's blocks run (adainfer.fast_prefill.prefill_mode)."""
     p.add_argument("--prefill", default="eager", choices=["eager", "compiled", "captured"],
                    help="how a prompt's blocks run: eager (the modules, default), compiled (each block through "
                         "torch.compile/inductor, compiled on first use, before the clock starts; 5-7%% faster in "
@@ -21,7 +21,7 @@ def add_prefill_option(p: argparse.ArgumentParser) -> None:
 
 def check_prefill_option(args: argparse.Namespace) -> None:
     """Refuse --prefill captured off a GPU, before anything loads."""
-    from adainfer.fast_decode import check_prefill_device
+    from adainfer.fast_prefill import check_prefill_device
 
     check_prefill_device(args.prefill, args.device)
 

@@ -19,7 +19,8 @@ import torch
 from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan, check_capture_checks, shipped_classifier
-from adainfer.fast_decode import decode_graph, prefill_mode, prepare_check_head
+from adainfer.fast_decode import decode_graph, prepare_check_head
+from adainfer.fast_prefill import prefill_mode
 from adainfer.generate import MODES, Sampling, check_prompts, generate, length_batches, prefill_pad
 from adainfer.loading import load_model
 from adainfer.model import Decoder
@@ -128,7 +129,7 @@ class Engine:
         seed sampling.seed + i), early exit by `exit` (see resolve_exit) beyond the first token in `mode`
         (none | sequence | token, adainfer.generate), `batch_size` prompts per forward. `decode`: eager |
         compiled | int4 (adainfer.fast_decode); `prefill`: eager | compiled | captured, how the prompt's blocks
-        run (fast_decode.prefill_mode; the model keeps it; captured: on a GPU, each new prompt shape captured on its
+        run (fast_prefill.prefill_mode; the model keeps it; captured: on a GPU, each new prompt shape captured on its
         first call). `sync_every`: exit decisions read from the device every
         N checks (one host synchronisation for N layers; a row that fired answers from its layer); `capture_checks`:
         each check replayed as a CUDA graph (GPU; adainfer.exit.CheckGraphs). `truncate`: cut prompts longer than

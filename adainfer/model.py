@@ -385,7 +385,7 @@ class Decoder(nn.Module):
                              persistent=False)
         self.embed_mult = config.embed_scale  # rounded to the model's dtype by adainfer.loading, as Gemma does
         self.head_q8: QuantWeight | None = None  # the head rounded to int8: the int8 check head, int4 decoding
-        # A prefill's blocks through inductor (set by adainfer.fast_decode.compile_prefill): called as
+        # A prefill's blocks through inductor (set by adainfer.fast_prefill.compile_prefill): called as
         # prefill_block(block, h, ctx, layer, skip_attn, last_only) in place of block(h, ctx, layer, ...).
         self.prefill_block = None
 

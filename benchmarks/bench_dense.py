@@ -2,7 +2,7 @@
 
 transformers runs with logits_to_keep=1 and use_cache=False (ours computes the last token's logits only and keeps
 no cache on a single-token answer). Ours runs twice: its modules (`ours`) and each block compiled by inductor
-(`compiled`, --prefill compiled: fast_decode.compile_prefill; its first call at each shape timed apart). All run in
+(`compiled`, --prefill compiled: fast_prefill.compile_prefill; its first call at each shape timed apart). All run in
 this one process, interleaved, median of --repeats.
 
     python benchmarks/bench_dense.py [--model DIR] [--lengths 64 256 1024] [--dtypes float32 bfloat16] [--threads 2]
@@ -30,7 +30,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from adainfer.fast_decode import compile_prefill, prefill_mode  # noqa: E402
+from adainfer.fast_prefill import compile_prefill, prefill_mode  # noqa: E402
 
 
 def compare(ours, hf, ids: torch.Tensor, repeats: int, sync=None) -> tuple[bool, dict]:

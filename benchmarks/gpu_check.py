@@ -16,8 +16,8 @@ against transformers on the same weights in the same process:
            and a batch-1 prefill of 512 tokens through the modules, the compiled blocks and (GPU) the captured ones,
            with the host's top five
   prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours (the modules, each block compiled by
-           inductor: --prefill compiled, fast_decode.compile_prefill, and on a GPU those blocks replayed from CUDA
-           graphs: --prefill captured, fast_decode.PrefillGraphs; first calls timed apart) against transformers
+           inductor: --prefill compiled, fast_prefill.compile_prefill, and on a GPU those blocks replayed from CUDA
+           graphs: --prefill captured, fast_prefill.PrefillGraphs; first calls timed apart) against transformers
   checks   a never-firing exit check after every block (the real probe: Triton top-2 and the features), prefill of
            512 tokens, host read every check and every 4 checks, each check run eagerly or replayed as a CUDA graph
            (Plan.capture_checks, not yet the default), and the features over 8 candidate head rows (a
@@ -62,14 +62,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json  # noqa: E402
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule  # noqa: E402
-from adainfer.fast_decode import (  # noqa: E402
-    FUSES,
-    DecodeGraph,
-    c_compiler,
-    compile_prefill,
-    decode_graph,
-    prefill_mode,
-)
+from adainfer.fast_decode import FUSES, DecodeGraph, c_compiler, decode_graph  # noqa: E402
+from adainfer.fast_prefill import compile_prefill, prefill_mode  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
 

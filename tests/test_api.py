@@ -90,12 +90,14 @@ CLI_MODULES = {"adainfer.run", "adainfer.calibrate", "adainfer.eval.__main__", "
 # module -> what it may not import (at any depth of its own imports)
 NEVER = {
     "kernels": ("adainfer", "weights_convert"),
-    "adainfer.quant": ("adainfer.model", "adainfer.generate", "adainfer.fast_decode", "adainfer.engine"),
+    "adainfer.quant": ("adainfer.model", "adainfer.generate", "adainfer.fast_decode", "adainfer.fast_prefill",
+                       "adainfer.engine"),
     "adainfer.translator": ("adainfer.exit", "adainfer.model", "adainfer.generate", "adainfer.engine", "sklearn"),
     "adainfer.exit": ("adainfer.model", "adainfer.generate", "adainfer.engine", "sklearn"),
-    "adainfer.model": ("adainfer.generate", "adainfer.fast_decode", "adainfer.engine", "adainfer.calibration",
-                       "adainfer.eval", "weights_convert", "sklearn"),
+    "adainfer.model": ("adainfer.generate", "adainfer.fast_decode", "adainfer.fast_prefill", "adainfer.engine",
+                       "adainfer.calibration", "adainfer.eval", "weights_convert", "sklearn"),
     "adainfer.loading": ("weights_convert", "adainfer.generate", "adainfer.engine"),
+    "adainfer.fast_decode": ("adainfer.fast_prefill", "adainfer.generate", "adainfer.engine"),
 }
 
 

@@ -11,15 +11,8 @@ from helpers import random_translator, run_cli
 from torch._dynamo.utils import counters
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, gap_rule
-from adainfer.fast_decode import (
-    PREFILL_PAD,
-    DecodeGraph,
-    PrefillGraphs,
-    compile_prefill,
-    decode_graph,
-    default_fuse,
-    prefill_mode,
-)
+from adainfer.fast_decode import DecodeGraph, decode_graph, default_fuse
+from adainfer.fast_prefill import PREFILL_PAD, PrefillGraphs, compile_prefill, prefill_mode
 from adainfer.generate import generate
 from adainfer.loading import load_model
 

@@ -11,16 +11,8 @@ from torch._dynamo.utils import counters
 
 from adainfer.errors import AdainferError
 from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule
-from adainfer.fast_decode import (
-    MAX_GRAPHS,
-    DecodeGraph,
-    PrefillGraphs,
-    compile_prefill,
-    decode_graph,
-    prefill_mode,
-    quantize_model,
-    rotary_step,
-)
+from adainfer.fast_decode import MAX_GRAPHS, DecodeGraph, decode_graph, quantize_model, rotary_step
+from adainfer.fast_prefill import PrefillGraphs, compile_prefill, prefill_mode
 from adainfer.generate import generate, left_pad
 from adainfer.loading import load_model
 from adainfer.model import KVCache
@@ -161,7 +153,7 @@ def test_compilers_the_compiled_paths_need(converted, monkeypatch):
     fd.check_compilable(on_gpu, "--decode", "compiled decoding", compiler=False)  # CUDA graphs of the eager step
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(AdainferError, match="--prefill: .*C\\+\\+ compiler; 'no-such-compiler' is not on PATH"):
-        fd.prefill_mode(model, "compiled")
+        prefill_mode(model, "compiled")
 
 
 def prefill_outputs(model, plan):

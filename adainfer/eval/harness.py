@@ -61,11 +61,11 @@ def evaluate(engine, task: str | Task | None = None, methods: list[str] | None =
     results JSON is written there (atomically), the per-layer traces beside it (reused by a rerun) and, with
     `figures`, the PNGs. The exit methods read their decisions every `sync_every` checks and, with
     `capture_checks`, replay each check as a CUDA graph (Plan; for GPUs). `prefill`: eager | compiled | captured,
-    how the prompts' blocks run (adainfer.fast_decode.prefill_mode); compiled or captured, every method first runs
+    how the prompts' blocks run (adainfer.fast_prefill.prefill_mode); compiled or captured, every method first runs
     the first two batches off the clock (the compiles and captures)."""
     from adainfer.eval.methods import build_method, oracle_translators, parse_method
     from adainfer.exit import check_capture_checks
-    from adainfer.fast_decode import prefill_mode
+    from adainfer.fast_prefill import prefill_mode
     from adainfer.tasks import answer_ids, label_candidates, task_prompts, task_source
 
     methods = list(methods or DEFAULT_METHODS)
