@@ -7,10 +7,10 @@ against transformers on the same weights in the same process:
            graph (--decode compiled: CUDA graphs on a GPU, of the default `fuse` recorded as graph_fuse; the
            torch.compile graph on a CPU), transformers (dynamic cache; --hf-compile adds its static cache +
            torch.compile), against the weight-read limit (weight bytes / measured copy bandwidth)
-           and, on a GPU, the same graphs replaying the other kernels DecodeGraph's `fuse` offers (recorded as
-           variants: the eager step's, inductor's compiled blocks, its compiled step or the blocks compiled with
-           coordinate-descent tuning, whichever are not the default) with their agreement with the default graph's
-           tokens and the seconds their first calls take (captures and compiles, at full and at half depth)
+           and, on a GPU with --variants, the same graphs replaying other kernels DecodeGraph's `fuse` offers
+           (recorded as variants: the eager step's, inductor's compiled blocks, its compiled step or the blocks
+           compiled with coordinate-descent tuning) with their agreement with the default graph's tokens and the
+           seconds their first calls take (captures and compiles, at full and at half depth)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five;
            and a batch-1 prefill of 512 tokens through the modules, the compiled blocks and (GPU) the captured ones,
@@ -33,11 +33,13 @@ against transformers on the same weights in the same process:
            (what the autotuner bought)
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--test-workers 4]
-                                   [--hf-compile] [--sections decode,profile,prefill,kernel]
+                                   [--hf-compile] [--sections decode,prefill,kernel] [--variants tuned,step]
 
 The tests (tests/test_cuda.py, tests/test_kernel.py) run first, dealt to --test-workers pytest processes at once
 (mostly compiling on the host's cores: one process took ~6 minutes on the H100 machine); the measurements after them
-run alone.
+run alone. By default the sections of the issue's table (decode with its exit, prefill with its checks, kernel); the
+profile and the other decode captures (--variants, each compiling its own graphs) are asked for. The JSON has each
+section's seconds (section_seconds) and the tests' (tests.seconds): the issue asks for the default under 5 minutes.
 
 Prints each table and the bar (goal, measured, met) and writes JSON with the machine. `--device cpu --tiny` runs the
 same code on a tiny model (seconds; the kernel section needs CUDA): how CPU CI keeps this script working.
@@ -77,6 +79,7 @@ SHAPES = {  # Hugging Face LlamaConfig kwargs
 HEADS = ((32000, 4096), (49152, 2048), (49152, 576))
 CANDIDATES = 8  # head rows a candidate-mode check reads (a classification task's answer tokens)
 SECTIONS = ("decode", "profile", "prefill", "kernel")
+TABLE = ("decode", "prefill", "kernel")  # the default: the issue's table (profile: what to fix next, on request)
 
 
 TEST_FILES = ("tests/test_cuda.py", "tests/test_kernel.py")
@@ -552,13 +555,19 @@ def main(argv=None) -> int:
     p.add_argument("--test-workers", type=int, default=4, help="pytest processes the tests are dealt to (default 4)")
     p.add_argument("--hf-compile", action="store_true", help="also transformers' static cache + torch.compile (slow)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sections", type=lambda v: v.split(","), default=list(SECTIONS),
-                   help=f"comma-separated: which of {', '.join(SECTIONS)} to measure, in that order (default: all)")
+    p.add_argument("--sections", type=lambda v: v.split(","), default=list(TABLE),
+                   help=f"comma-separated: which of {', '.join(SECTIONS)} to measure, in that order "
+                        f"(default: {','.join(TABLE)})")
+    p.add_argument("--variants", type=lambda v: v.split(","), default=[],
+                   help=f"comma-separated: decode graphs of other `fuse`s ({', '.join(FUSES)}; all: every one but "
+                        f"the default) timed and profiled beside the default (GPU; default: none)")
     args = p.parse_args(argv)
-    unknown = sorted(set(args.sections) - set(SECTIONS))
-    if unknown:
-        print(f"error: --sections: unknown {', '.join(unknown)} (choose from {', '.join(SECTIONS)})", file=sys.stderr)
-        return 2
+    for option, given, known in (("--sections", args.sections, SECTIONS), ("--variants", args.variants,
+                                                                          (*FUSES, "all"))):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            print(f"error: {option}: unknown {', '.join(unknown)} (choose from {', '.join(known)})", file=sys.stderr)
+            return 2
     if args.test_workers < 1:
         print(f"error: --test-workers: {args.test_workers} (at least 1)", file=sys.stderr)
         return 2
@@ -588,7 +597,8 @@ def main(argv=None) -> int:
           f"{result['weight_read_limit_ms']:.3f} ms/token")
     default = decode_graph(ours, "compiled").fuse
     # (a captured path's option; inductor's need a C compiler, without which the default is the eager step's)
-    others = [f for f in FUSES if f != default] if args.device == "cuda" and c_compiler() else []
+    others = [f for f in FUSES if f != default and ("all" in args.variants or f in args.variants)
+              ] if args.device == "cuda" and c_compiler() else []
     variants = {f: DecodeGraph(ours, "compiled", fuse=f) for f in others}
     result["graph_fuse"], result["variants"] = default, list(variants)  # one graph each for both sections
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
@@ -598,12 +608,15 @@ def main(argv=None) -> int:
                 "prefill": lambda: bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048)),
                 "kernel": lambda: bench_kernel(bw) if args.device == "cuda" else None}
     sections = {k: sections[k] for k in dict.fromkeys(args.sections)}  # in the order given
+    result["section_seconds"] = {}
     for name, section in sections.items():  # a failing section is reported, the others still run
+        started = time.perf_counter()
         try:
             result[name] = section()
         except Exception as e:  # noqa: BLE001 (a measurement script: say what broke and go on)
             result[name], result[f"{name}_error"] = None, f"{type(e).__name__}: {e}"
             print(f"{name} failed: {result[f'{name}_error']}", file=sys.stderr)
+        result["section_seconds"][name] = time.perf_counter() - started
         write_json(Path(args.out), result)  # what is measured so far, should the run be cut off
     result["bar"] = bar(result) if result.get("decode") and result.get("prefill") else []
     if result["bar"]:  # (decode and prefill both measured)

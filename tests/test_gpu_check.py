@@ -20,7 +20,8 @@ def gpu_check(*args):
 @pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
     out = tmp_path / "gc.json"
-    proc = gpu_check("--device", "cpu", "--tiny", "--skip-tests", "--repeats", "1", "--out", out)
+    proc = gpu_check("--device", "cpu", "--tiny", "--skip-tests", "--repeats", "1", "--out", out,
+                     "--sections", "decode,profile,prefill,kernel", "--variants", "all")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [r["batch"] for r in result["decode"]] == [1, 8]
@@ -39,11 +40,15 @@ def test_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
     assert result["kernel"] is None and len(result["bar"]) == 10 and result["weight_read_limit_ms"] > 0
     assert "goal" in proc.stdout and "measured" in proc.stdout
     assert result["variants"] == [], "the other captures are a GPU's"
+    assert list(result["section_seconds"]) == ["decode", "profile", "prefill", "kernel"]
 
 
-def test_gpu_check_refuses_an_unknown_section(tmp_path):
+def test_gpu_check_refuses_an_unknown_section_or_variant(tmp_path):
     proc = gpu_check("--device", "cpu", "--sections", "decode,kernels", "--out", tmp_path / "gc.json")
     assert proc.returncode == 2 and "--sections: unknown kernels" in proc.stderr
+    proc = gpu_check("--device", "cpu", "--variants", "tuned,fused", "--out", tmp_path / "gc.json")
+    assert proc.returncode == 2
+    assert "--variants: unknown fused (choose from none, blocks, step, tuned, all)" in proc.stderr
     assert not (tmp_path / "gc.json").exists()
 
 
