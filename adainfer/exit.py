@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from adainfer.capture import Captured, require_cuda
 from adainfer.errors import AdainferError
 from adainfer.translator import Translator, sha256
-from kernels.top2 import Top2, lm_head_top2, top2_from_logits
+from kernels.top2 import Top2, dequantize_head, lm_head_top2, top2_from_logits
 
 FEATURES = ("gap", "top_prob", "cos_attn", "cos_mlp", "cos_hidden")
 KINDS = ("svm", "gap", "crf", "never")
@@ -207,18 +207,27 @@ def probe(model, h_last: torch.Tensor, weight: torch.Tensor | None, check_head: 
     """The exit check on last-token states (b, dim) against head rows `weight` of `model` (an adainfer Decoder; None:
     the whole head, read in shards under tensor parallelism):
     Top2, and on the CPU path the float32 logits it computed (so that an exiting row need not run the head again).
-    check_head "int8": the features come from the model's int8 head (a quarter of float32's bytes) and no logits are
-    returned, so a row that exits takes its answer from the head at full precision."""
+    check_head "int8": the features come from the model's int8 head (a quarter of float32's bytes, 56% of a 16-bit
+    head's with its scales) and no logits are returned, so a row that exits takes its answer from the head at full
+    precision. On the CPU its products run in integers (activations rounded to int8 too), on a GPU in the Triton
+    kernel (activations kept: its features are the dequantized head's)."""
     c = model.config
     if weight is None and model.shard is not None:  # tensor parallel: four numbers per row and rank, no logits
         return model.shard.top2(model.head(h_last, model.head_weight)), None
+    scale = None
+    if check_head == "int8":
+        q8 = model.int8_head()
+        if not h_last.is_cuda:
+            return top2_from_logits(model.softcap(q8(model.head_input(h_last)))), None
+        weight, scale = q8.q, q8.scale
     weight = model.head_weight if weight is None else weight
     if h_last.is_cuda and c.final_softcap is None:  # fused kernel, logits never written
         if c.rotary and not c.norm_unit_offset and model.norm is not None:  # Llama's final RMSNorm folded in
-            return lm_head_top2(h_last, weight, model.norm.weight, c.norm_eps), None
-        return lm_head_top2(model.head_input(h_last), weight), None
-    if check_head == "int8":
-        return top2_from_logits(model.softcap(model.int8_head()(model.head_input(h_last)))), None
+            return lm_head_top2(h_last, weight, model.norm.weight, c.norm_eps, scale), None
+        return lm_head_top2(model.head_input(h_last), weight, scale=scale), None
+    if scale is not None:  # soft-capped logits on a GPU: the int8 head dequantized, its logits written
+        logits = model.head_input(h_last).float() @ dequantize_head(weight, scale).T
+        return top2_from_logits(model.softcap(logits)), None
     logits = model.head(h_last, weight)  # (soft-capped logits change the probabilities: the kernel cannot fold it)
     return top2_from_logits(logits), logits
 
@@ -297,15 +306,14 @@ class CheckGraphs:
     def covers(rule: ExitRule, model, plan: Plan) -> bool:
         """Whether this run's checks can be replayed: no memory between checks (CRF, cosine features), nothing kept
         per check (record_features), the full-precision head, no soft-capping (the GPU kernel's case), one process's
-        whole head."""
+        whole head. (The int8 check head too: on a GPU the kernel reads it.)"""
         return (rule.clf.kind != "crf" and not rule.needs_record and not plan.record_features
-                and (plan.check_head == "full" or plan.candidates is not None)
                 and model.config.final_softcap is None and model.shard is None)
 
-    def __call__(self, model, n: int, x: torch.Tensor, reader, weight: torch.Tensor | None
+    def __call__(self, model, n: int, x: torch.Tensor, reader, weight: torch.Tensor | None, check_head: str = "full"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Last-token states x (b, dim) after n blocks -> (what the check read (b, dim), fire (b,) bool)."""
-        key = (id(model), n, tuple(x.shape), id(reader), None if weight is None else id(weight))
+        key = (id(model), n, tuple(x.shape), id(reader), None if weight is None else id(weight), check_head)
         graph = self.graphs.pop(key, None)
         if graph is None:
             while len(self.graphs) >= MAX_CHECK_GRAPHS:  # least recently used first
@@ -314,7 +322,7 @@ class CheckGraphs:
 
             def check(x):
                 read = x if reader is None else reader.read(n, x)
-                top2, _ = probe(model, read, weight)
+                top2, _ = probe(model, read, weight, check_head)
                 fire, _ = rule.fire(compute_features(rule.features, top2, None, None, None), {})
                 return read, fire
 
@@ -348,7 +356,7 @@ class Plan:
     capture_checks: bool = False  # replay each check as a CUDA graph where CheckGraphs covers the rule (GPUs; not
     #                               yet the default: measured beside the eager check by benchmarks/gpu_check.py)
     fill_skipped_kv: bool = False  # rows that exit get K/V for the blocks they skip, from their exit state (CALM)
-    check_head: str = "full"  # "int8": CPU exit features from an int8 copy of the head; answers at full precision
+    check_head: str = "full"  # "int8": exit features from an int8 copy of the head; answers at full precision
     translator: object | None = None  # adainfer.translator.Translator: checks, and rows that stop before the last
     #                                   block (exits, exit_at), read the layer through its map
     answer: bool = True  # False (with hidden_states, no exit rule): no final head, Output.logits / token None (a

@@ -121,12 +121,11 @@ def prepare_check_head(model: Decoder, check_head: str, candidates: torch.Tensor
     anything is timed."""
     if check_head == "full":
         return
-    if model.device.type != "cpu" or candidates is not None:
-        why = "on a GPU the fused kernel does the check" if model.device.type != "cpu" else \
-            "candidate features read only the candidates' head rows"
-        raise AdainferError(where, f"the {check_head} check head is for full-vocabulary checks on the CPU ({why})")
-    if model.dtype not in (torch.float32, torch.bfloat16):
-        raise AdainferError(where, f"needs a float32 or bfloat16 model, not {str(model.dtype)[6:]}")
+    if candidates is not None:
+        raise AdainferError(where, f"the {check_head} check head is for full-vocabulary checks (candidate features "
+                                   f"read only the candidates' head rows)")
+    if model.device.type == "cpu" and model.dtype not in (torch.float32, torch.bfloat16):  # (the C++ kernels')
+        raise AdainferError(where, f"needs a float32 or bfloat16 model on the CPU, not {str(model.dtype)[6:]}")
     model.int8_head()
 
 

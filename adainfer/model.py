@@ -443,12 +443,14 @@ class Decoder(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def int8_head(self) -> QuantWeight:
-        """The head rounded to int8 (quant.quantize_int8), built on first use (~0.3 s for the default model, and the
-        kernels' build the first time on a machine) and again when the head's weights have been replaced."""
+        """The head rounded to int8 (quant.quantize_int8), built on first use (~0.3 s for the default model, and on
+        the CPU the kernels' build the first time on a machine; a GPU reads it through the Triton top-2 kernel) and
+        again when the head's weights have been replaced."""
         if self.shard is not None:
             raise AdainferError("--check-head", "the int8 check head is not built for tensor-parallel runs (--tp)")
         if self.head_q8 is None or self.head_q8.built_from != self.head_weight.data_ptr():
-            load_q4q8_kernel(what="--check-head int8")
+            if self.device.type == "cpu":
+                load_q4q8_kernel(what="--check-head int8")
             self.head_q8 = QuantWeight(*quantize_int8(self.head_weight))
             self.head_q8.built_from = self.head_weight.data_ptr()
         return self.head_q8
@@ -560,11 +562,12 @@ class Decoder(nn.Module):
             if hiddens is not None:
                 hiddens.append(h)
             if rule is not None and n < n_run and rule.should_check(n):
+                head = plan.check_head if plan.candidates is None else "full"
                 if plan.capture_checks and CheckGraphs.covers(rule, self, plan):  # one replay (the head later)
-                    (read, fire), logits = rule.check_graphs(self, n, h[:, -1], reader, weight), None
+                    (read, fire), logits = rule.check_graphs(self, n, h[:, -1], reader, weight, head), None
                 else:
                     read = h[:, -1] if reader is None else reader.read(n, h[:, -1])  # what the check reads
-                    top2, logits = probe(self, read, weight, plan.check_head if plan.candidates is None else "full")
+                    top2, logits = probe(self, read, weight, head)
                     feats, fire, state = rule.decide(top2, h[:, -1], ctx.record, state)
                     if plan.record_features:
                         features.append({"layer": n, "rows": exits.live, "top1": top2.top1, **feats})

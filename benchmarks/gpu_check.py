@@ -21,7 +21,8 @@ against transformers on the same weights in the same process:
   checks   a never-firing exit check after every block (the real probe: Triton top-2 and the features), prefill of
            512 tokens, host read every check and every 4 checks, each check run eagerly or replayed as a CUDA graph
            (Plan.capture_checks, not yet the default), and the features over 8 candidate head rows (a
-           classification task's answer tokens: Plan.candidates), on each of those prefill paths: time
+           classification task's answer tokens: Plan.candidates), and on a GPU the int8 check head replayed
+           (--check-head int8), on each of those prefill paths: time
            over the same path's dense time; the bar adds the floor of a full-vocabulary check after every block once
            the dense pass is device-bound (the head's read at copy bandwidth over the dense time)
   kernel   the Triton top-2 exit check against the bare GEMV h @ W.T on the 32000 x 4096, 49152 x 2048 and 49152 x 576
@@ -30,7 +31,7 @@ against transformers on the same weights in the same process:
            default call (its configuration autotuned on first use: kernels.top2.config) and the GEMV both replayed
            from CUDA graphs (their kernels without the host's launch overhead; the tuning here also tries the pipelined
            candidates, kernels.top2.TRY_PIPE), and the untuned defaults replayed so
-           (what the autotuner bought)
+           (what the autotuner bought); at batch 1 also the int8 head (--check-head int8) through the same kernel
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--test-workers 4]
                                    [--hf-compile] [--sections decode,prefill,kernel] [--variants tuned,step]
@@ -351,10 +352,14 @@ def bench_prefill(hf, ours, device, timer, lengths) -> list[dict]:
     each, over the same path's dense time. A failure of a compiled path is recorded in its row (`compiled_error`,
     `captured_error`) and the others still measured."""
     rows = []
-    checks = {  # name: (read every N checks, captured, candidate rows only)
-        "check_every_block": (1, False, False), "check_every_block_read_every_4": (4, False, False),
-        "check_every_block_captured": (1, True, False), "check_every_block_captured_read_every_4": (4, True, False),
-        "check_every_block_candidates": (1, False, True), "check_every_block_candidates_captured": (1, True, True)}
+    checks = {  # name: (read every N checks, captured, candidate rows only, check head)
+        "check_every_block": (1, False, False, "full"), "check_every_block_read_every_4": (4, False, False, "full"),
+        "check_every_block_captured": (1, True, False, "full"),
+        "check_every_block_captured_read_every_4": (4, True, False, "full"),
+        "check_every_block_candidates": (1, False, True, "full"),
+        "check_every_block_candidates_captured": (1, True, True, "full")}
+    if device == "cuda":  # the int8 head through the Triton kernel (on the CPU the int8 kernels are C++, built apart)
+        checks["check_every_block_int8_captured"] = (1, True, False, "int8")
     failed = False
     for B in (1, 8):
         for T in lengths:
@@ -398,9 +403,9 @@ def prefill_path(ours, x, path: str, modules, row: dict, timer, checks: dict, wi
         row["captured_masked_ms"] = 1e3 * timer(lambda: ours(x, pad_mask=pad))
     # capture: Plan.capture_checks; candidates: the features over CANDIDATES head rows (a task's answer tokens)
     candidates = torch.arange(10, 10 + CANDIDATES, device=device)
-    for name, (window, capture, restrict) in checks.items() if with_checks else ():
+    for name, (window, capture, restrict, head) in checks.items() if with_checks else ():
         plan = Plan(exit=ExitRule(never_rule(), device), sync_every=window, capture_checks=capture,
-                    candidates=candidates if restrict else None)
+                    candidates=candidates if restrict else None, check_head=head)
         timer.once(lambda: ours(x, plan=plan))  # (its first call compiles the blocks' variant)
         t = 1e3 * timer(lambda: ours(x, plan=plan))
         row[f"{'' if path == 'ours' else path + '_'}{name}_overhead"] = t / row[f"{path}_ms"] - 1
@@ -433,6 +438,7 @@ def bench_kernel(timer_bw: float) -> list[dict]:
 def kernel_rows(timer_bw: float) -> list[dict]:
     from triton.testing import do_bench
 
+    from adainfer.quant import quantize_int8
     from kernels.top2 import _default_config, config, lm_head_top2_reference, lm_head_top2_triton
 
     rows = []
@@ -471,6 +477,16 @@ def kernel_rows(timer_bw: float) -> list[dict]:
                          "fused_merge_same_top1": bool(torch.equal(fused.top1, got.top1)),
                          "fused_merge_max_rel_diff": max(float(((a - b).abs() / b.abs()).max())
                                                          for a, b in zip(fused[1:], got[1:]))})
+            if B == 1:  # --check-head int8: the same head as int8 values and scales, through the same kernel
+                q, scale = quantize_int8(w)
+                t_int8 = do_bench(graphed(lambda: lm_head_top2_triton(h, q, nw, scale=scale)), warmup=25, rep=200,
+                                  return_mode="median") / 1e3
+                int8, exact = lm_head_top2_triton(h, q, nw, scale=scale), lm_head_top2_reference(
+                    h.float(), q, nw.float(), scale=scale)
+                rows[-1].update({"int8_in_graph_us": 1e6 * t_int8, "int8_over_gemv_in_graph": t_int8 / t_gemv_graph,
+                                 "int8_fraction_of_copy_bw": (q.numel() + 4 * scale.numel()) / t_int8 / timer_bw,
+                                 "int8_same_top1_as_its_reference": bool(torch.equal(int8.top1, exact.top1)),
+                                 "int8_config": config(h, q, nw, 1e-5, scale)})
             print_table(rows[-1:], list(rows[-1]))
     return rows
 
@@ -528,7 +544,10 @@ def bar(result: dict) -> list[dict]:
             (f"(--prefill captured, capture_checks, {CANDIDATES} candidate rows) exit check after every block <= 10% "
              f"at batch 1", 0.10,
              every([r.get("captured_check_every_block_candidates_captured_overhead")
-                    for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r], min), "<=")]
+                    for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r], min), "<="),
+            ("(--prefill captured, capture_checks, --check-head int8) exit check after every block <= 10% at batch 1",
+             0.10, every([r.get("captured_check_every_block_int8_captured_overhead")
+                          for r in pre if r["batch"] == 1 and "check_every_block_overhead" in r], min), "<=")]
     for f in result.get("variants", []):  # the other captures: what switching the default to one would give
         lines += [(f"(fuse={f}) decode batch 1 <= 1.5x the weight-read limit (ms/token)", 1.5 * limit,
                    every([dec[1].get(f"ours_{f}_ms")], min), "<="),

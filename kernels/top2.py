@@ -8,7 +8,9 @@ kernels (kernels/top2_triton.py; stage 1: each program owns a slice of the vocab
 an online-softmax sum; stage 2 merges the partials of one row), and the dispatch.
 
 Memory traffic of one check, V x d head in bytes-per-weight b: the reference reads V*d*b and writes then reads
-back the V logits (4V bytes twice, fp32); the kernel reads V*d*b and writes 16 bytes per program.
+back the V logits (4V bytes twice, fp32); the kernel reads V*d*b and writes 16 bytes per program. An int8 head
+(`scale` given: int8 values and a float32 scale per row and group of 32 columns, w ~ scale * q, llama.cpp's Q8_0)
+is read as 1.125 bytes a weight and widened in registers.
 """
 
 from __future__ import annotations
@@ -44,11 +46,23 @@ def top2_from_logits(logits: torch.Tensor) -> Top2:
     return Top2(top1, torch.exp(m1 - lse), torch.exp(m2 - lse))
 
 
+GROUP = 32  # columns sharing one scale in an int8 head
+
+
+def dequantize_head(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An int8 head q (V, d) and its scales (V, d // GROUP) -> float32 weights (V, d)."""
+    V, d = q.shape
+    return (q.float().view(V, d // GROUP, GROUP) * scale.float()[..., None]).view(V, d)
+
+
 def lm_head_top2_reference(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
-                           eps: float = 1e-5) -> Top2:
-    """h (B, d), weight (V, d), optional RMSNorm weight (d,) -> Top2. Writes the (B, V) logits."""
+                           eps: float = 1e-5, scale: torch.Tensor | None = None) -> Top2:
+    """h (B, d), weight (V, d), optional RMSNorm weight (d,) -> Top2. Writes the (B, V) logits. With `scale`, weight
+    is an int8 head (dequantize_head), multiplied in float32."""
     if norm_weight is not None:
         h = rms_norm_reference(h, norm_weight, eps)
+    if scale is not None:
+        return top2_from_logits(h.float() @ dequantize_head(weight, scale).T)
     return top2_from_logits(h @ weight.T)
 
 
@@ -59,13 +73,14 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
                         eps: float = 1e-5, block_v: int | None = None, block_d: int | None = None,
                         programs: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, fused_merge: bool | None = None,
-                        dot: bool | None = None, pipe: bool | None = None) -> Top2:
+                        dot: bool | None = None, pipe: bool | None = None, scale: torch.Tensor | None = None) -> Top2:
     """The Triton version of lm_head_top2_reference: same signature, no (B, V) logits in memory. Block sizes not
     given come from `config` (on a GPU the fastest of CANDIDATES for this head shape and batch bucket, timed on the
     first call; the interpreter gets small ones). fused_merge: the last stage-1 program merges the rows (one
     launch; default FUSED_MERGE) instead of a second kernel. dot: rows through tensor cores in blocks of 16 (default:
     the configuration's, which is several rows; one row may take it too, padded: on short rows that beat the GEMV
-    loop on an H100). pipe: the loops flattened and every load pipelined (default: the configuration's, off)."""
+    loop on an H100). pipe: the loops flattened and every load pipelined (default: the configuration's, off).
+    scale: weight is an int8 head with these scales (V, d // GROUP), as lm_head_top2_reference takes it."""
     import triton  # on first use: importing this module never imports triton
 
     from kernels.top2_triton import top2_merge, top2_partial
@@ -75,9 +90,13 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     weight = weight.contiguous()
     B, D = h.shape
     V = weight.shape[0]
+    if scale is not None:
+        assert weight.dtype == torch.int8 and scale.shape == (V, D // GROUP) and D % GROUP == 0, (weight.dtype,
+                                                                                                scale.shape)
+        scale = scale.float().contiguous()
     given = (block_v, block_d, programs, num_warps, num_stages)
     # None given: the tuned configuration; some: the fixed defaults for the rest; all: as given (the tuner's calls).
-    cfg = config(h, weight, norm_weight, eps) if all(v is None for v in given) else \
+    cfg = config(h, weight, norm_weight, eps, scale) if all(v is None for v in given) else \
         _default_config(h.device, B, D) if None in given else {}
     block_v, block_d = block_v or cfg["block_v"], block_d or cfg["block_d"]
     num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
@@ -89,8 +108,12 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     dot = cfg.get("dot", B > 1) if dot is None else dot
     pipe = cfg.get("pipe", False) if pipe is None else pipe
     block_b = 16 if dot else 1
+    if scale is not None and dot:  # an int8 head through tensor cores: one group of columns a step (the kernel)
+        block_d = GROUP
     interpret = not h.is_cuda
-    dot_dtype = _tl_dtype(torch.float32 if interpret or weight.dtype == torch.float32 else weight.dtype)
+    # (an int8 head's integers enter tensor cores in the rows' dtype, where they are exact)
+    wide = h.dtype if scale is not None else weight.dtype
+    dot_dtype = _tl_dtype(torch.float32 if interpret or wide == torch.float32 else wide)
     part = torch.empty(4, B * programs, device=h.device, dtype=torch.float32)
     i1 = torch.empty(B * programs, device=h.device, dtype=torch.int32)
     nw = norm_weight if norm_weight is not None else h  # any pointer; unused without HAS_NORM
@@ -99,11 +122,13 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     count = _counter(h.device) if (FUSED_MERGE if fused_merge is None else fused_merge) else None
     block_p = triton.next_power_of_2(programs)
     top2_partial[(programs, triton.cdiv(B, block_b))](
-        h, weight, nw, part[0], part[1], i1, part[3], i1 if count is None else count,  # (i1: unused without it)
+        h, weight, nw, h if scale is None else scale,  # (h: any pointer, unused without HAS_SCALE)
+        part[0], part[1], i1, part[3], i1 if count is None else count,  # (i1: unused without it)
         top1, p[0], p[1],
-        B, V, D, h.stride(0), weight.stride(0), eps, tiles_per_prog,
-        HAS_NORM=norm_weight is not None, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, DOT=dot,
-        DOT_DTYPE=dot_dtype, FUSED_MERGE=count is not None, BLOCK_P=block_p, PIPE=pipe,
+        B, V, D, h.stride(0), weight.stride(0), 0 if scale is None else scale.stride(0), eps, tiles_per_prog,
+        HAS_NORM=norm_weight is not None, HAS_SCALE=scale is not None, GROUP=GROUP,
+        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, DOT=dot, DOT_DTYPE=dot_dtype,
+        FUSED_MERGE=count is not None, BLOCK_P=block_p, PIPE=pipe,
         LOOP_STAGES=num_stages if pipe else None, num_warps=num_warps, num_stages=num_stages,
     )
     if count is None:
@@ -174,7 +199,8 @@ def candidates(B: int, D: int, sms: int, pipe: bool | None = None) -> list[dict]
              "pipe": pipe} for (v, d, per_sm, w, s), dot, pipe in options]
 
 
-def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float) -> dict:
+def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+           scale: torch.Tensor | None = None) -> dict:
     """Block sizes, programs, warps, stages and the dot / pipe flags for this call. On a GPU with AUTOTUNE, the
     fastest of the candidates for (device, head shape, dtype, norm, batch bucket: 1, 2-16, 17+), each timed replayed
     from a CUDA graph (its kernels alone: a launch from Python costs more than the kernel on small heads), chosen on
@@ -190,13 +216,13 @@ def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | No
         if torch.cuda.is_current_stream_capturing():
             return _default_config(h.device, B, D)
         fixed = _default_config(h.device, B, D)
-        want = lm_head_top2_triton(h, weight, norm_weight, eps, **fixed)
+        want = lm_head_top2_triton(h, weight, norm_weight, eps, **fixed, scale=scale)
         configs = candidates(B, D, torch.cuda.get_device_properties(h.device).multi_processor_count)
 
         def call(c: dict):
-            if not agreeing(lm_head_top2_triton(h, weight, norm_weight, eps, **c), want):
+            if not agreeing(lm_head_top2_triton(h, weight, norm_weight, eps, **c, scale=scale), want):
                 raise ValueError(f"configuration {c} disagrees with the defaults")
-            return lambda: lm_head_top2_triton(h, weight, norm_weight, eps, **c)
+            return lambda: lm_head_top2_triton(h, weight, norm_weight, eps, **c, scale=scale)
 
         _tuned[key] = fastest(configs + [fixed], call, _graph_time)  # (the defaults: the fallback, should all fail)
     return _tuned[key]
@@ -273,8 +299,8 @@ def triton_available() -> bool:
 
 
 def lm_head_top2(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
-                 eps: float = 1e-5) -> Top2:
+                 eps: float = 1e-5, scale: torch.Tensor | None = None) -> Top2:
     """Triton on a CUDA tensor when triton imports, else the torch reference (the CPU production path)."""
     if h.is_cuda and triton_available():
-        return lm_head_top2_triton(h, weight, norm_weight, eps)
-    return lm_head_top2_reference(h, weight, norm_weight, eps)
+        return lm_head_top2_triton(h, weight, norm_weight, eps, scale=scale)
+    return lm_head_top2_reference(h, weight, norm_weight, eps, scale=scale)

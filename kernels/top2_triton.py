@@ -11,9 +11,10 @@ import triton.language as tl
 
 @triton.jit
 def top2_partial(
-    h_ptr, w_ptr, nw_ptr, m1_ptr, m2_ptr, i1_ptr, s_ptr, count_ptr, top1_ptr, p1_ptr, p2_ptr,
-    B, V, D, stride_h, stride_w, eps, tiles_per_prog,
-    HAS_NORM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    h_ptr, w_ptr, nw_ptr, ws_ptr, m1_ptr, m2_ptr, i1_ptr, s_ptr, count_ptr, top1_ptr, p1_ptr, p2_ptr,
+    B, V, D, stride_h, stride_w, stride_ws, eps, tiles_per_prog,
+    HAS_NORM: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_P: tl.constexpr,
     PIPE: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
@@ -21,6 +22,8 @@ def top2_partial(
     # block of BLOCK_B batch rows: each weight tile is read once for all of them. PIPE: the tile and feature loops
     # flattened into one, its loads pipelined LOOP_STAGES deep (the launch's num_stages pipelines only loads that
     # feed a tl.dot), so the next tile's reads overlap a tile's top-2 and softmax update; otherwise plain loops.
+    # HAS_SCALE: the head is int8 with a float32 scale per row and GROUP columns (quantize_int8's Q8_0 layout), each
+    # tile widened in registers: half a 16-bit head's bytes read.
     prog = tl.program_id(0)
     n_progs = tl.num_programs(0)
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -56,13 +59,22 @@ def top2_partial(
             w = tl.load(w_ptr + v[:, None] * stride_w + d[None, :], mask=v_mask[:, None] & d_mask[None, :],
                         other=0.0)  # (BLOCK_V, BLOCK_D)
             if DOT:  # tensor cores: a block of rows against the tile, float32 accumulation
+                # (an int8 tile: one group of columns a step, BLOCK_D == GROUP; its integers are exact in DOT_DTYPE
+                # and each row's scale of the group multiplies the product)
                 wt = tl.trans(w.to(DOT_DTYPE))
                 hi = x.to(DOT_DTYPE)
-                acc += tl.dot(hi, wt, input_precision="ieee")
+                part = tl.dot(hi, wt, input_precision="ieee")
                 if DOT_DTYPE != tl.float32:  # x = hi + lo in two half-precision parts: ~16 bits of x kept
-                    acc += tl.dot((x - hi.to(tl.float32)).to(DOT_DTYPE), wt, input_precision="ieee")
+                    part += tl.dot((x - hi.to(tl.float32)).to(DOT_DTYPE), wt, input_precision="ieee")
+                if HAS_SCALE:
+                    part *= tl.load(ws_ptr + v * stride_ws + d0 // GROUP, mask=v_mask, other=0.0)[None, :]
+                acc += part
             else:  # one row, by default: a plain multiply-reduce (on long rows a GEMV gains nothing from tensor cores)
-                acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                w = w.to(tl.float32)
+                if HAS_SCALE:  # (each row's scale of a group read once from memory, then from the cache)
+                    w *= tl.load(ws_ptr + v[:, None] * stride_ws + (d // GROUP)[None, :],
+                                 mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+                acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
         logits = tl.where(v_mask[None, :], acc, -float("inf"))  # (BLOCK_B, BLOCK_V)
         t_max = tl.max(logits, axis=1)
         t_idx = tl.min(tl.where(logits == t_max[:, None], v[None, :], 2147483647), axis=1)

@@ -201,3 +201,38 @@ def test_clis_on_cuda(folder, tmp_path):
                        "gap-rule", "--device", "cuda", "--dtype", dtype, "--out", tmp_path / f"e-{dtype}.json")
         assert proc.returncode == 0, proc.stderr
         assert json.loads((tmp_path / f"e-{dtype}.json").read_text())
+
+
+def test_int8_check_head_on_cuda(folder):
+    """--check-head int8 on a GPU: the Triton kernel reads the int8 head (1.125 bytes a weight). Each check's
+    features equal the reference on the dequantized head; a gap rule's exits are the same eager and with its checks
+    replayed from CUDA graphs; an exiting row's answer is the full-precision head's at its layer."""
+    from adainfer.fast_decode import prepare_check_head
+    from adainfer.generate import left_pad
+    from kernels.top2 import lm_head_top2_reference
+
+    model = load_model(folder, "float32", "cuda")[0]  # (bfloat16 rows: test_kernel.py's int8 test on a GPU)
+    prepare_check_head(model, "int8", None, "test")
+    q8, c = model.int8_head(), model.config
+    assert q8.q.is_cuda and q8.q.dtype == torch.int8
+    tokens, mask = left_pad(prompts(8, seed=2), 0)
+    tokens, mask = tokens.cuda(), mask.cuda()
+    never = ExitRule(ExitClassifier("never", ["gap", "top_prob"], [0.0, 0.0], -1.0), "cuda")
+    out = model(tokens, pad_mask=mask, plan=Plan(exit=never, record_features=True, hidden_states=True,
+                                                 check_head="int8"))
+    for f in out.features:
+        h = out.hidden_states[f["layer"]][:, -1]
+        want = lm_head_top2_reference(h.float(), q8.q, model.norm.weight.float(), c.norm_eps, scale=q8.scale)
+        torch.testing.assert_close(f["top_prob"], want.p1, rtol=0, atol=1e-4)
+        torch.testing.assert_close(f["gap"], want.p1 - want.p2, rtol=0, atol=1e-4)
+    gaps = torch.cat([f["gap"] for f in out.features[:3]])
+    rule = ExitRule(gap_rule(float(gaps.median())), "cuda")
+    eager = model(tokens, pad_mask=mask, plan=Plan(exit=rule, check_head="int8"))
+    replayed = model(tokens, pad_mask=mask, plan=Plan(exit=rule, check_head="int8", capture_checks=True))
+    assert len(set(eager.layers_run.tolist())) > 1, "rows should exit at different layers"
+    assert torch.equal(eager.layers_run, replayed.layers_run) and torch.equal(eager.token, replayed.token)
+    assert all(g.graph is not None for g in rule.check_graphs.graphs.values())
+    for b in range(tokens.shape[0]):
+        forced = model(tokens[b:b + 1], pad_mask=mask[b:b + 1], plan=Plan(exit_at=int(eager.layers_run[b])))
+        assert int(forced.token[0]) == int(eager.token[b])
+        assert (forced.logits[0] - eager.logits[b]).abs().max() <= 1e-4

@@ -211,12 +211,13 @@ def test_int8_check_head_gives_close_features_and_full_precision_answers(deep):
         assert (forced.logits[0] - out.logits[b]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("reader, cands", [(False, None), (True, None), (False, torch.tensor([65, 66, 67, 97]))])
-def test_captured_checks_equal_eager_ones(deep, reader, cands):
+@pytest.mark.parametrize("reader, cands, head", [(False, None, "full"), (True, None, "full"),
+                                                (False, torch.tensor([65, 66, 67, 97]), "full"), (False, None, "int8")])
+def test_captured_checks_equal_eager_ones(deep, reader, cands, head):
     """Plan.capture_checks: each check (translator reading, probe, features, decision) replayed from static buffers,
     one per checked layer and row count as rows leave (on a GPU a CUDA graph: test_cuda.py). The same exits and
-    answers as the eager checks, with a translator and over candidates; rules it does not cover (a CRF, cosine
-    features, recorded features) take the eager check."""
+    answers as the eager checks, with a translator, over candidates and from the int8 check head; rules it does not
+    cover (a CRF, cosine features, recorded features) take the eager check."""
     from helpers import random_translator
 
     batch = prompts(8, 6)
@@ -227,15 +228,17 @@ def test_captured_checks_equal_eager_ones(deep, reader, cands):
     rule = ExitRule(clf)
     tokens, mask = left_pad(batch, 0)
     for window in (1, 2):
-        eager = deep(tokens, pad_mask=mask, plan=Plan(exit=rule, candidates=cands, sync_every=window))
+        eager = deep(tokens, pad_mask=mask, plan=Plan(exit=rule, candidates=cands, sync_every=window, check_head=head))
         replayed = deep(tokens, pad_mask=mask, plan=Plan(exit=rule, candidates=cands, sync_every=window,
-                                                           capture_checks=True))
+                                                           check_head=head, capture_checks=True))
         assert len(set(eager.layers_run.tolist())) > 1, "the test needs rows that exit at different layers"
         assert torch.equal(eager.layers_run, replayed.layers_run) and torch.equal(eager.token, replayed.token)
         assert (eager.logits - replayed.logits).abs().max() <= 1e-5  # the exit head on fewer rows: MKL rounding
     made = rule.check_graphs.graphs
     assert len({k[2][0] for k in made}) > 1, "some checks should have run on fewer rows"
+    assert {k[-1] for k in made} == {head}, "each replayed check reads the plan's head"
     before = dict(made)
-    plan = Plan(exit=rule, candidates=cands, capture_checks=True, record_features=True)  # recorded: the eager check
+    plan = Plan(exit=rule, candidates=cands, capture_checks=True, record_features=True,  # recorded: the eager check
+                check_head=head)
     assert torch.equal(deep(tokens, pad_mask=mask, plan=plan).layers_run, eager.layers_run)
     assert rule.check_graphs.graphs.keys() == before.keys()

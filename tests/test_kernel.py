@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.top2 import lm_head_top2, lm_head_top2_reference, lm_head_top2_triton
+from kernels.top2 import lm_head_top2, lm_head_top2_reference, lm_head_top2_triton, rms_norm_reference
 
 pytest.importorskip("triton")
 # On a GPU machine (TRITON_INTERPRET=0) the same tests run the compiled kernel on CUDA tensors.
@@ -81,7 +81,7 @@ def test_dispatch_sends_cpu_to_the_reference_and_cuda_to_triton(monkeypatch):
     calls = []
 
     def spy(name):
-        return lambda *args: calls.append((name, args)) or name
+        return lambda *args, scale=None: calls.append((name, args, scale)) or name
 
     monkeypatch.setattr(top2, "lm_head_top2_reference", spy("reference"))
     monkeypatch.setattr(top2, "lm_head_top2_triton", spy("triton"))
@@ -89,19 +89,20 @@ def test_dispatch_sends_cpu_to_the_reference_and_cuda_to_triton(monkeypatch):
     cpu_h = torch.randn(1, 16)
     cuda_h = SimpleNamespace(is_cuda=True)  # stands for a CUDA tensor: the dispatch reads .is_cuda only
 
-    def called(h, *rest):
+    def called(h, *rest, scale=None):
         calls.clear()
-        out = lm_head_top2(h, *rest)
+        out = lm_head_top2(h, *rest, scale=scale)
         assert len(calls) == 1 and calls[0][0] == out
         args = calls[0][1]
         assert args[0] is h and args[1] is w and args[2] is (rest[1] if len(rest) > 1 else None)
-        assert args[3] == (rest[2] if len(rest) > 2 else 1e-5)
+        assert args[3] == (rest[2] if len(rest) > 2 else 1e-5) and calls[0][2] is scale
         return out
 
     monkeypatch.setattr(top2, "_triton_ok", True)  # triton imports
     assert called(cpu_h, w, nw, 1e-6) == "reference"
     assert called(cuda_h, w, nw, 1e-6) == "triton"
     assert called(cuda_h, w) == "triton"
+    assert called(cuda_h, w, nw, 1e-6, scale=nw) == "triton" and called(cpu_h, w, scale=nw) == "reference"
     monkeypatch.setattr(top2, "_triton_ok", False)  # triton missing or broken: the reference serves CUDA too
     assert called(cuda_h, w, nw, 1e-6) == "reference"
     assert called(cpu_h, w) == "reference"
@@ -249,3 +250,34 @@ def test_the_launcher_tunes_once_per_head_and_batch_bucket():
     h = h.float()  # a float32 head keeps the fixed defaults, nothing tuned
     assert top2.config(h, w.float(), nw.float(), 1e-5) == top2._default_config(h.device, len(h), 576)
     assert len(top2._tuned) == 2
+
+
+@pytest.mark.parametrize("V, d", [(333, 96), (4097, 608)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, dot", [(1, False), (1, True), (3, True), (3, False)])
+def test_int8_head_matches_the_reference(V, d, dtype, B, dot):
+    """An int8 head (--check-head int8: adainfer.quant.quantize_int8's values and per-32-column scales, read as
+    1.125 bytes a weight): the kernel, through its GEMV loop (scales widened per tile) and through tensor cores (one
+    group a step, the integers exact, the scale after), against the reference on the dequantized head in float32;
+    that reference is the model's own int8 head dequantized (the same weights the CPU check reads). Shapes: partial
+    vocabulary tiles, a feature count off the 64-column blocks (608 = 19 groups)."""
+    from adainfer.quant import dequantize_int8, quantize_int8
+    from kernels.top2 import dequantize_head, top2_from_logits
+
+    g = torch.Generator().manual_seed(V + d + B)
+    h = torch.randn(B, d, generator=g).to(dtype)
+    w = (torch.randn(V, d, generator=g) * 0.05).to(dtype)
+    nw = (1 + 0.2 * torch.randn(d, generator=g)).to(dtype)
+    q, scale = quantize_int8(w)
+    assert torch.equal(dequantize_head(q, scale), dequantize_int8(q, scale))
+    want = lm_head_top2_reference(h.float(), q, nw.float(), 1e-5, scale=scale)
+    plain = top2_from_logits(rms_norm_reference(h.float(), nw.float(), 1e-5) @ dequantize_int8(q, scale).T)
+    assert all(torch.equal(a, b) for a, b in zip(want, plain))
+    got = lm_head_top2_triton(h.to(DEVICE), q.to(DEVICE), nw.to(DEVICE), 1e-5, scale=scale.to(DEVICE), dot=dot,
+                              **({"block_v": 64, "block_d": 64} if DEVICE == "cpu" else {}))
+    clear = (want.p1 - want.p2) >= 1e-3
+    assert torch.equal(got.top1.cpu()[clear], want.top1[clear])
+    torch.testing.assert_close(got.p1.cpu(), want.p1, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.p2.cpu(), want.p2, rtol=0, atol=1e-5)
+    full = lm_head_top2_reference(h.float(), w.float(), nw.float(), 1e-5)  # the head it stands for: close
+    assert (got.p1.cpu() - full.p1).abs().max() < 0.02

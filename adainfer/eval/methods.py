@@ -15,7 +15,7 @@
                           svm+translator method's, else the shipped one)
 
 An exit method with the suffix `@int8` (svm@int8, gap-rule@int8, crf:FILE@int8) takes its full-vocabulary features
-from an int8 copy of the LM head (Plan.check_head; CPU); its answers still come from the full-precision head.
+from an int8 copy of the LM head (Plan.check_head; CPU or GPU); its answers still come from the full-precision head.
 """
 
 from __future__ import annotations
