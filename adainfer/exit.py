@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from adainfer.capture import Captured, require_cuda
 from adainfer.errors import AdainferError
 from adainfer.translator import Translator, sha256
-from kernels.top2 import Top2, dequantize_head, lm_head_top2, top2_from_logits
+from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
 FEATURES = ("gap", "top_prob", "cos_attn", "cos_mlp", "cos_hidden")
 KINDS = ("svm", "gap", "crf", "never")
@@ -219,17 +219,23 @@ def probe(model, h_last: torch.Tensor, weight: torch.Tensor | None, check_head: 
         q8 = model.int8_head()
         if not h_last.is_cuda:
             return top2_from_logits(model.softcap(q8(model.head_input(h_last)))), None
+        check_int8_head(model, "--check-head")
         weight, scale = q8.q, q8.scale
     weight = model.head_weight if weight is None else weight
     if h_last.is_cuda and c.final_softcap is None:  # fused kernel, logits never written
         if c.rotary and not c.norm_unit_offset and model.norm is not None:  # Llama's final RMSNorm folded in
             return lm_head_top2(h_last, weight, model.norm.weight, c.norm_eps, scale), None
         return lm_head_top2(model.head_input(h_last), weight, scale=scale), None
-    if scale is not None:  # soft-capped logits on a GPU: the int8 head dequantized, its logits written
-        logits = model.head_input(h_last).float() @ dequantize_head(weight, scale).T
-        return top2_from_logits(model.softcap(logits)), None
     logits = model.head(h_last, weight)  # (soft-capped logits change the probabilities: the kernel cannot fold it)
     return top2_from_logits(logits), logits
+
+
+def check_int8_head(model, where: str) -> None:
+    """Refuse the int8 check head where it cannot run: on a GPU it is read only by the Triton kernel, which does not
+    soft-cap (a family with final_logit_softcapping would need the dequantized head in float32 at every check)."""
+    if model.device.type == "cuda" and model.config.final_softcap is not None:
+        raise AdainferError(where, "the int8 check head runs on a GPU in the Triton top-2 kernel, which does not "
+                                   "soft-cap this model's logits (final_logit_softcapping): use the full head")
 
 
 class ExitRule:
@@ -305,15 +311,17 @@ class CheckGraphs:
     @staticmethod
     def covers(rule: ExitRule, model, plan: Plan) -> bool:
         """Whether this run's checks can be replayed: no memory between checks (CRF, cosine features), nothing kept
-        per check (record_features), the full-precision head, no soft-capping (the GPU kernel's case), one process's
-        whole head. (The int8 check head too: on a GPU the kernel reads it.)"""
+        per check (record_features), no soft-capping (the GPU kernel's case), one process's whole head; the full or
+        the int8 check head (on a GPU the kernel reads either)."""
         return (rule.clf.kind != "crf" and not rule.needs_record and not plan.record_features
                 and model.config.final_softcap is None and model.shard is None)
 
     def __call__(self, model, n: int, x: torch.Tensor, reader, weight: torch.Tensor | None, check_head: str = "full"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Last-token states x (b, dim) after n blocks -> (what the check read (b, dim), fire (b,) bool)."""
-        key = (id(model), n, tuple(x.shape), id(reader), None if weight is None else id(weight), check_head)
+        # (the int8 head built first, so that its object is in the key: rebuilt for new weights, it is other memory)
+        q8 = model.int8_head() if check_head == "int8" else None
+        key = (id(model), n, tuple(x.shape), id(reader), None if weight is None else id(weight), check_head, id(q8))
         graph = self.graphs.pop(key, None)
         if graph is None:
             while len(self.graphs) >= MAX_CHECK_GRAPHS:  # least recently used first

@@ -56,6 +56,7 @@ import torch
 
 from adainfer.capture import Captured
 from adainfer.errors import AdainferError
+from adainfer.exit import check_int8_head
 from adainfer.model import Context, Decoder, KVCache, default_positions
 from adainfer.quant import (
     INT4_GROUP,
@@ -126,6 +127,7 @@ def prepare_check_head(model: Decoder, check_head: str, candidates: torch.Tensor
                                    f"read only the candidates' head rows)")
     if model.device.type == "cpu" and model.dtype not in (torch.float32, torch.bfloat16):  # (the C++ kernels')
         raise AdainferError(where, f"needs a float32 or bfloat16 model on the CPU, not {str(model.dtype)[6:]}")
+    check_int8_head(model, where)
     model.int8_head()
 
 

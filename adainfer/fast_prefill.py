@@ -8,9 +8,11 @@ cache) calls each block through the model's `prefill_block` when one is set; `pr
             elementwise tail fused around the matmuls. CPU and GPU.
   captured  those compiled blocks replayed from CUDA graphs (`PrefillGraphs`), one capture per block, prompt shape
             and kind of call: on a GPU a prompt below ~2048 tokens is host-bound, and a replay is one launch a block.
-            Prompt lengths are padded to a multiple of PREFILL_PAD so that prompts of many lengths share captures.
+            generate and the eval left-pad prompt batches to a multiple of PREFILL_PAD for it, so that prompts of
+            many lengths share captures.
 
-The decode step's graphs, and the helpers both share (the compiler check, pooled caches): adainfer.fast_decode.
+The decode step's graphs live in adainfer.fast_decode, with what both paths use (the compiler check, the helpers
+of the pooled KV caches).
 """
 
 from __future__ import annotations

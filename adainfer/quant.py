@@ -212,7 +212,7 @@ class QuantWeight(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.low is not None:
             return int4_linear(x, self.q, self.scale, self.low)
-        if x.is_cuda:  # the kernels are the CPU's: the weights dequantized, x unrounded (the exit check's own
-            #            path on a GPU is the Triton top-2 kernel, which never writes these logits)
-            return x.float() @ dequantize_int8(self.q, self.scale).T
+        if x.is_cuda:  # (the int8 check head on a GPU never comes here: the Triton top-2 kernel reads q and scale)
+            raise AdainferError("--draft-head", "int8 weights run in the CPU's kernels (adainfer/csrc): on a GPU "
+                                                "draft with the full head")
         return int8_linear(x, self.q, self.scale)

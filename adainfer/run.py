@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     from adainfer.speculative import check_draft
 
     check_draft(args.draft_length, args.draft_min_prob, args.draft_head)
+    if args.draft_head == "int8" and args.device.startswith("cuda"):
+        raise AdainferError("--draft-head", "int8 drafts run in the CPU's int8 kernels: with --device cuda use "
+                                            "--draft-head full")
     with world.main_first():  # the default model is fetched and converted once, by rank 0
         engine = load(args.model, args.dtype, args.device, args.threads, progress=not args.json and world.main)
     draft, dense_why = None, None

@@ -119,11 +119,16 @@ def run_tests(workers: int = 4, files: tuple[str, ...] = TEST_FILES) -> dict:
             procs.append(subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                                            *group], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     seconds = [None] * len(procs)
-    while None in seconds:  # each process's own end
-        for i, proc in enumerate(procs):
-            if seconds[i] is None and proc.poll() is not None:
-                seconds[i] = time.perf_counter() - t0
-        time.sleep(0.2)
+    try:
+        while None in seconds:  # each process's own end
+            for i, proc in enumerate(procs):
+                if seconds[i] is None and proc.poll() is not None:
+                    seconds[i] = time.perf_counter() - t0
+            time.sleep(0.2)
+    finally:  # (this script stopped: its tests stop too, off the GPU)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
     counts, summaries = {}, []
     for i, proc in enumerate(procs):
         out = (Path(logs.name) / f"{i}.log").read_text()
@@ -137,7 +142,9 @@ def run_tests(workers: int = 4, files: tuple[str, ...] = TEST_FILES) -> dict:
     summary = (", ".join(f"{n} {k}" for k, n in counts.items())
                + f" in {time.perf_counter() - t0:.0f}s ({len(procs)} processes)")
     print(summary)
-    return {"returncode": max(p.returncode for p in procs), "summary": summary, **counts, "collected": len(nodeids),
+    # a process that crashed (a negative code: killed by a signal) or whose counts miss tests fails the run
+    returncode = next((p.returncode for p in procs if p.returncode), 0) or int(sum(counts.values()) != len(nodeids))
+    return {"returncode": returncode, "summary": summary, **counts, "collected": len(nodeids),
             "seconds": time.perf_counter() - t0, "shard_summaries": summaries, "shard_seconds": seconds}
 
 
@@ -579,7 +586,7 @@ def main(argv=None) -> int:
                         f"(default: {','.join(TABLE)})")
     p.add_argument("--variants", type=lambda v: v.split(","), default=[],
                    help=f"comma-separated: decode graphs of other `fuse`s ({', '.join(FUSES)}; all: every one but "
-                        f"the default) timed and profiled beside the default (GPU; default: none)")
+                        f"the default) timed and profiled beside the default one (GPU; not given: the default only)")
     args = p.parse_args(argv)
     for option, given, known in (("--sections", args.sections, SECTIONS), ("--variants", args.variants,
                                                                           (*FUSES, "all"))):
@@ -618,6 +625,10 @@ def main(argv=None) -> int:
     # (a captured path's option; inductor's need a C compiler, without which the default is the eager step's)
     others = [f for f in FUSES if f != default and ("all" in args.variants or f in args.variants)
               ] if args.device == "cuda" and c_compiler() else []
+    if default in args.variants:
+        print(f"--variants: {default} is the default graph, measured anyway", file=sys.stderr)
+    if args.variants and not (args.device == "cuda" and c_compiler()):
+        print("--variants: the other captures need a GPU with a C compiler: none timed", file=sys.stderr)
     variants = {f: DecodeGraph(ours, "compiled", fuse=f) for f in others}
     result["graph_fuse"], result["variants"] = default, list(variants)  # one graph each for both sections
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,

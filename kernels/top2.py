@@ -97,7 +97,7 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     given = (block_v, block_d, programs, num_warps, num_stages)
     # None given: the tuned configuration; some: the fixed defaults for the rest; all: as given (the tuner's calls).
     cfg = config(h, weight, norm_weight, eps, scale) if all(v is None for v in given) else \
-        _default_config(h.device, B, D) if None in given else {}
+        _default_config(h.device, B, D, scale is not None) if None in given else {}
     block_v, block_d = block_v or cfg["block_v"], block_d or cfg["block_d"]
     num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
     n_tiles = triton.cdiv(V, block_v)
@@ -108,8 +108,9 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     dot = cfg.get("dot", B > 1) if dot is None else dot
     pipe = cfg.get("pipe", False) if pipe is None else pipe
     block_b = 16 if dot else 1
-    if scale is not None and dot:  # an int8 head through tensor cores: one group of columns a step (the kernel)
-        block_d = GROUP
+    if scale is not None:  # an int8 head: through tensor cores one group of columns a step, else whole groups
+        block_d = GROUP if dot else block_d
+        assert block_d % GROUP == 0, block_d
     interpret = not h.is_cuda
     # (an int8 head's integers enter tensor cores in the rows' dtype, where they are exact)
     wide = h.dtype if scale is not None else weight.dtype
@@ -187,37 +188,40 @@ TRY_PIPE = False
 _tuned: dict[tuple, dict] = {}
 
 
-def candidates(B: int, D: int, sms: int, pipe: bool | None = None) -> list[dict]:
+def candidates(B: int, D: int, sms: int, pipe: bool | None = None, int8: bool = False) -> list[dict]:
     """The configurations the autotuner times for B rows of D features on a GPU of `sms` SMs (launcher arguments);
-    the pipelined ones with pipe (default TRY_PIPE)."""
+    the pipelined ones with pipe (default TRY_PIPE). int8: for an int8 head, whose tensor-core path takes one group
+    of columns a step (block_d GROUP), each distinct configuration once."""
     kind = "one" if B == 1 else "rows"
     options = [(c, B > 1, False) for c in CANDIDATES[kind] + CANDIDATES[f"grid_{kind}"]]
     options += [(c, B > 1, True) for c in CANDIDATES[f"pipe_{kind}"] if (TRY_PIPE if pipe is None else pipe)]
     if D <= 1024:  # short rows: one row also through tensor cores (37 vs 57 us on the 49152 x 576 head, H100)
         options += [(c, dot, False) for c in CANDIDATES["short"] for dot in ((False, True) if B == 1 else (True,))]
-    return [{"block_v": v, "block_d": d, "programs": per_sm * sms, "num_warps": w, "num_stages": s, "dot": dot,
-             "pipe": pipe} for (v, d, per_sm, w, s), dot, pipe in options]
+    configs = [{"block_v": v, "block_d": GROUP if int8 and dot else d, "programs": per_sm * sms, "num_warps": w,
+                "num_stages": s, "dot": dot, "pipe": pipe} for (v, d, per_sm, w, s), dot, pipe in options]
+    return [c for i, c in enumerate(configs) if c not in configs[:i]]
 
 
 def config(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
            scale: torch.Tensor | None = None) -> dict:
     """Block sizes, programs, warps, stages and the dot / pipe flags for this call. On a GPU with AUTOTUNE, the
-    fastest of the candidates for (device, head shape, dtype, norm, batch bucket: 1, 2-16, 17+), each timed replayed
+    fastest of the candidates for (device, head shape, dtypes, norm, batch bucket: 1, 2-16, 17+), each timed replayed
     from a CUDA graph (its kernels alone: a launch from Python costs more than the kernel on small heads), chosen on
     the first call and kept for the process; inside a CUDA-graph capture (nothing can be timed there) the fixed
     defaults until then. A candidate that does not compile or launch here (shared memory, registers), or whose answer
     on this call's rows does not agree with the fixed defaults' (`agreeing`), counts as infinitely slow; float32
     heads (tiles twice the size, not what the sweep measured) keep the defaults."""
     B, D = h.shape
+    fixed = _default_config(h.device, B, D, scale is not None)
     if not AUTOTUNE or h.device.type != "cuda" or weight.dtype == torch.float32:
-        return _default_config(h.device, B, D)
-    key = (h.device, tuple(weight.shape), weight.dtype, norm_weight is not None, min(B, 2) + (B > 16))
+        return fixed
+    key = (h.device, tuple(weight.shape), weight.dtype, h.dtype, norm_weight is not None, min(B, 2) + (B > 16))
     if key not in _tuned:
         if torch.cuda.is_current_stream_capturing():
-            return _default_config(h.device, B, D)
-        fixed = _default_config(h.device, B, D)
+            return fixed
         want = lm_head_top2_triton(h, weight, norm_weight, eps, **fixed, scale=scale)
-        configs = candidates(B, D, torch.cuda.get_device_properties(h.device).multi_processor_count)
+        configs = candidates(B, D, torch.cuda.get_device_properties(h.device).multi_processor_count,
+                             int8=scale is not None)
 
         def call(c: dict):
             if not agreeing(lm_head_top2_triton(h, weight, norm_weight, eps, **c, scale=scale), want):
@@ -267,18 +271,19 @@ def _graph_time(fn, replays: int = 20) -> float:
     return start.elapsed_time(end) / 1e3 / (10 * replays)
 
 
-def _default_config(device: torch.device, B: int, D: int) -> dict:
+def _default_config(device: torch.device, B: int, D: int, int8: bool = False) -> dict:
     """Measured on an H100 (bf16, 32000 x 4096 head): one row, 64 x 512 tiles, 4 programs per SM, 4 warps, 4
-    stages (80% of copy bandwidth); 2+ rows, 64 x 128 tiles, 8 per SM, 8 warps, 3 stages (80%)."""
+    stages (80% of copy bandwidth); 2+ rows, 64 x 128 tiles, 8 per SM, 8 warps, 3 stages (80%). int8: an int8
+    head's tensor-core path takes one group of columns a step."""
     if device.type != "cuda":  # the interpreter: small tiles, few programs
-        return {"block_v": 64, "block_d": 64, "programs": 8, "num_warps": 4, "num_stages": 1, "dot": B > 1,
-                "pipe": False}
+        return {"block_v": 64, "block_d": GROUP if int8 and B > 1 else 64, "programs": 8, "num_warps": 4,
+                "num_stages": 1, "dot": B > 1, "pipe": False}
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if B == 1:
         return {"block_v": 64, "block_d": 512 if D >= 2048 else 256, "programs": 4 * sms, "num_warps": 4,
                 "num_stages": 4, "dot": False, "pipe": False}
-    return {"block_v": 64, "block_d": 128, "programs": 8 * sms, "num_warps": 8, "num_stages": 3, "dot": True,
-            "pipe": False}
+    return {"block_v": 64, "block_d": GROUP if int8 else 128, "programs": 8 * sms, "num_warps": 8, "num_stages": 3,
+            "dot": True, "pipe": False}
 
 
 # ---------------------------------------------------------------- dispatch

@@ -22,8 +22,8 @@ def top2_partial(
     # block of BLOCK_B batch rows: each weight tile is read once for all of them. PIPE: the tile and feature loops
     # flattened into one, its loads pipelined LOOP_STAGES deep (the launch's num_stages pipelines only loads that
     # feed a tl.dot), so the next tile's reads overlap a tile's top-2 and softmax update; otherwise plain loops.
-    # HAS_SCALE: the head is int8 with a float32 scale per row and GROUP columns (quantize_int8's Q8_0 layout), each
-    # tile widened in registers: half a 16-bit head's bytes read.
+    # HAS_SCALE: the head is int8 with a float32 scale per row and GROUP columns (quantize_int8's Q8_0 layout): about
+    # half a 16-bit head's bytes read, each product summed over its group before the group's scale multiplies it.
     prog = tl.program_id(0)
     n_progs = tl.num_programs(0)
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -59,8 +59,10 @@ def top2_partial(
             w = tl.load(w_ptr + v[:, None] * stride_w + d[None, :], mask=v_mask[:, None] & d_mask[None, :],
                         other=0.0)  # (BLOCK_V, BLOCK_D)
             if DOT:  # tensor cores: a block of rows against the tile, float32 accumulation
-                # (an int8 tile: one group of columns a step, BLOCK_D == GROUP; its integers are exact in DOT_DTYPE
-                # and each row's scale of the group multiplies the product)
+                # (an int8 tile: one group of columns a step; its integers are exact in DOT_DTYPE and each row's
+                # scale of the group multiplies the product)
+                if HAS_SCALE:
+                    tl.static_assert(BLOCK_D == GROUP)
                 wt = tl.trans(w.to(DOT_DTYPE))
                 hi = x.to(DOT_DTYPE)
                 part = tl.dot(hi, wt, input_precision="ieee")
@@ -69,12 +71,16 @@ def top2_partial(
                 if HAS_SCALE:
                     part *= tl.load(ws_ptr + v * stride_ws + d0 // GROUP, mask=v_mask, other=0.0)[None, :]
                 acc += part
+            elif HAS_SCALE:  # one row of an int8 head: products summed within each group of GROUP columns, then
+                # scaled (one scale a row and group: BLOCK_D a multiple of GROUP)
+                g = d0 // GROUP + tl.arange(0, BLOCK_D // GROUP)
+                ws = tl.load(ws_ptr + v[:, None] * stride_ws + g[None, :],
+                             mask=v_mask[:, None] & (g * GROUP < D)[None, :], other=0.0)  # (BLOCK_V, BLOCK_D / GROUP)
+                xg = tl.reshape(x, (BLOCK_B, 1, BLOCK_D // GROUP, GROUP))
+                wg = tl.reshape(w.to(tl.float32), (1, BLOCK_V, BLOCK_D // GROUP, GROUP))
+                acc += tl.sum(tl.sum(xg * wg, axis=3) * ws[None, :, :], axis=2)
             else:  # one row, by default: a plain multiply-reduce (on long rows a GEMV gains nothing from tensor cores)
-                w = w.to(tl.float32)
-                if HAS_SCALE:  # (each row's scale of a group read once from memory, then from the cache)
-                    w *= tl.load(ws_ptr + v[:, None] * stride_ws + (d // GROUP)[None, :],
-                                 mask=v_mask[:, None] & d_mask[None, :], other=0.0)
-                acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         logits = tl.where(v_mask[None, :], acc, -float("inf"))  # (BLOCK_B, BLOCK_V)
         t_max = tl.max(logits, axis=1)
         t_idx = tl.min(tl.where(logits == t_max[:, None], v[None, :], 2147483647), axis=1)

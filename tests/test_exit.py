@@ -236,9 +236,25 @@ def test_captured_checks_equal_eager_ones(deep, reader, cands, head):
         assert (eager.logits - replayed.logits).abs().max() <= 1e-5  # the exit head on fewer rows: MKL rounding
     made = rule.check_graphs.graphs
     assert len({k[2][0] for k in made}) > 1, "some checks should have run on fewer rows"
-    assert {k[-1] for k in made} == {head}, "each replayed check reads the plan's head"
+    assert {k[-2] for k in made} == {head}, "each replayed check reads the plan's head"
     before = dict(made)
     plan = Plan(exit=rule, candidates=cands, capture_checks=True, record_features=True,  # recorded: the eager check
                 check_head=head)
     assert torch.equal(deep(tokens, pad_mask=mask, plan=plan).layers_run, eager.layers_run)
     assert rule.check_graphs.graphs.keys() == before.keys()
+
+
+def test_the_int8_check_head_is_refused_on_a_gpu_where_the_kernel_cannot_soft_cap():
+    """On a GPU the int8 head is read only by the Triton kernel, which does not soft-cap: a family with
+    final_logit_softcapping is refused in one line (prepare_check_head and probe both ask)."""
+    from types import SimpleNamespace
+
+    from adainfer.exit import check_int8_head
+
+    def model(device, cap):
+        return SimpleNamespace(device=torch.device(device), config=SimpleNamespace(final_softcap=cap))
+
+    with pytest.raises(AdainferError, match="--check-head: the int8 check head runs on a GPU in the Triton"):
+        check_int8_head(model("cuda", 30.0), "--check-head")
+    check_int8_head(model("cuda", None), "--check-head")
+    check_int8_head(model("cpu", 30.0), "--check-head")  # the CPU's C++ kernels write logits: soft-capped there

@@ -281,3 +281,27 @@ def test_int8_head_matches_the_reference(V, d, dtype, B, dot):
     torch.testing.assert_close(got.p2.cpu(), want.p2, rtol=0, atol=1e-5)
     full = lm_head_top2_reference(h.float(), w.float(), nw.float(), 1e-5)  # the head it stands for: close
     assert (got.p1.cpu() - full.p1).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_every_int8_candidate_configuration_matches_the_reference(B):
+    """The autotuner's configurations for an int8 head (--check-head int8): its tensor-core ones take one group of
+    columns a step (block_d 32), each distinct configuration once; every one gives the reference's top-2."""
+    import kernels.top2 as top2
+    from adainfer.quant import quantize_int8
+
+    g = torch.Generator().manual_seed(10 + B)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    h, nw = torch.randn(B, 608, generator=g).to(dtype), (1 + 0.2 * torch.randn(608, generator=g)).to(dtype)
+    q, scale = quantize_int8(torch.randn(700, 608, generator=g) * 0.05)
+    want = lm_head_top2_reference(h.float(), q, nw.float(), 1e-5, scale=scale)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 2
+    configs = top2.candidates(B, 608, sms, pipe=True, int8=True)
+    assert all(c["block_d"] == top2.GROUP for c in configs if c["dot"]) and any(c["dot"] for c in configs)
+    assert len({tuple(c.items()) for c in configs}) == len(configs)
+    for c in configs:
+        got = lm_head_top2_triton(h.to(DEVICE), q.to(DEVICE), nw.to(DEVICE), 1e-5, **c, scale=scale.to(DEVICE))
+        clear = (want.p1 - want.p2) >= 1e-3
+        assert torch.equal(got.top1.cpu()[clear], want.top1[clear]), c
+        torch.testing.assert_close(got.p1.cpu(), want.p1, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.p2.cpu(), want.p2, rtol=0, atol=1e-5)

@@ -107,6 +107,8 @@ def test_run_cli_speculate(deep, tmp_path):
     assert r.returncode == 2 and "--draft-min-prob: must be in [0, 1)" in r.stderr
     r = run_cli(*base, "--draft-layers", "0-3")
     assert r.returncode == 2 and "only apply with --speculate" in r.stderr
+    r = run_cli(*base, "--speculate", "--draft-head", "int8", "--device", "cuda")  # before anything loads
+    assert r.returncode == 2 and "--draft-head: int8 drafts run in the CPU's int8 kernels" in r.stderr
 
 
 @pytest.mark.parametrize("half_vocab, min_prob", [(False, 0.0), (True, 0.0), (False, 0.4)])
