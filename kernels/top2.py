@@ -278,7 +278,11 @@ def _default_config(device: torch.device, B: int, D: int, int8: bool = False) ->
     if device.type != "cuda":  # the interpreter: small tiles, few programs
         return {"block_v": 64, "block_d": GROUP if int8 and B > 1 else 64, "programs": 8, "num_warps": 4,
                 "num_stages": 1, "dot": B > 1, "pipe": False}
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return gpu_defaults(B, D, torch.cuda.get_device_properties(device).multi_processor_count, int8)
+
+
+def gpu_defaults(B: int, D: int, sms: int, int8: bool = False) -> dict:
+    """_default_config on a GPU of `sms` SMs."""
     if B == 1:
         return {"block_v": 64, "block_d": 512 if D >= 2048 else 256, "programs": 4 * sms, "num_warps": 4,
                 "num_stages": 4, "dot": False, "pipe": False}

@@ -9,6 +9,7 @@ takes the GEMV branch by default, several the tl.dot one (every configuration th
 tl.dot and the pipelined loops included: test_every_candidate_configuration_matches_the_reference)."""
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -305,3 +306,23 @@ def test_every_int8_candidate_configuration_matches_the_reference(B):
         assert torch.equal(got.top1.cpu()[clear], want.top1[clear]), c
         torch.testing.assert_close(got.p1.cpu(), want.p1, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.p2.cpu(), want.p2, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_kernel_compiles_for_an_h100(tmp_path):
+    """Without a GPU: the kernel compiled for sm_90 by Triton's own ptxas (tests/sm90_compile.py, in a process
+    without the interpreter), 16-bit and int8 heads, at the fixed defaults a GPU falls back on (one row of a long and
+    of a short head, several rows) and a pipelined candidate of each kind. A Triton construct that does not lower for
+    Hopper fails here instead of on a lent GPU's clock; shared memory within the H100's 227 KB a block."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "sm90_compile.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 10 and {r["head"] for r in rows} == {"bf16", "int8"}
+    assert [r for r in rows if "error" in r] == []
+    assert all(0 <= r["shared"] <= 227 * 1024 for r in rows)

@@ -1,0 +1,62 @@
+"""Compile the Triton top-2 kernel for an H100 (sm_90) without a GPU, through Triton's own ptxas: the configurations
+a GPU run falls back on (the fixed defaults) and the pipelined ones, for 16-bit and int8 heads. Prints one JSON line
+a configuration: {"config", "head", "shared", "error"}. Run by tests/test_kernel.py in a process of its own (Triton's
+interpreter, which the suite turns on, would not compile)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels.top2_triton import top2_partial  # noqa: E402
+
+ARGS = ["h_ptr", "w_ptr", "nw_ptr", "ws_ptr", "m1_ptr", "m2_ptr", "i1_ptr", "s_ptr", "count_ptr", "top1_ptr", "p1_ptr",
+        "p2_ptr", "B", "V", "D", "stride_h", "stride_w", "stride_ws", "eps", "tiles_per_prog"]
+ALIGNED = ["h_ptr", "w_ptr", "nw_ptr", "ws_ptr", "D", "stride_h", "stride_w"]  # as the launcher's tensors are
+SMS = 132
+
+
+def compile_one(head: str, block_v: int, block_d: int, num_warps: int, num_stages: int, dot: bool, pipe: bool):
+    types = ["*bf16", "*i8" if head == "int8" else "*bf16", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*fp32",
+             "*i32", "*i64", "*fp32", "*fp32", "i32", "i32", "i32", "i32", "i32", "i32", "fp32", "i32"]
+    const = dict(HAS_NORM=True, HAS_SCALE=head == "int8", GROUP=32, BLOCK_B=16 if dot else 1, BLOCK_V=block_v,
+                 BLOCK_D=block_d, DOT=dot, DOT_DTYPE=tl.bfloat16, FUSED_MERGE=False, BLOCK_P=1024, PIPE=pipe,
+                 LOOP_STAGES=num_stages if pipe else None)
+    src = ASTSource(fn=top2_partial, signature={**dict(zip(ARGS, types)), **dict.fromkeys(const, "constexpr")},
+                    constexprs=const, attrs={(ARGS.index(a),): [["tt.divisibility", 16]] for a in ALIGNED})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    return kernel.metadata.shared
+
+
+def main():
+    import kernels.top2 as top2
+
+    configs = []
+    for head in ("bf16", "int8"):
+        int8 = head == "int8"
+        for B, D in ((1, 2048), (1, 576), (8, 2048)):  # the fixed defaults (what a failed tuning falls back on)
+            configs.append((head, top2.gpu_defaults(B, D, SMS, int8)))
+        for B in (1, 8):  # a pipelined candidate (new kernel code; gpu_check's tuning tries them)
+            configs += [(head, c) for c in top2.candidates(B, 2048, SMS, pipe=True, int8=int8) if c["pipe"]][:1]
+    for head, c in configs:
+        row = {"config": {k: c[k] for k in ("block_v", "block_d", "num_warps", "num_stages", "dot", "pipe")},
+               "head": head}
+        try:
+            row["shared"] = compile_one(head, c["block_v"], c["block_d"], c["num_warps"], c["num_stages"], c["dot"],
+                                        c["pipe"])
+        except Exception as e:  # noqa: BLE001 (reported, the test names it)
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
