@@ -34,7 +34,9 @@ of depth n (captured on first use, the row's translator reading included); rows 
 `DecodeGraph(fuse=...)` says what the graphs replay: the eager step (`none`), each block and the head compiled by
 inductor (`blocks`, the default: one compile per block index and batch shape, shared by every depth), or the whole step
 compiled (`step`: one compile per depth), or the blocks compiled with inductor's coordinate-descent tuning (`tuned`: a
-batch-1 GEMV becomes a tuned Triton reduction instead of a cuBLAS call; not yet measured on a GPU). On an H100
+batch-1 GEMV becomes a tuned Triton reduction instead of a cuBLAS call), or the whole step so (`tuned_step`: gpt-fast's
+configuration, CUDA graphs of a step compiled with coordinate-descent tuning); the last two not yet measured on a GPU.
+On an H100
 (benchmarks/results/gpu_check_h100_run3.json, 1B-shaped, bf16) `blocks` decodes in 0.59-0.63x the eager capture's time
 and `step` 3% faster still, but `step` compiles again for each exit depth a generation reaches; `blocks` compiles ~9-12
 s once per batch-size bucket. Inductor's kernels round differently from the eager ones in the last bits: `none` replays
@@ -69,7 +71,7 @@ from adainfer.quant import (
 )
 
 DECODE_MODES = ("eager", "compiled", "int4")
-FUSES = ("none", "blocks", "step", "tuned")  # what a captured graph replays (DecodeGraph)
+FUSES = ("none", "blocks", "step", "tuned", "tuned_step")  # what a captured graph replays (DecodeGraph)
 # On a GPU. H100, 1B-shaped model, bf16 (benchmarks/results/gpu_check_h100_run3.json): ms/token at batch 1 / 8,
 # none 2.25 / 2.42, blocks 1.41 / 1.42, step 1.37 / 1.39; first calls at full and half depth (compiles, captures)
 # 0.8, 12 and 13 s: step compiles again for every exit depth, blocks once for all: blocks. gpu_check measures all.
@@ -285,14 +287,16 @@ class DecodeGraph:
         #   step    the whole step compiled: also fuses across blocks, but one compile per graph key (each depth)
         #   tuned   blocks, with inductor's coordinate-descent tuning (TUNED_OPTIONS: batch-1 GEMVs as tuned Triton
         #           reductions fused with their norms; gpu_check measures it beside the default)
+        #   tuned_step  step, so tuned (gpt-fast's configuration: fusions across blocks too; one compile per depth)
         # Float rounding differs from the eager step's in the last bits. Default: default_fuse (FUSE_DEFAULT on a GPU).
         fuse = default_fuse(model.device) if fuse is None else fuse
         if fuse not in FUSES:
             raise AdainferError("fuse", f"unknown {fuse!r} (choose {', '.join(FUSES)})")
         self.fuse = fuse if self.capture else "none"
         self.replay_step = rotary_step
-        if self.fuse == "step":
-            self.replay_step = torch.compile(rotary_step, dynamic=False, options=COMPILE_OPTIONS)
+        if self.fuse in ("step", "tuned_step"):
+            self.replay_step = torch.compile(rotary_step, dynamic=False,
+                                             options=TUNED_OPTIONS if self.fuse == "tuned_step" else COMPILE_OPTIONS)
         elif self.fuse in ("blocks", "tuned"):
             parts = compiled_parts(TUNED_OPTIONS if self.fuse == "tuned" else COMPILE_OPTIONS)
             self.replay_step = functools.partial(rotary_step, parts=parts)

@@ -8,9 +8,9 @@ against transformers on the same weights in the same process:
            torch.compile graph on a CPU), transformers (dynamic cache; --hf-compile adds its static cache +
            torch.compile), against the weight-read limit (weight bytes / measured copy bandwidth)
            and, on a GPU with --variants, the same graphs replaying other kernels DecodeGraph's `fuse` offers
-           (recorded as variants: the eager step's, inductor's compiled blocks, its compiled step or the blocks
-           compiled with coordinate-descent tuning) with their agreement with the default graph's tokens and the
-           seconds their first calls take (captures and compiles, at full and at half depth)
+           (recorded as variants: the eager step's, inductor's compiled blocks, its compiled step, the blocks or
+           the step compiled with coordinate-descent tuning) with their agreement with the default graph's tokens
+           and the seconds their first calls take (captures and compiles, at full and at half depth)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five;
            and a batch-1 prefill of 512 tokens through the modules, the compiled blocks and (GPU) the captured ones,
@@ -34,7 +34,7 @@ against transformers on the same weights in the same process:
            (what the autotuner bought); at batch 1 also the int8 head (--check-head int8) through the same kernel
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--test-workers 4]
-                                   [--hf-compile] [--sections decode,prefill,kernel] [--variants tuned,step]
+                                   [--hf-compile] [--sections decode,prefill,kernel] [--variants tuned,tuned_step]
 
 The tests (tests/test_cuda.py, tests/test_kernel.py) run first, dealt to --test-workers pytest processes at once
 (mostly compiling on the host's cores: one process took ~6 minutes on the H100 machine); the measurements after them

@@ -93,10 +93,10 @@ def test_a_longer_generation_after_a_short_one_captures_again(folder, fuse):
     assert want[0][-1] == eos and len(want[0]) <= 2
 
 
-@pytest.mark.parametrize("fuse", ["blocks", "step", "tuned"])
+@pytest.mark.parametrize("fuse", ["blocks", "step", "tuned", "tuned_step"])
 def test_fused_capture_equals_the_block_loop(folder, fuse):
     """fuse: inductor's fused kernels captured in the graphs. float32: the block loop's greedy tokens, dense and
-    through a sequence-mode exit, 8 rows and 1 (where `tuned` writes the GEMVs as its own Triton reductions);
+    through a sequence-mode exit, 8 rows and 1 (where the tuned ones write the GEMVs as their own Triton reductions);
     bfloat16: the first step's logits within rounding of the eager capture's."""
     ids = prompts(8, seed=2)
     model = load_model(folder, "float32", "cuda")[0]

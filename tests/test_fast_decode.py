@@ -108,7 +108,7 @@ def test_captured_generation_reuses_its_cache_and_graphs(converted):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fuse", ["blocks", "step", "tuned"])
+@pytest.mark.parametrize("fuse", ["blocks", "step", "tuned", "tuned_step"])
 def test_fused_capture_gives_the_block_loops_tokens(converted, fuse):
     """fuse: the captured path replays inductor's compiled blocks and head, or its compiled step (on the CPU its C++
     loops in the static buffers; on a GPU the fused Triton kernels captured, test_cuda.py): the block loop's tokens,
@@ -125,7 +125,7 @@ def test_fused_capture_gives_the_block_loops_tokens(converted, fuse):
         compiled.append(counters["stats"]["unique_graphs"])
     assert sorted(len(k[2] or (0, 1, 2)) for k in graph.graphs) == [1, 3]
     assert compiled[1] > compiled[0], "the captured steps ran compiled code"
-    assert (compiled[2] == compiled[1]) == (fuse != "step")
+    assert (compiled[2] == compiled[1]) == (fuse not in ("step", "tuned_step"))
     assert DecodeGraph(model, "compiled", compile=False, fuse=fuse).fuse == "none", "a captured path's option"
     assert DecodeGraph(model, "compiled", capture=True).fuse == "none", "on the CPU the default replays eager steps"
     with pytest.raises(AdainferError, match="fuse.*unknown 'all'"):
@@ -205,7 +205,13 @@ def test_captured_prefill_replays_each_shape_of_the_blocks(converted):
         caches = [KVCache(model.config, *tokens.shape, model.dtype) for _ in range(2)]  # both alive: two addresses
         for cache in caches:
             model(tokens, pad_mask=pad_mask, cache=cache)
-        assert len(captured()) == len(made) + 2 * L, "each cache's blocks captured"
+        # each cache's blocks captured at its addresses (a freed cache's memory may come back to a new one, whose
+        # blocks then replay that capture: it writes the same addresses)
+        where = {key[3] for _, key in captured()}
+        for cache in caches:
+            for i in range(L):
+                assert (0, *((t[i].data_ptr(), t[i].shape) for t in (cache.k, cache.v))) in where, (i, "captured")
+        assert len(made) < len(captured()) <= len(made) + 2 * L
         assert torch.equal(caches[0].k[0], caches[1].k[0]) and caches[0].k[0].abs().sum() > 0
         cos = Plan(exit=ExitRule(ExitClassifier("svm", ["gap", "cos_mlp"], [1.0, 0.0], 1.0)))
         made = captured()

@@ -48,7 +48,7 @@ def test_gpu_check_refuses_an_unknown_section_or_variant(tmp_path):
     assert proc.returncode == 2 and "--sections: unknown kernels" in proc.stderr
     proc = gpu_check("--device", "cpu", "--variants", "tuned,fused", "--out", tmp_path / "gc.json")
     assert proc.returncode == 2
-    assert "--variants: unknown fused (choose from none, blocks, step, tuned, all)" in proc.stderr
+    assert "--variants: unknown fused (choose from none, blocks, step, tuned, tuned_step, all)" in proc.stderr
     assert not (tmp_path / "gc.json").exists()
 
 
