@@ -1,5 +1,6 @@
 """Compile the Triton top-2 kernel for an H100 (sm_90) without a GPU, through Triton's own ptxas: the configurations
-a GPU run falls back on (the fixed defaults) and the pipelined ones, for 16-bit and int8 heads. Prints one JSON line
+a GPU run falls back on (the fixed defaults) and every one the autotuner may time (pipelined included), for 16-bit
+and int8 heads, rows of 2048 and 576 features, one row and several. Prints one JSON line
 a configuration: {"config", "head", "shared", "error"}. Run by tests/test_kernel.py in a process of its own (Triton's
 interpreter, which the suite turns on, would not compile)."""
 
@@ -43,10 +44,10 @@ def main():
     configs = []
     for head in ("bf16", "int8"):
         int8 = head == "int8"
-        for B, D in ((1, 2048), (1, 576), (8, 2048)):  # the fixed defaults (what a failed tuning falls back on)
+        for B, D in ((1, 2048), (1, 576), (8, 2048), (8, 576)):  # long and short rows, one and several
+            # the fixed defaults (what a failed tuning falls back on), then every candidate the tuning may time
             configs.append((head, top2.gpu_defaults(B, D, SMS, int8)))
-        for B in (1, 8):  # a pipelined candidate (new kernel code; gpu_check's tuning tries them)
-            configs += [(head, c) for c in top2.candidates(B, 2048, SMS, pipe=True, int8=int8) if c["pipe"]][:1]
+            configs += [(head, c) for c in top2.candidates(B, D, SMS, pipe=True, int8=int8)]
     for head, c in configs:
         row = {"config": {k: c[k] for k in ("block_v", "block_d", "num_warps", "num_stages", "dot", "pipe")},
                "head": head}
