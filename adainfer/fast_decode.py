@@ -36,12 +36,11 @@ inductor (`blocks`, the default: one compile per block index and batch shape, sh
 compiled (`step`: one compile per depth), or the blocks compiled with inductor's coordinate-descent tuning (`tuned`: a
 batch-1 GEMV becomes a tuned Triton reduction instead of a cuBLAS call), or the whole step so (`tuned_step`: gpt-fast's
 configuration, CUDA graphs of a step compiled with coordinate-descent tuning); the last two not yet measured on a GPU.
-On an H100
-(benchmarks/results/gpu_check_h100_run3.json, 1B-shaped, bf16) `blocks` decodes in 0.59-0.63x the eager capture's time
-and `step` 3% faster still, but `step` compiles again for each exit depth a generation reaches; `blocks` compiles ~9-12
-s once per batch-size bucket. Inductor's kernels round differently from the eager ones in the last bits: `none` replays
-the block loop's kernels (at a power-of-two batch size exactly; other sizes run padded to their bucket, whose matmuls
-may round differently), and is the default where Triton has no C compiler (default_fuse).
+On an H100 (benchmarks/results/gpu_check_h100_run3.json, 1B-shaped, bf16) `blocks` decodes in 0.59-0.63x the eager
+capture's time and `step` 3% faster still, but `step` compiles again for each exit depth a generation reaches; `blocks`
+compiles ~9-12 s once per batch-size bucket. Inductor's kernels round differently from the eager ones in the last
+bits: `none` replays the block loop's kernels (at a power-of-two batch size exactly; other sizes run padded to their
+bucket, whose matmuls may round differently), and is the default where Triton has no C compiler (default_fuse).
 
 A prompt's forward has its own levers (--prefill compiled / captured): adainfer.fast_prefill.
 """
