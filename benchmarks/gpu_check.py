@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,9 +102,9 @@ def shards(nodeids: list[str], workers: int) -> list[list[str]]:
 
 
 def run_tests(workers: int = 4, files: tuple[str, ...] = TEST_FILES) -> dict:
-    """The CUDA tests and the kernel tests, with Triton compiling for the GPU (not its interpreter), in `workers`
-    pytest processes at once: most of their time is compiling (inductor, Triton) on the host's cores, not the GPU."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    """The CUDA tests and the kernel tests, with Triton compiling for the GPU (its interpreter without one), in
+    `workers` pytest processes at once: most of their time is compiling (inductor, Triton) on the host's cores."""
+    env = dict(os.environ, TRITON_INTERPRET="0" if torch.cuda.is_available() else "1")  # (no GPU: all but skipped)
     t0 = time.perf_counter()
     collect = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *files],
                              cwd=ROOT, env=env, capture_output=True, text=True)
@@ -588,6 +589,9 @@ def main(argv=None) -> int:
                    help=f"comma-separated: decode graphs of other `fuse`s ({', '.join(FUSES)}; all: every one but "
                         f"the default) timed and profiled beside the default one (GPU; not given: the default only)")
     args = p.parse_args(argv)
+    # `timeout` (or a lent machine's limit) stops this script with SIGTERM: exit through the finally blocks, so the
+    # test processes it started stop with it instead of holding the GPU
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for option, given, known in (("--sections", args.sections, SECTIONS), ("--variants", args.variants,
                                                                           (*FUSES, "all"))):
         unknown = sorted(set(given) - set(known))

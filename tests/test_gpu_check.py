@@ -4,8 +4,11 @@
 import importlib.util
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +86,41 @@ def test_the_cuda_tests_run_in_several_processes(tmp_path):
     assert result["returncode"] == 0, result
     assert result["collected"] >= 10 and result["skipped"] == result["collected"] and "passed" not in result
     assert len(result["shard_seconds"]) == 3 and all(0 < s <= result["seconds"] for s in result["shard_seconds"])
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # (gone meanwhile)
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from Linux's /proc")
+def test_a_stopped_gpu_check_stops_its_test_processes():
+    """`timeout` (or a lent machine's limit) stops gpu_check with SIGTERM while its test processes run: they stop too,
+    instead of holding the GPU for the next command."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                             "--test-workers", "2", "--out", "/dev/null"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(children(proc.pid)) < 2 and time.monotonic() < deadline:  # (first: one to collect, then two)
+            time.sleep(0.2)
+        running = children(proc.pid)
+        assert len(running) == 2, "the test processes should be running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                  for pid in running) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in running if Path(f"/proc/{pid}").exists()
+                    and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+    finally:
+        proc.kill()
