@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adainfer.errors import AdainferError
+from kernels.top2 import dequantize_head
 
 # ---------------------------------------------------------------- float products on this CPU
 
@@ -102,9 +103,9 @@ def quantize_int8(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The plain-torch reference: (N, K) float32 weights from quantize_int8's output."""
-    N, K = q.shape
-    return (q.float().view(N, scale.shape[1], -1) * scale[..., None]).view(N, K)
+    """The plain-torch reference: (N, K) float32 weights from quantize_int8's output (the exit kernel's int8 head
+    reads the same format: kernels.top2.dequantize_head, which this is)."""
+    return dequantize_head(q, scale)
 
 
 # ---------------------------------------------------------------- the int4 / int8 x int8 kernels

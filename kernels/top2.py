@@ -50,9 +50,10 @@ GROUP = 32  # columns sharing one scale in an int8 head
 
 
 def dequantize_head(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """An int8 head q (V, d) and its scales (V, d // GROUP) -> float32 weights (V, d)."""
+    """An int8 matrix q (V, d) and its scales (V, d // group), one a row and group of columns (GROUP for the kernel)
+    -> float32 weights (V, d). The plain-torch reference of the int8 format (adainfer.quant.dequantize_int8 is it)."""
     V, d = q.shape
-    return (q.float().view(V, d // GROUP, GROUP) * scale.float()[..., None]).view(V, d)
+    return (q.float().view(V, scale.shape[1], -1) * scale.float()[..., None]).view(V, d)
 
 
 def lm_head_top2_reference(h: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
