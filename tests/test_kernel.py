@@ -23,6 +23,9 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 REF_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# The every-configuration tests in this many parts, each a share of the configurations: on a GPU each configuration is
+# a Triton compile, and benchmarks/gpu_check.py deals the parts to different processes.
+PARTS = 3
 
 
 def check(h, w, nw=None, eps=1e-5):
@@ -175,8 +178,9 @@ def test_fused_merge_equals_the_merge_kernel(B):
             assert int(top2._counters[h.device].item()) == 0
 
 
+@pytest.mark.parametrize("part", range(PARTS))
 @pytest.mark.parametrize("B", [1, 3])
-def test_every_candidate_configuration_matches_the_reference(B):
+def test_every_candidate_configuration_matches_the_reference(B, part):
     """Each configuration the autotuner may pick (kernels.top2.candidates: one row, several, short rows; one row of a
     short head also through tensor cores, padded to 16; one tile a program; loops flattened and pipelined) gives the
     reference's top-2 on a head of short rows (600: a partial last feature block for every block_d) and a partial
@@ -192,7 +196,7 @@ def test_every_candidate_configuration_matches_the_reference(B):
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 2
     configs = top2.candidates(B, 600, sms, pipe=True)
     assert any(c["pipe"] for c in configs) and any(c["dot"] for c in configs) and len(configs) > 10
-    for c in configs:
+    for c in configs[part::PARTS]:
         got = lm_head_top2_triton(h.to(DEVICE), w.to(DEVICE), nw.to(DEVICE), 1e-5, **c)
         clear = (want.p1 - want.p2) >= 1e-3
         assert torch.equal(got.top1.cpu()[clear], want.top1[clear]), c
@@ -287,8 +291,9 @@ def test_int8_head_matches_the_reference(V, d, dtype, B, dot):
     assert (got.p1.cpu() - full.p1).abs().max() < 0.02
 
 
+@pytest.mark.parametrize("part", range(PARTS))
 @pytest.mark.parametrize("B", [1, 3])
-def test_every_int8_candidate_configuration_matches_the_reference(B):
+def test_every_int8_candidate_configuration_matches_the_reference(B, part):
     """The autotuner's configurations for an int8 head (--check-head int8): its tensor-core ones take one group of
     columns a step (block_d 32), each distinct configuration once; every one gives the reference's top-2."""
     import kernels.top2 as top2
@@ -303,7 +308,7 @@ def test_every_int8_candidate_configuration_matches_the_reference(B):
     configs = top2.candidates(B, 608, sms, pipe=True, int8=True)
     assert all(c["block_d"] == top2.GROUP for c in configs if c["dot"]) and any(c["dot"] for c in configs)
     assert len({tuple(c.items()) for c in configs}) == len(configs)
-    for c in configs:
+    for c in configs[part::PARTS]:
         got = lm_head_top2_triton(h.to(DEVICE), q.to(DEVICE), nw.to(DEVICE), 1e-5, **c, scale=scale.to(DEVICE))
         clear = (want.p1 - want.p2) >= 1e-3
         assert torch.equal(got.top1.cpu()[clear], want.top1[clear]), c
