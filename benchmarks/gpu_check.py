@@ -29,8 +29,7 @@ against transformers on the same weights in the same process:
            heads at batch 1 and 8: microseconds and fraction of copy bandwidth; also with its merge fused into the
            one launch (fused_merge=True, not yet the default) and how close it comes to the two-launch merge; the
            default call (its configuration autotuned on first use: kernels.top2.config) and the GEMV both replayed
-           from CUDA graphs (their kernels without the host's launch overhead; the tuning here also tries the pipelined
-           candidates, kernels.top2.TRY_PIPE), and the untuned defaults replayed so
+           from CUDA graphs (their kernels without the host's launch overhead), and the untuned defaults replayed so
            (what the autotuner bought); at batch 1 also the int8 head (--check-head int8) through the same kernel
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--test-workers 8]
@@ -463,17 +462,11 @@ def graphed(fn):
 
 
 def bench_kernel(timer_bw: float) -> list[dict]:
-    """kernel_rows with the untried pipelined candidates in the tuning too (the pick says whether one won), in this
-    section only: the others keep what a user's first call tunes."""
+    """kernel_rows, each configuration tuned afresh (what a user's first call on that head does)."""
     import kernels.top2 as top2
 
-    top2.TRY_PIPE = True
     top2._tuned.clear()
-    try:
-        return kernel_rows(timer_bw)
-    finally:
-        top2.TRY_PIPE = False
-        top2._tuned.clear()
+    return kernel_rows(timer_bw)
 
 
 def kernel_rows(timer_bw: float) -> list[dict]:

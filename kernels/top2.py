@@ -172,7 +172,7 @@ def _tl_dtype(dtype: torch.dtype):
 # 32000 x 4096; less the shorter the rows, as if a tile's top-2 and softmax update were not hidden behind reads):
 # "grid", one tile a program (64 a SM is more than any head here has tiles; the launcher caps programs at the
 # tiles), so the hardware balances the tail that 768 tiles over 528 programs leave; and "pipe", a few programs a SM
-# each looping over many tiles with the loops flattened and pipelined (PIPE in the kernel; only with TRY_PIPE).
+# each looping over many tiles with the loops flattened and pipelined (PIPE in the kernel; with TRY_PIPE).
 CANDIDATES = {
     "one": [(64, 512, 4, 4, 4), (32, 512, 8, 4, 3), (64, 256, 4, 4, 4), (128, 128, 4, 8, 3)],
     "rows": [(64, 128, 8, 8, 3), (64, 128, 4, 8, 3), (128, 256, 8, 8, 4), (128, 128, 4, 4, 4)],
@@ -183,9 +183,10 @@ CANDIDATES = {
     "pipe_rows": [(32, 128, 2, 4, 3), (64, 128, 3, 8, 3)],
 }
 AUTOTUNE = True  # False: the fixed defaults (_default_config) everywhere; float32 heads always take them
-# The pipelined candidates compile kernel code (the flattened loops) no GPU has compiled yet: measured by gpu_check,
-# which turns this on, and left out of the tuning a user's first call does until a run shows them compile and win.
-TRY_PIPE = False
+# The pipelined candidates (the flattened loops): tried since an H100 run showed them compile and win for one row
+# (gpu_check run 5: 89.3 against 107.4 us on the 49152 x 2048 head, 1.05x the GEMV's time against 1.25x; 112.7 against
+# 113.4 on 32000 x 4096). False: the tuning a user's first call does leaves them out.
+TRY_PIPE = True
 _tuned: dict[tuple, dict] = {}
 
 
