@@ -14,7 +14,7 @@ class Captured:
     graph replays, the output is cloned out. `fn` must be a pure step of its inputs plus state it writes the same way
     every time (the KV cache at the input position), so the warm-up runs before capture may write it too.
     graph=False runs the same static-buffer path without capture (how the CPU tests exercise it). `fn` returns a
-    tensor or a tuple of them."""
+    tensor, a tuple of them, or None (it writes its results into buffers that outlive the replay)."""
 
     def __init__(self, fn, inputs: list[torch.Tensor], graph: bool = True, pool=None):
         self.fn, self.inputs, self.graph = fn, [t.clone() for t in inputs], None
@@ -40,6 +40,8 @@ class Captured:
         else:
             self.graph.replay()
             output = self.output
+        if output is None:  # (a step that writes its results into buffers of its own)
+            return None
         return tuple(t.clone() for t in output) if isinstance(output, tuple) else output.clone()
 
 

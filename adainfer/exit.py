@@ -302,11 +302,17 @@ class CheckGraphs:
     checked layer and row count: the translator's reading, the top-2 probe (on a GPU the fused kernel), the features
     and the decision, captured as a CUDA graph. An eager check is ~20 small launches from Python on a host-bound
     loop; a replay is one, plus the copies in and out. Same kernels, same bits as the eager check. On the CPU (tests)
-    the same static buffers run without a graph."""
+    the same static buffers run without a graph.
+
+    With decisions read every few checks (Plan.sync_every > 1) the replay also notes them into the window's buffers
+    (`window`: which rows fired, at which layer, what the check read there), so a check inside a window is one copy in
+    and one replay: no outputs, no bookkeeping launches from Python. The first check of a window sets the buffers,
+    the others add to them (either is the same when replayed twice, as a capture's warm-up does)."""
 
     def __init__(self, rule: ExitRule):
         self.rule = rule
         self.graphs: dict[tuple, Captured] = {}  # in order of last use
+        self.windows: dict[tuple, Window] = {}  # (states' shape, dtype, device) -> the buffers graphs write
 
     @staticmethod
     def covers(rule: ExitRule, model, plan: Plan) -> bool:
@@ -316,12 +322,25 @@ class CheckGraphs:
         return (rule.clf.kind != "crf" and not rule.needs_record and not plan.record_features
                 and model.config.final_softcap is None and model.shard is None)
 
-    def __call__(self, model, n: int, x: torch.Tensor, reader, weight: torch.Tensor | None, check_head: str = "full"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last-token states x (b, dim) after n blocks -> (what the check read (b, dim), fire (b,) bool)."""
+    def window(self, x: torch.Tensor) -> Window:
+        """The window buffers for checks of last-token states x (b, dim) (a translator's reading keeps their shape
+        and dtype): made once per shape, then kept (the graphs that note into them hold their addresses)."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self.windows:
+            b = x.shape[0]
+            self.windows[key] = Window(torch.zeros(b, dtype=torch.bool, device=x.device),
+                                       torch.zeros(b, dtype=torch.int64, device=x.device), torch.zeros_like(x), False)
+        return self.windows[key]
+
+    def __call__(self, model, n: int, x: torch.Tensor, reader, weight: torch.Tensor | None, check_head: str = "full",
+                 window: Window | None = None, opens: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Last-token states x (b, dim) after n blocks -> (what the check read (b, dim), fire (b,) bool); with
+        `window`, nothing: the decisions noted into its buffers instead (`opens`: the window's first check)."""
         # (the int8 head built first, so that its object is in the key: rebuilt for new weights, it is other memory)
         q8 = model.int8_head() if check_head == "int8" else None
-        key = (id(model), n, tuple(x.shape), id(reader), None if weight is None else id(weight), check_head, id(q8))
+        role = None if window is None else ("opens" if opens else "notes", id(window))
+        key = (id(model), n, tuple(x.shape), id(reader), None if weight is None else id(weight), role, check_head,
+               id(q8))
         graph = self.graphs.pop(key, None)
         if graph is None:
             while len(self.graphs) >= MAX_CHECK_GRAPHS:  # least recently used first
@@ -332,7 +351,18 @@ class CheckGraphs:
                 read = x if reader is None else reader.read(n, x)
                 top2, _ = probe(model, read, weight, check_head)
                 fire, _ = rule.fire(compute_features(rule.features, top2, None, None, None), {})
-                return read, fire
+                if window is None:
+                    return read, fire
+                if opens:
+                    window.fired.copy_(fire)
+                    window.at.fill_(n)
+                    window.value.copy_(read)
+                else:  # rows that fire first here take this layer and reading
+                    new = fire & ~window.fired
+                    window.at.copy_(torch.where(new, n, window.at))
+                    window.value.copy_(torch.where(new[:, None], read, window.value))
+                    window.fired.logical_or_(fire)
+                return None
 
             graph = Captured(check, [x], graph=x.is_cuda)
         self.graphs[key] = graph  # (re)inserted last
@@ -416,13 +446,23 @@ class Exits:
     def check(self, fire: torch.Tensor, n: int, logits: torch.Tensor | None, h_last: torch.Tensor):
         """Note one check's decisions; return the keep-mask once rows have left the batch, else None."""
         value, is_logits = (logits, True) if logits is not None else (h_last, False)  # GPU: the head later
-        at = None
-        if self.window > 1:
-            w = self._note(fire, n, value, is_logits)
-            if w.checks < self.window:
-                return None
-            self.open = None
-            fire, at, value = w.fired, w.at, w.value
+        if self.window == 1:
+            return self._leave(fire, None, value, is_logits, n)
+        w = self._note(fire, n, value, is_logits)
+        return self._close(w, n) if w.checks >= self.window else None
+
+    def noted(self, window: Window, n: int):
+        """A check whose replay noted its decisions into `window`'s buffers (CheckGraphs); as check."""
+        self.open = Window(window.fired, window.at, window.value, False, 1 if self.open is None else
+                           self.open.checks + 1)
+        return self._close(self.open, n) if self.open.checks >= self.window else None
+
+    def _close(self, w: Window, n: int):
+        self.open = None
+        return self._leave(w.fired, w.at, w.value, w.is_logits, n)
+
+    def _leave(self, fire: torch.Tensor, at: torch.Tensor | None, value: torch.Tensor, is_logits: bool, n: int):
+        """The rows that fired leave with their answers (the head run now where value holds states)."""
         if not bool(fire.any()):  # the one host synchronisation of a check (or of a window)
             return None
         out = value[fire] if is_logits else self.head(value[fire])

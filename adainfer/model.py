@@ -563,8 +563,15 @@ class Decoder(nn.Module):
                 hiddens.append(h)
             if rule is not None and n < n_run and rule.should_check(n):
                 head = plan.check_head if plan.candidates is None else "full"
+                live = exits.live
                 if plan.capture_checks and CheckGraphs.covers(rule, self, plan):  # one replay (the head later)
-                    (read, fire), logits = rule.check_graphs(self, n, h[:, -1], reader, weight, head), None
+                    if exits.window > 1:  # the replay notes the decisions into the window's buffers
+                        window = rule.check_graphs.window(h[:, -1])
+                        rule.check_graphs(self, n, h[:, -1], reader, weight, head, window, opens=exits.open is None)
+                        keep = exits.noted(window, n)
+                    else:
+                        read, fire = rule.check_graphs(self, n, h[:, -1], reader, weight, head)
+                        keep = exits.check(fire, n, None, read)
                 else:
                     read = h[:, -1] if reader is None else reader.read(n, h[:, -1])  # what the check reads
                     top2, logits = probe(self, read, weight, head)
@@ -573,8 +580,7 @@ class Decoder(nn.Module):
                         features.append({"layer": n, "rows": exits.live, "top1": top2.top1, **feats})
                         if plan.record_logits:
                             features[-1]["logits"] = exits.head(read) if logits is None else logits
-                live = exits.live
-                keep = exits.check(fire, n, logits, read)  # rows that stay, once some have left
+                    keep = exits.check(fire, n, logits, read)  # rows that stay, once some have left
                 if keep is not None:
                     if plan.fill_skipped_kv and cache is not None:
                         gone = live[~keep.cpu()] if rows is None else rows[live[~keep.cpu()]]

@@ -215,9 +215,10 @@ def test_int8_check_head_gives_close_features_and_full_precision_answers(deep):
                                                 (False, torch.tensor([65, 66, 67, 97]), "full"), (False, None, "int8")])
 def test_captured_checks_equal_eager_ones(deep, reader, cands, head):
     """Plan.capture_checks: each check (translator reading, probe, features, decision) replayed from static buffers,
-    one per checked layer and row count as rows leave (on a GPU a CUDA graph: test_cuda.py). The same exits and
-    answers as the eager checks, with a translator, over candidates and from the int8 check head; rules it does not
-    cover (a CRF, cosine features, recorded features) take the eager check."""
+    one per checked layer and row count as rows leave (on a GPU a CUDA graph: test_cuda.py); with decisions read
+    every 2 or 3 checks, noted into the window's buffers by the replays. The same exits and answers as the eager
+    checks, with a translator, over candidates and from the int8 check head; rules it does not cover (a CRF, cosine
+    features, recorded features) take the eager check."""
     from helpers import random_translator
 
     batch = prompts(8, 6)
@@ -227,7 +228,7 @@ def test_captured_checks_equal_eager_ones(deep, reader, cands, head):
         else None
     rule = ExitRule(clf)
     tokens, mask = left_pad(batch, 0)
-    for window in (1, 2):
+    for window in (1, 2, 3):
         eager = deep(tokens, pad_mask=mask, plan=Plan(exit=rule, candidates=cands, sync_every=window, check_head=head))
         replayed = deep(tokens, pad_mask=mask, plan=Plan(exit=rule, candidates=cands, sync_every=window,
                                                            check_head=head, capture_checks=True))
@@ -236,6 +237,7 @@ def test_captured_checks_equal_eager_ones(deep, reader, cands, head):
         assert (eager.logits - replayed.logits).abs().max() <= 1e-5  # the exit head on fewer rows: MKL rounding
     made = rule.check_graphs.graphs
     assert len({k[2][0] for k in made}) > 1, "some checks should have run on fewer rows"
+    assert {k[5] and k[5][0] for k in made} == {None, "opens", "notes"}, "windows: their checks note on the device"
     assert {k[-2] for k in made} == {head}, "each replayed check reads the plan's head"
     before = dict(made)
     plan = Plan(exit=rule, candidates=cands, capture_checks=True, record_features=True,  # recorded: the eager check

@@ -145,3 +145,19 @@ def test_a_stopped_gpu_check_stops_its_test_processes():
                     and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
     finally:
         proc.kill()
+
+
+def test_the_bar_has_the_goals_of_the_sections_that_ran():
+    """A run of some sections (a short lent machine's) still prints the goals those measured; a failed section
+    (None) adds none."""
+    bar = gpu_check_module().bar
+    row = {"batch": 1, "tokens": 512, "ours_ms": 10.0, "speedup_vs_hf": 1.2, "compiled_speedup_vs_hf": 1.5,
+           "check_every_block_overhead": 0.5, "check_every_block_read_every_4_overhead": 0.4}
+    lines = bar({"prefill": [row], "decode": None, "n_layers": 16, "head_GB": 0.2, "copy_bandwidth_GBps": 2000.0})
+    goals = {line["goal"]: line for line in lines}
+    assert goals["prefill >= 1.3x transformers at every shape"]["met"] is False
+    assert goals["(compile_prefill) prefill >= 1.3x transformers at every shape"]["met"] is True
+    assert goals["exit check after every block <= 10% at batch 1 (the better of reading every check / every 4)"][
+        "measured"] == 0.4
+    assert not any("decode" in g or "kernel" in g for g in goals)
+    assert bar({"decode": None, "prefill": None}) == []
