@@ -62,15 +62,24 @@ def test_gpu_check_refuses_cuda_where_there_is_none(tmp_path):
     assert not (tmp_path / "gc.json").exists()
 
 
-def gpu_check_module():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported (gpu_check puts its folder on the path for its own imports)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def gpu_check_module():
+    return benchmark_module("gpu_check")
+
+
+def gpu_tests_module():
+    return benchmark_module("gpu_tests")
+
+
 def test_the_tests_are_dealt_to_processes_of_about_equal_cost():
-    shards = gpu_check_module().shards
+    shards = gpu_tests_module().shards
     ids = ["t.py::test_clis_on_cuda", *(f"t.py::test_fused_capture[{f}]" for f in "abc"),
            *(f"t.py::test_small[{i}]" for i in range(10))]
     groups = shards(ids, 4)
@@ -83,17 +92,17 @@ def test_the_tests_are_dealt_to_processes_of_about_equal_cost():
 def test_measured_seconds_deal_the_tests_where_known():
     """An earlier run's seconds replace the guesses: here a "small" test that took 100 s goes alone, and the guessed
     CLI test (8 units, 40 s) shares a process."""
-    module = gpu_check_module()
+    module = gpu_tests_module()
     ids = ["t.py::test_clis_on_cuda", "t.py::test_small[0]", *(f"t.py::test_small[{i}]" for i in range(1, 9))]
     groups = module.shards(ids, 2, {"t.py::test_small[0]": 100.0, "t.py::gone": 5.0})
     assert groups[0] == ["t.py::test_small[0]"] and sorted(groups[1]) == sorted(ids[:1] + ids[2:])
 
 
 def test_each_tests_seconds_are_read_from_pytests_durations(tmp_path):
-    module = gpu_check_module()
+    module = gpu_tests_module()
     log = ("12.50s call     tests/test_cuda.py::test_a[1]\n2.00s setup    tests/test_cuda.py::test_a[1]\n"
            "0.75s teardown tests/test_kernel.py::test_b\n(3 durations < 0.5s hidden.)\n3 passed in 16.0s\n")
-    assert module.test_seconds(log) == {"tests/test_cuda.py::test_a[1]": 14.5, "tests/test_kernel.py::test_b": 0.75}
+    assert module.seconds_per_test(log) == {"tests/test_cuda.py::test_a[1]": 14.5, "tests/test_kernel.py::test_b": 0.75}
     (tmp_path / "s.json").write_text('{"seconds": {"tests/test_cuda.py::test_a[1]": 14.5}}')
     assert module.known_seconds(tmp_path / "s.json") == {"tests/test_cuda.py::test_a[1]": 14.5}
     (tmp_path / "bad.json").write_text("{")
@@ -102,7 +111,7 @@ def test_each_tests_seconds_are_read_from_pytests_durations(tmp_path):
 
 def test_the_cuda_tests_run_in_several_processes(tmp_path):
     """Here every test of test_cuda.py skips (no GPU): each is collected, dealt and counted once."""
-    result = gpu_check_module().run_tests(3, ("tests/test_cuda.py",))
+    result = gpu_tests_module().run_tests(3, ("tests/test_cuda.py",))
     assert result["returncode"] == 0, result
     assert result["collected"] >= 10 and result["skipped"] == result["collected"] and "passed" not in result
     assert len(result["shard_seconds"]) == 3 and all(0 < s <= result["seconds"] for s in result["shard_seconds"])
