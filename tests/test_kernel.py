@@ -231,6 +231,15 @@ def test_fastest_keeps_the_quickest_configuration():
     assert top2.fastest(configs, lambda c: c["block_v"], timer) == {"block_v": 32}
     assert top2.fastest(configs[1:3], lambda c: c["block_v"], timer) == {"block_v": 256}  # all fail: the last
 
+    seen, drift = [], {64: [1.0, 3.0], 32: [2.0, 2.0]}  # 64 timed 1.0 in the first round, 3.0 in the second
+
+    def drifting(v):
+        seen.append(v)
+        return drift[v][sum(s == v for s in seen) - 1]
+
+    assert top2.fastest([{"block_v": 64}, {"block_v": 32}], lambda c: c["block_v"], drifting) == {"block_v": 64}
+    assert seen == [64, 32, 64, 32], "each configuration timed once a round, in turn"
+
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 def test_the_launcher_tunes_once_per_head_and_batch_bucket():
