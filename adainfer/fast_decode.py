@@ -75,6 +75,7 @@ FUSES = ("none", "blocks", "step", "tuned", "tuned_step")  # what a captured gra
 # none 2.25 / 2.42, blocks 1.41 / 1.42, step 1.37 / 1.39; first calls at full and half depth (compiles, captures)
 # 0.8, 12 and 13 s: step compiles again for every exit depth, blocks once for all: blocks. gpu_check measures all.
 FUSE_DEFAULT = "blocks"
+ATTENTIONS = ("sdpa", "triton")  # DecodeGraph's attention: torch's SDPA, or kernels.attention.decode_attention
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch-size buckets x depths x translators)
 # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
 # the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph). Inductor would also
@@ -137,8 +138,8 @@ def prepare_check_head(model: Decoder, check_head: str, candidates: torch.Tensor
 
 def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, cos, sin, valid: torch.Tensor,
                 write_pos: torch.Tensor, cache: KVCache, quantized: bool, layers: tuple[int, ...] | None = None,
-                reader=None, head=None, attend: torch.Tensor | None = None, parts: Parts | None = None
-                ) -> torch.Tensor:
+                reader=None, head=None, attend: torch.Tensor | None = None, parts: Parts | None = None,
+                attention: str = "sdpa") -> torch.Tensor:
     """tokens (B, T) at positions (B, T) through the blocks `layers` (indices in order; None: all) -> float32 logits
     (B, T, V) over the head's rows `head` (None: the whole head, int8 when quantized; a tensor of head rows; or a
     QuantWeight of them). The keys and values go into `cache` at slots write_pos (T,), and query t attends to every
@@ -146,7 +147,7 @@ def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, c
     verify step. A run of the first n blocks reads its last state through `reader` (a Translator) where it has a map
     for block n, as the block loop's exit_at does. `attend` (B, 1, T, S), when given, says which slots each query
     sees instead. `parts`: the block and head functions to call (compiled ones for a fused capture; default: the
-    modules themselves)."""
+    modules themselves). `attention`: what one new query a row attends through on a GPU (ATTENTIONS)."""
     B, T = tokens.shape
     S, L = valid.shape[1], model.config.n_layers
     parts = parts or EAGER
@@ -156,7 +157,8 @@ def decode_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, c
     elif attend is None:  # (B, 1, T, S): the earlier slots and the new ones up to the query's own
         slots = torch.arange(S, device=valid.device)
         attend = (valid[:, None, :] & (slots[None, :] <= write_pos[:, None])[None])[:, None]
-    ctx = Context(cos, sin, attend, False, cache, write_pos=write_pos, quantized=quantized, **local)
+    ctx = Context(cos, sin, attend, False, cache, write_pos=write_pos, quantized=quantized, attention=attention,
+                  **local)
     order = range(L) if layers is None else layers
     h = model.embed(tokens, positions)  # (B, T, dim)
     for i in order:
@@ -246,6 +248,16 @@ def c_compiler() -> str | None:
     return shutil.which(cc) if cc else shutil.which("gcc") or shutil.which("clang")
 
 
+def check_attention(attention: str, device: torch.device) -> str:
+    """`attention` if this device can run it: the Triton kernel needs a GPU (or Triton's interpreter: tests)."""
+    if attention not in ATTENTIONS:
+        raise AdainferError("attention", f"unknown {attention!r} (choose {', '.join(ATTENTIONS)})")
+    if attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise AdainferError("attention", "the Triton decode attention runs on a CUDA GPU (on the CPU decode steps "
+                                         "attend through adainfer.model.cache_attention)")
+    return attention
+
+
 def default_fuse(device: torch.device) -> str:
     """What a captured decode graph on `device` replays unless told (DecodeGraph's fuse): FUSE_DEFAULT on a GPU with
     a C compiler for inductor's Triton kernels; the eager step's kernels otherwise (no compiler needed)."""
@@ -253,12 +265,12 @@ def default_fuse(device: torch.device) -> str:
 
 
 def rotary_step(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                write_pos: torch.Tensor, cache: KVCache, layers, reader, head, parts: Parts | None = None
-                ) -> torch.Tensor:
+                write_pos: torch.Tensor, cache: KVCache, layers, reader, head, parts: Parts | None = None,
+                attention: str = "sdpa") -> torch.Tensor:
     """decode_step with its rotary tables made from the positions: the whole of a captured step."""
     cos, sin = model.rotary_tables(positions)  # (B, 1, T, hd)
     return decode_step(model, tokens, positions, cos, sin, valid, write_pos, cache, False, layers, reader, head,
-                       parts=parts)
+                       parts=parts, attention=attention)
 
 
 class DecodeGraph:
@@ -272,8 +284,11 @@ class DecodeGraph:
     list, head and cache (`Captured`), any depth. compile=False runs the step eagerly (tests)."""
 
     def __init__(self, model: Decoder, mode: str = "compiled", compile: bool = True, capture: bool | None = None,
-                 fuse: str | None = None):
+                 fuse: str | None = None, attention: str = "sdpa"):
         self.model, self.quantized = model, mode == "int4"
+        # attention: what one new query a row attends through on a GPU: "sdpa" (torch's, a boolean mask) or "triton"
+        # (kernels.attention.decode_attention: one kernel; gpu_check --variants blocks:triton times it)
+        self.attention = check_attention(attention, model.device)
         # capture=True on the CPU runs the captured path's static buffers without a CUDA graph (tests).
         self.capture = (compile and model.device.type == "cuda") if capture is None else capture
         self.graphs: dict[tuple, Captured] = {}  # in order of last use, at most MAX_GRAPHS
@@ -384,7 +399,7 @@ class DecodeGraph:
                         torch._dynamo.mark_dynamic(t, t.dim() - 2 if t is not cache.valid else 1)
                     cache.dynamic = True
                 logits = self.step(model, tokens, positions, cos, sin, cache.valid, write_pos, cache, self.quantized,
-                                   layers, reader, head)
+                                   layers, reader, head, attention=self.attention)
         return logits[:, 0] if T == 1 else logits
 
     def _replay(self, tokens, positions, write_pos, cache: KVCache, layers, reader, head) -> torch.Tensor:
@@ -401,7 +416,8 @@ class DecodeGraph:
                 self.mempool = torch.cuda.graph_pool_handle()
 
             def step(tokens, positions, write_pos):
-                return self.replay_step(model, tokens, positions, cache.valid, write_pos, cache, layers, reader, head)
+                return self.replay_step(model, tokens, positions, cache.valid, write_pos, cache, layers, reader, head,
+                                        attention=self.attention)
 
             graph = Captured(step, [tokens, positions, write_pos], graph=tokens.is_cuda, pool=self.mempool)
         self.graphs[key] = graph  # (re)inserted last: the dict is in order of use

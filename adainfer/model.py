@@ -23,6 +23,7 @@ from adainfer.config import ModelConfig
 from adainfer.errors import AdainferError
 from adainfer.exit import CheckGraphs, Exits, Output, Plan, probe
 from adainfer.quant import QuantWeight, head_logits, linear, load_q4q8_kernel, quantize_int8
+from kernels.attention import decode_attention
 
 
 class Linear(nn.Linear):
@@ -161,7 +162,9 @@ class Attention(nn.Module):
             v = heads(v, self.n_kv_heads)
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer, k, v, ctx)
-        if ctx.write_pos is not None and not q.is_cuda:
+        if ctx.attention == "triton" and ctx.write_pos is not None and T == 1 and mask is not None:
+            y = decode_attention(q, k, v, mask[:, 0, 0], self.scale)  # (mask (B, 1, 1, S): the slots a row reads)
+        elif ctx.write_pos is not None and not q.is_cuda:
             y = cache_attention(q, k, v, mask, self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
@@ -346,6 +349,7 @@ class Context:
     local_mask: torch.Tensor | None = None  # (b, 1, T, S) the sliding layers' mask (the window on top of `mask`)
     cos_local: torch.Tensor | None = None  # the sliding layers' rotary tables, where their base differs (Gemma 3)
     sin_local: torch.Tensor | None = None
+    attention: str = "sdpa"  # a decode step's attention on a GPU: "triton", kernels.attention.decode_attention
 
     def select(self, keep: torch.Tensor, rows: torch.Tensor) -> Context:
         pick = (lambda t: None if t is None else t[keep])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_FILES = ("tests/test_cuda.py", "tests/test_kernel.py")
+TEST_FILES = ("tests/test_cuda.py", "tests/test_kernel.py", "tests/test_attention.py")
 HEAVY_TESTS = {"clis": 8, "fuse": 3, "prefill": 3, "captured": 2, "candidate": 2}  # nodeid word -> rough cost
 # Each test's seconds in the last recorded GPU run (its JSON's tests.test_seconds, copied here by hand): how they are
 # dealt to processes. Tests not in it are guessed from HEAVY_TESTS.

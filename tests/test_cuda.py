@@ -236,3 +236,20 @@ def test_int8_check_head_on_cuda(folder):
         forced = model(tokens[b:b + 1], pad_mask=mask[b:b + 1], plan=Plan(exit_at=int(eager.layers_run[b])))
         assert int(forced.token[0]) == int(eager.token[b])
         assert (forced.logits[0] - eager.logits[b]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fuse", ["none", "blocks"])
+def test_the_triton_decode_attention_gives_the_block_loops_tokens(folder, fuse):
+    """DecodeGraph(attention="triton"): each captured step's attention through kernels.attention (inside inductor's
+    compiled blocks with fuse="blocks": an opaque op there). float32: the block loop's greedy tokens, 64 of them, at
+    batch 1 and 4; a forced exit at half depth too."""
+    model = load_model(folder, "float32", "cuda")[0]
+    for B in (1, 4):
+        ids = prompts(B, seed=B)
+        graph = DecodeGraph(model, "compiled", fuse=fuse, attention="triton")
+        assert [g.token_ids for g in generate(model, ids, 64, graph=graph)] == \
+            [g.token_ids for g in generate(model, ids, 64)]
+        half = Plan(exit=ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0, first_layer=3), "cuda"))  # after 3
+        got, want = generate(model, ids, 16, half, graph=graph), generate(model, ids, 16, half)
+        assert [g.token_ids for g in got] == [g.token_ids for g in want]
+        assert [g.layers_run for g in got] == [g.layers_run for g in want]

@@ -1,0 +1,76 @@
+"""A decode step's attention: one new query a row, q (B, H, 1, hd), over a KV cache k, v (B, Hkv, S, hd), the slots a
+row may read marked in valid (B, S); grouped-query heads (H a multiple of Hkv).
+
+Read top to bottom: the plain-torch reference (the test oracle), the launcher of the Triton kernel
+(kernels/attention_triton.py: one program a row and kv head, its query heads through tensor cores in a block of 16,
+the slots in tiles with an online softmax), and the same launch as an opaque torch.library op (`decode_attention`)
+that torch.compile keeps as one call inside a compiled block. A decode step on a GPU calls it with
+DecodeGraph(attention="triton") instead of SDPA with a boolean mask: not the default, not yet timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """q (B, H, 1, hd), k, v (B, Hkv, S, hd), valid (B, S) bool -> (B, H, 1, hd) in q's dtype, in float32 inside:
+    query head h reads kv head h // (H // Hkv)."""
+    B, H, _, hd = q.shape
+    Hkv = k.shape[1]
+    qg = q.float().reshape(B, Hkv, H // Hkv, hd)  # (B, Hkv, g, hd)
+    scores = torch.einsum("bkgd,bksd->bkgs", qg, k.float()) * (hd ** -0.5 if scale is None else scale)
+    p = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)  # (B, Hkv, g, S)
+    return torch.einsum("bkgs,bksd->bkgd", p, v.float()).reshape(B, H, 1, hd).to(q.dtype)
+
+
+def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                            scale: float | None = None, block_s: int = 64, num_warps: int = 4,
+                            num_stages: int = 2) -> torch.Tensor:
+    """The Triton version of decode_attention_reference, same arguments (q, k, v may be strided views with their
+    last dimension contiguous, valid any (B, S) view)."""
+    import triton  # on first use: importing this module never imports triton
+    import triton.language as tl
+
+    from kernels.attention_triton import decode_attention_kernel
+
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    assert T == 1 and H % Hkv == 0 and k.shape == v.shape == (B, Hkv, S, hd) and valid.shape == (B, S), (
+        q.shape, k.shape, v.shape, valid.shape)
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and valid.stride(-1) == 1
+    out = torch.empty(B, H, 1, hd, dtype=q.dtype, device=q.device)
+    G = H // Hkv
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # (its 16-bit tl.dot is not exact: float32 there)
+    dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(q.dtype, tl.float32) if not interpret \
+        else tl.float32
+    decode_attention_kernel[(B * Hkv,)](
+        q, k, v, valid, out, S, Hkv, hd ** -0.5 if scale is None else scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        valid.stride(0), out.stride(0), out.stride(1),
+        G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=max(16, block_s),
+        BLOCK_D=max(16, triton.next_power_of_2(hd)), DOT_DTYPE=dot_dtype,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+@torch.library.custom_op("adainfer::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """decode_attention_triton as the opaque torch.library op adainfer::decode_attention: torch.compile keeps it as
+    one call inside a compiled block (its shape from the fake below) instead of tracing into the launcher."""
+    return decode_attention_triton(q, k, v, valid, scale)
+
+
+@decode_attention_op.register_fake
+def _(q, k, v, valid, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (contiguous, as the launcher's)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """decode_attention_triton through its op (what a decode step on a GPU calls with attention="triton")."""
+    return decode_attention_op(q, k, v, valid, q.shape[-1] ** -0.5 if scale is None else scale)
