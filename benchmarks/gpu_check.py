@@ -7,9 +7,10 @@ against transformers on the same weights in the same process:
            graph (--decode compiled: CUDA graphs on a GPU, of the default `fuse` recorded as graph_fuse; the
            torch.compile graph on a CPU), transformers (dynamic cache; --hf-compile adds its static cache +
            torch.compile), against the weight-read limit (weight bytes / measured copy bandwidth)
-           and, on a GPU with --variants, the same graphs replaying other kernels DecodeGraph's `fuse` offers
-           (recorded as variants: the eager step's, inductor's compiled blocks, its compiled step, the blocks or
-           the step compiled with coordinate-descent tuning) with their agreement with the default graph's tokens
+           and, on a GPU with --variants, the same graphs replaying other kernels DecodeGraph's `fuse` and
+           `attention` offer (recorded as variants: the eager step's, inductor's compiled blocks, its compiled step,
+           the blocks or the step compiled with coordinate-descent tuning; any of them with the attention through
+           kernels.attention's Triton kernel, FUSE:triton) with their agreement with the default graph's tokens
            and the seconds their first calls take (captures and compiles, at full and at half depth)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five;
@@ -33,7 +34,7 @@ against transformers on the same weights in the same process:
            (what the autotuner bought); at batch 1 also the int8 head (--check-head int8) through the same kernel
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--test-workers 8]
-                                   [--hf-compile] [--sections decode,prefill,kernel] [--variants tuned,tuned_step]
+                                   [--hf-compile] [--sections decode,prefill,kernel] [--variants tuned,blocks:triton]
 
 The tests (tests/test_cuda.py, tests/test_kernel.py) run first, dealt to --test-workers pytest processes at once
 (mostly compiling on the host's cores: one process took ~6 minutes on the H100 machine, 4 took 271 s, their longest
@@ -65,7 +66,7 @@ from common import machine, print_table, write_json  # noqa: E402
 from gpu_tests import TEST_WORKERS, run_tests  # noqa: E402
 
 from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule  # noqa: E402
-from adainfer.fast_decode import FUSES, DecodeGraph, c_compiler, decode_graph  # noqa: E402
+from adainfer.fast_decode import ATTENTIONS, FUSES, DecodeGraph, c_compiler, decode_graph  # noqa: E402
 from adainfer.fast_prefill import compile_prefill, prefill_mode  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.loading import load_model  # noqa: E402
@@ -143,6 +144,20 @@ def weight_bytes(model) -> int:
 def half_depth_rule(L: int, device: str) -> ExitRule:
     """Fires at its first check, after L // 2 blocks, for every row (zero weights, positive bias)."""
     return ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0, first_layer=L // 2), device)
+
+
+def variant_specs(asked: list[str], default: str) -> dict[str, tuple[str, str]]:
+    """--variants (FUSE or FUSE:ATTENTION; all: every fuse but the default) -> {column name: (fuse, attention)}, in
+    the order asked, the default graph left out: a name is the fuse, then _triton where the attention is the
+    Triton kernel."""
+    wanted = [f for f in FUSES if f != default and "all" in asked] + [v for v in asked if v != "all"]
+    out = {}
+    for v in wanted:
+        fuse, _, attention = v.partition(":")
+        attention = attention or "sdpa"
+        if (fuse, attention) != (default, "sdpa"):
+            out[fuse if attention == "sdpa" else f"{fuse}_{attention}"] = (fuse, attention)
+    return out
 
 
 def bench_decode(hf, ours, device, timer, new, hf_compile, variants) -> tuple[list[dict], dict]:
@@ -521,16 +536,20 @@ def main(argv=None) -> int:
                         f"(default: {','.join(TABLE)})")
     p.add_argument("--variants", type=lambda v: v.split(","), default=[],
                    help=f"comma-separated: decode graphs of other `fuse`s ({', '.join(FUSES)}; all: every one but "
-                        f"the default) timed and profiled beside the default one (GPU; not given: the default only)")
+                        f"the default), each as FUSE or FUSE:triton (its attention through kernels.attention), timed "
+                        f"and profiled beside the default one (GPU; not given: the default only)")
     args = p.parse_args(argv)
     # `timeout` (or a lent machine's limit) stops this script with SIGTERM: exit through the finally blocks, so the
     # test processes it started stop with it instead of holding the GPU
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    for option, given, known in (("--sections", args.sections, SECTIONS), ("--variants", args.variants,
-                                                                          (*FUSES, "all"))):
+    known_variants = (*FUSES, *(f"{f}:{a}" for f in FUSES for a in ATTENTIONS), "all")
+    for option, given, known, choose in (
+            ("--sections", args.sections, SECTIONS, ", ".join(SECTIONS)),
+            ("--variants", args.variants, known_variants,
+             f"{', '.join(FUSES)}, all; each may add :{' or :'.join(ATTENTIONS)}")):
         unknown = sorted(set(given) - set(known))
         if unknown:
-            print(f"error: {option}: unknown {', '.join(unknown)} (choose from {', '.join(known)})", file=sys.stderr)
+            print(f"error: {option}: unknown {', '.join(unknown)} (choose from {choose})", file=sys.stderr)
             return 2
     if args.test_workers < 1:
         print(f"error: --test-workers: {args.test_workers} (at least 1)", file=sys.stderr)
@@ -561,13 +580,12 @@ def main(argv=None) -> int:
           f"{result['weight_read_limit_ms']:.3f} ms/token")
     default = decode_graph(ours, "compiled").fuse
     # (a captured path's option; inductor's need a C compiler, without which the default is the eager step's)
-    others = [f for f in FUSES if f != default and ("all" in args.variants or f in args.variants)
-              ] if args.device == "cuda" and c_compiler() else []
+    specs = variant_specs(args.variants, default) if args.device == "cuda" and c_compiler() else {}
     if default in args.variants:
         print(f"--variants: {default} is the default graph, measured anyway", file=sys.stderr)
     if args.variants and not (args.device == "cuda" and c_compiler()):
         print("--variants: the other captures need a GPU with a C compiler: none timed", file=sys.stderr)
-    variants = {f: DecodeGraph(ours, "compiled", fuse=f) for f in others}
+    variants = {name: DecodeGraph(ours, "compiled", fuse=f, attention=a) for name, (f, a) in specs.items()}
     result["graph_fuse"], result["variants"] = default, list(variants)  # one graph each for both sections
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
                                                args.hf_compile, variants)[0],

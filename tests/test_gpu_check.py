@@ -51,7 +51,8 @@ def test_gpu_check_refuses_an_unknown_section_or_variant(tmp_path):
     assert proc.returncode == 2 and "--sections: unknown kernels" in proc.stderr
     proc = gpu_check("--device", "cpu", "--variants", "tuned,fused", "--out", tmp_path / "gc.json")
     assert proc.returncode == 2
-    assert "--variants: unknown fused (choose from none, blocks, step, tuned, tuned_step, all)" in proc.stderr
+    assert ("--variants: unknown fused (choose from none, blocks, step, tuned, tuned_step, all; each may add :sdpa or "
+            ":triton)") in proc.stderr
     assert not (tmp_path / "gc.json").exists()
 
 
@@ -170,3 +171,10 @@ def test_the_bar_has_the_goals_of_the_sections_that_ran():
         "measured"] == 0.4
     assert not any("decode" in g or "kernel" in g for g in goals)
     assert bar({"decode": None, "prefill": None}) == []
+
+
+def test_variants_name_their_fuse_and_attention():
+    specs = gpu_check_module().variant_specs
+    assert specs(["tuned", "blocks:triton", "blocks", "blocks:sdpa", "tuned:sdpa"], "blocks") == {
+        "tuned": ("tuned", "sdpa"), "blocks_triton": ("blocks", "triton")}, "the default graph left out, once each"
+    assert list(specs(["all", "step:triton"], "blocks")) == ["none", "step", "tuned", "tuned_step", "step_triton"]
