@@ -27,11 +27,17 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return torch.einsum("bkgs,bksd->bkgd", p, v.float()).reshape(B, H, 1, hd).to(q.dtype)
 
 
+def block_slots(hd: int) -> int:
+    """Slots a step for heads of hd features: 64, or 32 past 128 features (a float32 tile pair of 256-wide heads
+    takes ~150 KB of shared memory at 64, over what GPUs before the H100 / A100 have)."""
+    return 64 if hd <= 128 else 32
+
+
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                            scale: float | None = None, block_s: int = 64, num_warps: int = 4,
+                            scale: float | None = None, block_s: int | None = None, num_warps: int = 4,
                             num_stages: int = 2) -> torch.Tensor:
     """The Triton version of decode_attention_reference, same arguments (q, k, v may be strided views with their
-    last dimension contiguous, valid any (B, S) view)."""
+    last dimension contiguous, valid any (B, S) view). block_s: slots a step (default: block_slots)."""
     import triton  # on first use: importing this module never imports triton
     import triton.language as tl
 
@@ -51,7 +57,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
         q, k, v, valid, out, S, Hkv, hd ** -0.5 if scale is None else scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         valid.stride(0), out.stride(0), out.stride(1),
-        G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=max(16, block_s),
+        G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=max(16, block_s or block_slots(hd)),
         BLOCK_D=max(16, triton.next_power_of_2(hd)), DOT_DTYPE=dot_dtype,
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -67,11 +67,13 @@ ATTENTION_ARGS = ["q_ptr", "k_ptr", "v_ptr", "valid_ptr", "out_ptr", "S", "Hkv",
                   "stride_ob", "stride_oh"]
 
 
-def compile_attention(dtype: str, hd: int, G: int, block_s: int = 64, num_warps: int = 4, num_stages: int = 2):
+def compile_attention(dtype: str, hd: int, G: int, num_warps: int = 4, num_stages: int = 2):
     """The decode-attention kernel as kernels.attention.decode_attention_triton launches it on a GPU."""
+    from kernels.attention import block_slots
+
     types = [f"*{dtype}"] * 3 + ["*i1", f"*{dtype}", "i32", "i32", "fp32"] + ["i32"] * 11
     dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
-    const = dict(G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=block_s,
+    const = dict(G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=block_slots(hd),
                  BLOCK_D=max(16, triton.next_power_of_2(hd)), DOT_DTYPE=dot)
     src = ASTSource(fn=decode_attention_kernel,
                     signature={**dict(zip(ATTENTION_ARGS, types)), **dict.fromkeys(const, "constexpr")},

@@ -106,8 +106,8 @@ def test_the_kernel_is_refused_where_it_cannot_run(tiny_model, monkeypatch):
 def test_the_kernel_compiles_for_an_h100(tmp_path):
     """Without a GPU: the kernel compiled for sm_90 by Triton's own ptxas (tests/sm90_compile.py attention, in a
     process without the interpreter) for bf16, fp16 and fp32, head sizes 64 to 256 and groups of 2 to 32 query heads:
-    a construct that does not lower for Hopper fails here, not on a lent GPU's clock; shared memory within the
-    H100's 227 KB a block."""
+    a construct that does not lower for Hopper fails here, not on a lent GPU's clock; shared memory under 100 KB a
+    block (kernels.attention.block_slots), what GPUs smaller than an A100 or H100 have."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"))
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "sm90_compile.py"), "attention"], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -115,4 +115,4 @@ def test_the_kernel_compiles_for_an_h100(tmp_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 15 and {r["dtype"] for r in rows} == {"bf16", "fp16", "fp32"}
     assert [r for r in rows if "error" in r] == []
-    assert all(0 < r["shared"] <= 227 * 1024 for r in rows)
+    assert all(0 < r["shared"] <= 99 * 1024 for r in rows), "within every GPU's shared memory since Ampere's 100 KB"
