@@ -10,8 +10,6 @@ DecodeGraph(attention="triton") instead of SDPA with a boolean mask: not the def
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -39,9 +37,9 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     """The Triton version of decode_attention_reference, same arguments (q, k, v may be strided views with their
     last dimension contiguous, valid any (B, S) view). block_s: slots a step (default: block_slots)."""
     import triton  # on first use: importing this module never imports triton
-    import triton.language as tl
 
     from kernels.attention_triton import decode_attention_kernel
+    from kernels.top2 import tl_dtype
 
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -50,9 +48,8 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and valid.stride(-1) == 1
     out = torch.empty(B, H, 1, hd, dtype=q.dtype, device=q.device)
     G = H // Hkv
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # (its 16-bit tl.dot is not exact: float32 there)
-    dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(q.dtype, tl.float32) if not interpret \
-        else tl.float32
+    # (CPU tensors: Triton's interpreter, whose 16-bit tl.dot is not exact: float32 there, as kernels.top2 does)
+    dot_dtype = tl_dtype(q.dtype if q.is_cuda else torch.float32)
     decode_attention_kernel[(B * Hkv,)](
         q, k, v, valid, out, S, Hkv, hd ** -0.5 if scale is None else scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),

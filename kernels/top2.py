@@ -115,7 +115,7 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     interpret = not h.is_cuda
     # (an int8 head's integers enter tensor cores in the rows' dtype, where they are exact)
     wide = h.dtype if scale is not None else weight.dtype
-    dot_dtype = _tl_dtype(torch.float32 if interpret or wide == torch.float32 else wide)
+    dot_dtype = tl_dtype(torch.float32 if interpret or wide == torch.float32 else wide)
     part = torch.empty(4, B * programs, device=h.device, dtype=torch.float32)
     i1 = torch.empty(B * programs, device=h.device, dtype=torch.int32)
     nw = norm_weight if norm_weight is not None else h  # any pointer; unused without HAS_NORM
@@ -155,7 +155,8 @@ def _counter(device: torch.device) -> torch.Tensor | None:
     return _counters[device]
 
 
-def _tl_dtype(dtype: torch.dtype):
+def tl_dtype(dtype: torch.dtype):
+    """Triton's name for a float32 / bfloat16 / float16 torch dtype (the kernels' DOT_DTYPE)."""
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
