@@ -17,6 +17,7 @@ Without torchrun (WORLD_SIZE unset or 1) and without --tp everything here is a n
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -117,6 +118,14 @@ def current_world() -> World:
     return _world
 
 
+def leave() -> None:
+    """Leave the process group before the interpreter exits (init registers it), so that its communication threads
+    stop in order: left to the interpreter's teardown, a gloo rank once aborted there ("terminate called without an
+    active exception", SIGABRT, after its answers were written)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def init(device: str = "cpu", tp: int = 1) -> World:
     """Join the ranks torchrun started (WORLD_SIZE, RANK and MASTER_ADDR/PORT from the environment): gloo on the
     CPU, NCCL on CUDA (each rank on GPU LOCAL_RANK), groups of `tp` consecutive ranks per replica."""
@@ -137,6 +146,7 @@ def init(device: str = "cpu", tp: int = 1) -> World:
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=TIMEOUT)
+        atexit.register(leave)
     rank = dist.get_rank()
     # Every rank creates every group, in the same order (torch.distributed's rule).
     tp_groups = [dist.new_group(list(range(r, r + tp))) for r in range(0, size, tp)]

@@ -220,6 +220,23 @@ def torchrun_script(script, *args, nproc=2, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def test_each_rank_leaves_the_process_group_before_it_exits(tmp_path, monkeypatch):
+    """A rank that joined through adainfer.distributed.init destroys its process group at exit (before the
+    interpreter tears its threads down): a hook registered before init runs after init's and finds it gone."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import atexit, os, torch\n"
+        "from adainfer.distributed import init\n"
+        "out = os.environ['OUT'] + os.environ['RANK']\n"
+        "atexit.register(lambda: open(out, 'w').write(str(torch.distributed.is_initialized())))\n"
+        "init('cpu')\n"
+        "assert torch.distributed.is_initialized()\n")
+    monkeypatch.setenv("OUT", str(tmp_path / "initialized"))
+    run = torchrun_script(script)
+    assert run.returncode == 0, run.stderr
+    assert [(tmp_path / f"initialized{r}").read_text() for r in (0, 1)] == ["False", "False"]
+
+
 def test_tensor_parallel_eval_and_run_cli(six, tmp_path):
     """--tp 2 through the CLIs: eval's per-row answers and layers, and run's
     generations, as one process gives them; 4 ranks = 2 replicas x TP 2 split the prompts too."""
