@@ -21,6 +21,9 @@ HEAVY_TESTS = {"clis": 8, "fuse": 3, "prefill": 3, "captured": 2, "candidate": 2
 # Each test's seconds in the last recorded GPU run (its JSON's tests.test_seconds, copied here by hand): how they are
 # dealt to processes. Tests not in it are guessed from HEAVY_TESTS.
 TEST_SECONDS = ROOT / "benchmarks" / "results" / "gpu_test_seconds.json"
+# pytest without the repository's addopts (which deal the suite to pytest-xdist processes): these processes are dealt
+# here, and the GPU machine need not have xdist.
+PYTEST = (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=")
 TEST_WORKERS = min(8, max(1, (os.cpu_count() or 2) // 2))  # (they compile on the host: half its cores, at most 8)
 
 
@@ -62,8 +65,7 @@ def run_tests(workers: int = TEST_WORKERS, files: tuple[str, ...] = TEST_FILES) 
     `workers` pytest processes at once: most of their time is compiling (inductor, Triton) on the host's cores."""
     env = dict(os.environ, TRITON_INTERPRET="0" if torch.cuda.is_available() else "1")  # (no GPU: all but skipped)
     t0 = time.perf_counter()
-    collect = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *files],
-                             cwd=ROOT, env=env, capture_output=True, text=True)
+    collect = subprocess.run([*PYTEST, "--collect-only", *files], cwd=ROOT, env=env, capture_output=True, text=True)
     nodeids = [line for line in collect.stdout.splitlines() if "::" in line]
     if collect.returncode != 0 or not nodeids:
         print(collect.stdout[-3000:], collect.stderr[-2000:], sep="\n")
@@ -73,8 +75,7 @@ def run_tests(workers: int = TEST_WORKERS, files: tuple[str, ...] = TEST_FILES) 
     procs = []
     for i, group in enumerate(shards(nodeids, workers, known_seconds())):
         with open(Path(logs.name) / f"{i}.log", "w") as log:  # (the process keeps its own handle)
-            procs.append(subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                           "--durations=0", "--durations-min=0.5", *group],
+            procs.append(subprocess.Popen([*PYTEST, "-rs", "--durations=0", "--durations-min=0.5", *group],
                                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     seconds = [None] * len(procs)
     try:
