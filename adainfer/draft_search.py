@@ -21,7 +21,8 @@ import torch
 
 from adainfer.errors import AdainferError
 from adainfer.fast_decode import DecodeGraph, decode_step
-from adainfer.model import Decoder, KVCache
+from adainfer.kv_cache import KVCache
+from adainfer.model import Decoder
 from adainfer.speculative import Draft, predicted_speed, step_costs, tokens_per_round
 
 

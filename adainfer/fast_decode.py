@@ -58,7 +58,8 @@ import torch
 from adainfer.capture import Captured
 from adainfer.errors import AdainferError
 from adainfer.exit import check_int8_head
-from adainfer.model import Context, Decoder, KVCache, default_positions
+from adainfer.kv_cache import KVCache
+from adainfer.model import Context, Decoder, default_positions
 from adainfer.quant import (
     INT4_GROUP,
     QuantWeight,

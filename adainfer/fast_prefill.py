@@ -25,7 +25,8 @@ import torch
 from adainfer.capture import Captured, require_cuda
 from adainfer.errors import AdainferError
 from adainfer.fast_decode import check_compilable, emptied, pool_capacity
-from adainfer.model import Context, Decoder, KVCache
+from adainfer.kv_cache import KVCache
+from adainfer.model import Context, Decoder
 
 PREFILL_MODES = ("eager", "compiled", "captured")  # how a prompt's blocks run (prefill_mode)
 MAX_PREFILL_LANES = 32  # prompt shapes whose captured blocks a model keeps (PrefillGraphs)

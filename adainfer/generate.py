@@ -8,7 +8,8 @@ import torch
 
 from adainfer.errors import AdainferError
 from adainfer.exit import Output, Plan
-from adainfer.model import Decoder, KVCache
+from adainfer.kv_cache import KVCache
+from adainfer.model import Decoder
 
 
 @dataclass

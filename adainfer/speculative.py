@@ -40,7 +40,8 @@ from adainfer.errors import AdainferError
 from adainfer.exit import Plan
 from adainfer.fast_decode import DecodeGraph, read_head
 from adainfer.generate import Generation, Sampling, check_prompts, draw, left_pad
-from adainfer.model import Decoder, KVCache
+from adainfer.kv_cache import KVCache
+from adainfer.model import Decoder
 from adainfer.quant import QuantWeight
 from adainfer.timing import device_sync
 

@@ -28,7 +28,8 @@ from common import machine, median_time, print_table, write_json  # noqa: E402
 
 from adainfer.config import ModelConfig  # noqa: E402
 from adainfer.fast_decode import DecodeGraph, quantize_model  # noqa: E402
-from adainfer.model import Decoder, KVCache  # noqa: E402
+from adainfer.kv_cache import KVCache  # noqa: E402
+from adainfer.model import Decoder  # noqa: E402
 from adainfer.speculative import Draft, Steps, tokens_per_round  # noqa: E402
 
 SHAPES = {  # SmolLM2's shapes (vocabulary 49152, tied head)

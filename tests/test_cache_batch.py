@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from adainfer.generate import generate, left_pad
+from adainfer.kv_cache import KVCache
 from adainfer.loading import load_model
-from adainfer.model import KVCache
 
 PRESETS = ["llama-mha", "llama-gqa-tied", "opt-125m-like", "opt-350m-like", "qwen2-window", "qwen3-head-dim",
            "mistral-window", "gemma3-local"]

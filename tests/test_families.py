@@ -19,8 +19,8 @@ from tiny import PRESETS, VOCAB, _bytes_to_unicode, hf_model, save_hf
 
 from adainfer.exit import ExitRule, Plan, gap_rule
 from adainfer.generate import generate
+from adainfer.kv_cache import KVCache
 from adainfer.loading import load_model
-from adainfer.model import KVCache
 from adainfer.traces import collect
 from weights_convert import convert
 

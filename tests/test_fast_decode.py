@@ -14,8 +14,8 @@ from adainfer.exit import ExitClassifier, ExitRule, Plan, never_rule
 from adainfer.fast_decode import MAX_GRAPHS, DecodeGraph, decode_graph, quantize_model, rotary_step
 from adainfer.fast_prefill import PrefillGraphs, compile_prefill, prefill_mode
 from adainfer.generate import generate, left_pad
+from adainfer.kv_cache import KVCache
 from adainfer.loading import load_model
-from adainfer.model import KVCache
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41, 42, 43, 44, 45, 46, 47, 48]]  # left-padded together
 

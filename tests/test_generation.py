@@ -7,8 +7,9 @@ from tiny import make_converted
 
 from adainfer.exit import ExitClassifier, ExitRule, Exits, Plan, gap_rule
 from adainfer.generate import Sampling, generate
+from adainfer.kv_cache import KVCache
 from adainfer.loading import load_model
-from adainfer.model import KVCache, apply_rope, rope_cos_sin
+from adainfer.model import apply_rope, rope_cos_sin
 from adainfer.traces import collect
 
 

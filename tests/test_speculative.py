@@ -11,8 +11,8 @@ from tiny import make_converted
 
 from adainfer.errors import AdainferError
 from adainfer.generate import generate, left_pad
+from adainfer.kv_cache import KVCache
 from adainfer.loading import load_model
-from adainfer.model import KVCache
 from adainfer.speculative import Draft, parse_layers, speculate, speculative_generate
 
 
