@@ -414,9 +414,6 @@ class Output:
     hidden_states: list | None = None  # with hidden_states: embeddings, then each block's output (B, T, dim)
 
 
-
-
-
 @dataclass
 class Window:
     """Decisions kept on the device until they are read together (Plan.sync_every > 1)."""
