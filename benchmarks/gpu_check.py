@@ -35,6 +35,7 @@ against transformers on the same weights in the same process:
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--test-workers 8]
                                    [--hf-compile] [--sections decode,prefill,kernel] [--variants tuned,blocks:triton]
+                                   [--batches 1,8] [--repeats 5]
 
 The tests (tests/test_cuda.py, tests/test_kernel.py) run first, dealt to --test-workers pytest processes at once
 (mostly compiling on the host's cores: one process took ~6 minutes on the H100 machine, 4 took 271 s, their longest
@@ -160,12 +161,12 @@ def variant_specs(asked: list[str], default: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def bench_decode(hf, ours, device, timer, new, hf_compile, variants) -> tuple[list[dict], dict]:
+def bench_decode(hf, ours, device, timer, new, hf_compile, variants, batches=(1, 8)) -> tuple[list[dict], dict]:
     """`variants`: the other decode graphs to time beside the default one ({fuse: DecodeGraph}, on a GPU; else {})."""
     L = ours.config.n_layers
     graph = decode_graph(ours, "compiled")
     rows, same = [], {}
-    for B in (1, 8):
+    for B in batches:
         g = torch.Generator().manual_seed(B)
         ids = torch.randint(10, ours.config.vocab_size, (B, 32), generator=g).tolist()
         row = {"batch": B, "new_tokens": new}
@@ -463,6 +464,8 @@ def main(argv=None) -> int:
                         f"{TEST_WORKERS})")
     p.add_argument("--hf-compile", action="store_true", help="also transformers' static cache + torch.compile (slow)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[1, 8],
+                   help="comma-separated: the decode section's batch sizes (default 1,8; the bar's are 1 and 8)")
     p.add_argument("--sections", type=lambda v: v.split(","), default=list(TABLE),
                    help=f"comma-separated: which of {', '.join(SECTIONS)} to measure, in that order "
                         f"(default: {','.join(TABLE)})")
@@ -483,6 +486,9 @@ def main(argv=None) -> int:
         if unknown:
             print(f"error: {option}: unknown {', '.join(unknown)} (choose from {choose})", file=sys.stderr)
             return 2
+    if min(args.batches) < 1:
+        print(f"error: --batches: {','.join(map(str, args.batches))} (each at least 1)", file=sys.stderr)
+        return 2
     if args.test_workers < 1:
         print(f"error: --test-workers: {args.test_workers} (at least 1)", file=sys.stderr)
         return 2
@@ -520,7 +526,7 @@ def main(argv=None) -> int:
     variants = {name: DecodeGraph(ours, "compiled", fuse=f, attention=a) for name, (f, a) in specs.items()}
     result["graph_fuse"], result["variants"] = default, list(variants)  # one graph each for both sections
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
-                                               args.hf_compile, variants)[0],
+                                               args.hf_compile, variants, args.batches)[0],
                 "profile": lambda: bench_profile(ours, args.device, 8 if args.tiny else 32, variants)
                 + profile_prefill(ours, args.device, 16 if args.tiny else 512),
                 "prefill": lambda: bench_prefill(hf, ours, args.device, timer, (16, 64) if args.tiny else (512, 2048)),

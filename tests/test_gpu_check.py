@@ -53,6 +53,8 @@ def test_gpu_check_refuses_an_unknown_section_or_variant(tmp_path):
     assert proc.returncode == 2
     assert ("--variants: unknown fused (choose from none, blocks, step, tuned, tuned_step, all; each may add :sdpa or "
             ":triton)") in proc.stderr
+    proc = gpu_check("--device", "cpu", "--batches", "1,0", "--out", tmp_path / "gc.json")
+    assert proc.returncode == 2 and "--batches: 1,0 (each at least 1)" in proc.stderr
     assert not (tmp_path / "gc.json").exists()
 
 
@@ -171,6 +173,14 @@ def test_the_bar_has_the_goals_of_the_sections_that_ran():
         "measured"] == 0.4
     assert not any("decode" in g or "kernel" in g for g in goals)
     assert bar({"decode": None, "prefill": None}) == []
+    one = {"batch": 1, "ours_graph_ms": 1.2, "half_depth_fraction_of_ideal_2x": 0.95, "ours_tuned_ms": 1.1,
+           "tuned_half_depth_fraction_of_ideal_2x": 1.0}  # --batches 1: its goals only
+    goals = {line["goal"]: line for line in bar({"decode": [one], "weight_read_limit_ms": 0.78, "variants": ["tuned"]})}
+    assert list(goals) == ["decode batch 1 <= 1.5x the weight-read limit (ms/token)",
+                           "forced half-depth exit in decode >= 0.9 of the ideal 2x",
+                           "(fuse=tuned) decode batch 1 <= 1.5x the weight-read limit (ms/token)",
+                           "(fuse=tuned) forced half-depth exit >= 0.9 of the ideal 2x"]
+    assert [g["met"] for g in goals.values()] == [False, True, True, True]
 
 
 def test_variants_name_their_fuse_and_attention():
