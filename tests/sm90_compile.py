@@ -3,8 +3,8 @@ a GPU run falls back on (the fixed defaults) and every one the autotuner may tim
 and int8 heads, rows of 2048 and 576 features, one row and several. Prints one JSON line
 a configuration: {"config", "head", "shared", "error"}. Run by tests/test_kernel.py in a process of its own (Triton's
 interpreter, which the suite turns on, would not compile). With the argument `attention`: the decode-attention
-kernel (kernels/attention_triton.py) instead, for each dtype, head size and query group its launcher may pass
-(tests/test_attention.py)."""
+kernels (kernels/attention_triton.py: one pass, a split and the combine) instead, for each dtype, head size and query
+group their launcher may pass (tests/test_attention.py)."""
 
 import json
 import os
@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.attention_triton import decode_attention_kernel  # noqa: E402
+from kernels.attention_triton import decode_attention_combine, decode_attention_kernel  # noqa: E402
 from kernels.top2_triton import top2_partial  # noqa: E402
 
 ARGS = ["h_ptr", "w_ptr", "nw_ptr", "ws_ptr", "m1_ptr", "m2_ptr", "i1_ptr", "s_ptr", "count_ptr", "top1_ptr", "p1_ptr",
@@ -62,19 +62,21 @@ def main():
         print(json.dumps(row), flush=True)
 
 
-ATTENTION_ARGS = ["q_ptr", "k_ptr", "v_ptr", "valid_ptr", "out_ptr", "S", "Hkv", "scale", "stride_qb", "stride_qh",
-                  "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh", "stride_vs", "stride_mb",
-                  "stride_ob", "stride_oh"]
+ATTENTION_ARGS = ["q_ptr", "k_ptr", "v_ptr", "valid_ptr", "out_ptr", "part_acc_ptr", "part_ml_ptr", "S", "Hkv", "scale",
+                  "chunk", "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh",
+                  "stride_vs", "stride_mb", "stride_ob", "stride_oh"]
+COMBINE_ARGS = ["part_acc_ptr", "part_ml_ptr", "out_ptr", "splits", "Hkv", "stride_ob", "stride_oh"]
 
 
-def compile_attention(dtype: str, hd: int, G: int, num_warps: int = 4, num_stages: int = 2):
-    """The decode-attention kernel as kernels.attention.decode_attention_triton launches it on a GPU."""
+def compile_attention(dtype: str, hd: int, G: int, split: bool, num_warps: int = 4, num_stages: int = 2):
+    """The decode-attention kernel as kernels.attention.decode_attention_triton launches it on a GPU (one pass, or
+    one split of a long cache)."""
     from kernels.attention import block_slots
 
-    types = [f"*{dtype}"] * 3 + ["*i1", f"*{dtype}", "i32", "i32", "fp32"] + ["i32"] * 11
+    types = [f"*{dtype}"] * 3 + ["*i1", f"*{dtype}", "*fp32", "*fp32", "i32", "i32", "fp32", "i32"] + ["i32"] * 11
     dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
     const = dict(G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=block_slots(hd),
-                 BLOCK_D=max(16, triton.next_power_of_2(hd)), DOT_DTYPE=dot)
+                 BLOCK_D=max(16, triton.next_power_of_2(hd)), DOT_DTYPE=dot, SPLIT=split)
     src = ASTSource(fn=decode_attention_kernel,
                     signature={**dict(zip(ATTENTION_ARGS, types)), **dict.fromkeys(const, "constexpr")},
                     constexprs=const)
@@ -83,12 +85,24 @@ def compile_attention(dtype: str, hd: int, G: int, num_warps: int = 4, num_stage
     return kernel.metadata.shared
 
 
+def compile_combine(dtype: str, hd: int, G: int, num_warps: int = 4):
+    """The kernel that merges a split cache's partial softmaxes."""
+    types = ["*fp32", "*fp32", f"*{dtype}"] + ["i32"] * 4
+    const = dict(G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=max(16, triton.next_power_of_2(hd)))
+    src = ASTSource(fn=decode_attention_combine,
+                    signature={**dict(zip(COMBINE_ARGS, types)), **dict.fromkeys(const, "constexpr")},
+                    constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).metadata.shared
+
+
 def attention():
     for dtype in ("bf16", "fp16", "fp32"):
         for hd, G in ((64, 4), (128, 4), (256, 2), (80, 8), (64, 32)):  # Llama, Qwen, Gemma 3, odd sizes, MQA-like
             row = {"dtype": dtype, "hd": hd, "G": G}
             try:
-                row["shared"] = compile_attention(dtype, hd, G)
+                row["shared"] = compile_attention(dtype, hd, G, split=False)
+                row["shared_split"] = compile_attention(dtype, hd, G, split=True)
+                row["shared_combine"] = compile_combine(dtype, hd, G)
             except Exception as e:  # noqa: BLE001 (reported, the test names it)
                 row["error"] = f"{type(e).__name__}: {e}"[:400]
             print(json.dumps(row), flush=True)

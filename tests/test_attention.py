@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.attention import decode_attention, decode_attention_reference, decode_attention_triton
+from kernels.attention import cache_splits, decode_attention, decode_attention_reference, decode_attention_triton
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -40,9 +40,30 @@ def inputs(B, H, Hkv, S, hd, dtype, seed=0):
 def test_the_kernel_matches_the_reference(B, H, Hkv, S, hd, dtype):
     q, k, v, valid = inputs(B, H, Hkv, S, hd, dtype)
     want = decode_attention_reference(q, k, v, valid)
-    for got in (decode_attention_triton(q, k, v, valid, block_s=32), decode_attention(q, k, v, valid)):
+    for got in (decode_attention_triton(q, k, v, valid, block_s=32), decode_attention(q, k, v, valid),
+                decode_attention_triton(q, k, v, valid, block_s=16, splits=3)):  # (3 splits, or as many as S fills)
         assert got.shape == want.shape and got.dtype == dtype
         assert (got.float() - want.float()).abs().max() <= TOL[dtype]
+
+
+def test_a_long_cache_with_few_rows_is_split_and_combined():
+    """Flash-decoding: a long cache read by few programs (rows x kv heads) is split along its slots, each split's
+    partial softmax merged by a second kernel; a short one stays one pass. Splits where no slot is valid (a row's
+    cache mostly empty, what a pooled decode cache holds early on) add nothing; invalid slots are never read."""
+    assert cache_splits(1, 8, 4096, 64) == 16 and cache_splits(8, 8, 4096, 64) == 2  # ~128 programs
+    assert cache_splits(1, 8, 256, 64) == 1 and cache_splits(32, 8, 4096, 64) == 1  # short, or programs enough
+    assert cache_splits(1, 2, 1000, 16) == 15  # at least 4 tiles a split
+    q, k, v, valid = inputs(3, 8, 2, 700, 32, torch.float32, seed=5)
+    valid[0] = False
+    valid[0, 650:] = True  # row 0: the last 50 slots only; row 1: one slot
+    valid[1] = False
+    valid[1, 3] = True
+    k, v = k.clone(), v.clone()
+    k[~valid[:, None, :, None].expand_as(k)] = float("nan")
+    want = decode_attention_reference(q, k.nan_to_num(), v, valid)
+    for splits in (None, 2, 5, 44):  # (None: cache_splits' 11)
+        got = decode_attention_triton(q, k, v, valid, block_s=16, splits=splits)
+        assert (got - want).abs().max() <= 1e-5, splits
 
 
 def test_the_op_is_one_call_inside_a_compiled_function():
@@ -66,14 +87,22 @@ def test_a_scale_and_masked_slots_are_honoured():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's run of a CPU model (tests/test_cuda.py: on a GPU)")
-def test_decode_steps_through_the_kernel_give_the_same_tokens(tiny_model):
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_steps_through_the_kernel_give_the_same_tokens(tiny_model, split, monkeypatch):
     """DecodeGraph(attention="triton") runs each step's attention through the kernel (here through the
     interpreter: the step eagerly, and replayed from static buffers as a GPU's capture would): the greedy tokens of
-    the default step (on the CPU its attention is model.cache_attention), logits within 1e-4."""
+    the default step (on the CPU its attention is model.cache_attention), logits within 1e-4. Split: a captured step's
+    cache of 64 slots in tiles of 16, one a split, combined by the second kernel."""
+    import kernels.attention
     from adainfer.fast_decode import DecodeGraph
     from adainfer.generate import generate
     from adainfer.loading import load_model
 
+    if split:
+        monkeypatch.setattr(kernels.attention, "block_slots", lambda hd: 16)
+        monkeypatch.setattr(kernels.attention, "SPLIT_MIN_TILES", 1)
+    splits, cache_splits = [], kernels.attention.cache_splits
+    monkeypatch.setattr(kernels.attention, "cache_splits", lambda *a: splits.append(cache_splits(*a)) or splits[-1])
     model = load_model(tiny_model, "float32")[0]
     ids = [[5, 9, 14, 3, 8], [7, 2, 11]]
     want = [g.token_ids for g in generate(model, ids, 12, graph=DecodeGraph(model, compile=False))]
@@ -86,6 +115,7 @@ def test_decode_steps_through_the_kernel_give_the_same_tokens(tiny_model):
     a = DecodeGraph(model, compile=False)(tokens, cache_a)
     b = DecodeGraph(model, compile=False, attention="triton")(tokens, cache_b)
     assert (a - b).abs().max() <= 1e-4
+    assert (4 in splits) if split else set(splits) == {1}, "a 64-slot cache's attention in 4 splits, or one pass"
 
 
 def test_the_kernel_is_refused_where_it_cannot_run(tiny_model, monkeypatch):
@@ -115,4 +145,5 @@ def test_the_kernel_compiles_for_an_h100(tmp_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 15 and {r["dtype"] for r in rows} == {"bf16", "fp16", "fp32"}
     assert [r for r in rows if "error" in r] == []
-    assert all(0 < r["shared"] <= 99 * 1024 for r in rows), "within every GPU's shared memory since Ampere's 100 KB"
+    assert all(0 < r[k] <= 99 * 1024 for r in rows for k in ("shared", "shared_split", "shared_combine")), \
+        "within every GPU's shared memory since Ampere's 100 KB"
