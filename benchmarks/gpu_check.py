@@ -15,7 +15,8 @@ against transformers on the same weights in the same process:
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five;
            and a batch-1 prefill of 512 tokens through the modules, the compiled blocks and (GPU) the captured ones,
-           with the host's top five
+           with the host's top five, each dense and with a never-firing check after every block (8 candidate rows,
+           read every 4, replayed on a GPU): where the checks' overhead goes
   prefill  512 and 2048 tokens at batch 1 and 8, last-token logits: ours (the modules, each block compiled by
            inductor: --prefill compiled, fast_prefill.compile_prefill, and on a GPU those blocks replayed from CUDA
            graphs: --prefill captured, fast_prefill.PrefillGraphs; first calls timed apart) against transformers
@@ -263,45 +264,52 @@ def bench_profile(ours, device, new: int, variants) -> list[dict]:
 
 
 def profile_prefill(ours, device, tokens: int, calls: int = 5) -> list[dict]:
-    """Where a batch-1 prefill of `tokens` goes, through the modules and through the compiled blocks: wall-clock,
-    device-busy time and kernels a call (on a GPU), and the host's five costliest operators or regions by their own
-    time (dynamo's cache lookups, the compiled graphs' wrappers, the dispatched ops): a call whose device time is far
-    under its wall-clock is host-bound, and these say on what."""
+    """Where a batch-1 prefill of `tokens` goes, through the modules and through the compiled blocks (and on a GPU
+    the captured ones), each dense and with a never-firing check after every block (over CANDIDATES head rows, read
+    every 4 checks, replayed as CUDA graphs on a GPU: the check variant nearest the bar): wall-clock, device-busy time
+    and kernels a call (on a GPU), and the host's five costliest operators or regions by their own time (dynamo's
+    cache lookups, the compiled graphs' wrappers, the dispatched ops): a call whose device time is far under its
+    wall-clock is host-bound, and these say on what; the checks' rows, what a check adds."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
     x = torch.arange(10, 10 + tokens, device=device)[None]
+    checks = Plan(exit=ExitRule(never_rule(), device), sync_every=4, capture_checks=cuda,
+                  candidates=torch.arange(10, 10 + CANDIDATES, device=device))
     rows = []
     for path in ("modules", "compiled") + (("captured",) if cuda else ()):
-        try:
-            prefill_mode(ours, "eager" if path == "modules" else path)
-            with torch.inference_mode():
-                for _ in range(2):  # (the compiled path's first call compiles)
-                    ours(x)
-                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-                with profile(activities=activities) as prof:
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        ours(x)
-                    if cuda:
-                        torch.cuda.synchronize()
-                    wall = (time.perf_counter() - t0) / calls
-        except Exception as e:  # noqa: BLE001 (the compiled path: said in its row, the decode profile kept)
-            rows.append({"prefill": path, "batch": 1, "tokens": tokens,
-                         "error": failure(f"prefill profile ({path})", e)})
-            continue
-        finally:
-            compile_prefill(ours, False)
-        events = prof.key_averages()
-        host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
-                      key=lambda e: e.self_cpu_time_total, reverse=True)
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        rows.append({"prefill": path, "batch": 1, "tokens": tokens, "wall_ms": 1e3 * wall,
-                     "device_busy_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / calls if cuda else None,
-                     "kernels": sum(e.count for e in kernels) / calls if cuda else None,
-                     "host_top5": "; ".join(f"{e.key[:40]} {e.self_cpu_time_total / calls:.0f}us x{e.count / calls:.0f}"
-                                            for e in host[:5])})
-        print_table(rows[-1:], list(rows[-1]))
+        for plan in (None, checks):
+            row = {"prefill": path, "checks": "no" if plan is None else "candidates, read every 4", "batch": 1,
+                   "tokens": tokens}
+            try:
+                prefill_mode(ours, "eager" if path == "modules" else path)
+                with torch.inference_mode():
+                    for _ in range(2):  # (the compiled path's first call compiles, a check's first captures)
+                        ours(x, plan=plan)
+                    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                    with profile(activities=activities) as prof:
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            ours(x, plan=plan)
+                        if cuda:
+                            torch.cuda.synchronize()
+                        wall = (time.perf_counter() - t0) / calls
+            except Exception as e:  # noqa: BLE001 (the compiled path: said in its row, the decode profile kept)
+                rows.append({**row, "error": failure(f"prefill profile ({path}, checks {row['checks']})", e)})
+                continue
+            finally:
+                compile_prefill(ours, False)
+            events = prof.key_averages()
+            host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                          key=lambda e: e.self_cpu_time_total, reverse=True)
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            rows.append({**row, "wall_ms": 1e3 * wall,
+                         "device_busy_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / calls if cuda
+                         else None,
+                         "kernels": sum(e.count for e in kernels) / calls if cuda else None,
+                         "host_top5": "; ".join(f"{e.key[:40]} {e.self_cpu_time_total / calls:.0f}us "
+                                                f"x{e.count / calls:.0f}" for e in host[:5])})
+            print_table(rows[-1:], list(rows[-1]))
     return rows
 
 

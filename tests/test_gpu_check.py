@@ -35,7 +35,9 @@ def test_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
     first = [r for r in result["prefill"] if r["tokens"] == 16]
     assert all(math.isfinite(r[f"{path}check_every_block_candidates{captured}_overhead"]) for r in first
                for path in ("", "compiled_") for captured in ("", "_captured"))
-    assert [r["prefill"] for r in result["profile"] if "prefill" in r] == ["modules", "compiled"]
+    assert [(r["prefill"], r["checks"]) for r in result["profile"] if "prefill" in r] == [
+        ("modules", "no"), ("modules", "candidates, read every 4"), ("compiled", "no"),
+        ("compiled", "candidates, read every 4")]
     assert all(r["wall_ms"] > 0 and "error" not in r for r in result["profile"] if "prefill" in r)
     assert not [k for k in result if k.endswith("_error")], "every section ran"
     for r in result["prefill"]:  # the compiled blocks beside the modules, the same logits up to rounding
