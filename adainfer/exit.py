@@ -230,6 +230,17 @@ def probe(model, h_last: torch.Tensor, weight: torch.Tensor | None, check_head: 
     return top2_from_logits(logits), logits
 
 
+def check_cost_in_blocks(model, check_head: str = "full", candidates: int | None = None) -> float:
+    """The weights one exit check reads (the LM head's rows: all of them, their int8 copy at 1.125 bytes a weight, or
+    `candidates` rows) over one block's. In a decode step a block reads its weights for one token, so a check after
+    block n, which can save at most the n_layers - n blocks left, pays for itself only before that many blocks."""
+    w = model.head_weight
+    rows = w.shape[0] if candidates is None else candidates
+    per_weight = 1.125 if check_head == "int8" and candidates is None else w.element_size()
+    block = sum(p.numel() * p.element_size() for p in model.layers[-1].parameters())
+    return rows * w.shape[1] * per_weight / block
+
+
 def check_int8_head(model, where: str) -> None:
     """Refuse the int8 check head where it cannot run: on a GPU it is read only by the Triton kernel, which does not
     soft-cap (a family with final_logit_softcapping would need the dequantized head in float32 at every check)."""

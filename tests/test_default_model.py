@@ -142,3 +142,9 @@ def test_main_job_on_a_cold_cache_exits_early(tmp_path, default_wheel):
     # a prompt of the user's own takes the full-vocabulary classifier
     proc = run_cli("adainfer.run", "--prompt", "The capital of France is", env=env)
     assert proc.returncode == 0 and "over the full vocabulary" in proc.stdout and "answer: ' Paris'" in proc.stdout
+    # token mode with it: every decode step checks the 49152 x 576 head (8 blocks' weights) at layers 28 and 29
+    proc = run_cli("adainfer.run", "--prompt", "The capital of France is", "--max-new-tokens", "2", "--exit-mode",
+                   "token", "--dtype", "float32", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert ("a check here reads as many weights as 8.0 blocks: past layer 22 it costs more than an exit could save, "
+            "and this classifier checks from layer 28") in proc.stderr

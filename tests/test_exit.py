@@ -96,6 +96,22 @@ def test_batched_exit_equals_one_by_one(deep):
             assert (forced.logits[0] - together.logits[b]).abs().max() <= 1e-5
 
 
+def test_a_check_costs_the_head_rows_it_reads_in_blocks(deep):
+    """check_cost_in_blocks: the head's bytes a check reads over one block's. The 6-layer tiny Llama (float32):
+    a block is 2 norms of 64, wqkv 64 x 128, wo 64 x 64 and three 64 x 96 MLP matrices, 30848 weights; the tied head
+    260 x 64. So a token-mode run on it never gets the note that its checks cannot pay (adainfer.run)."""
+    from adainfer.engine import ExitChoice
+    from adainfer.exit import check_cost_in_blocks
+    from adainfer.run import token_mode_note
+
+    block = 30848 * 4
+    assert check_cost_in_blocks(deep) == pytest.approx(260 * 64 * 4 / block)
+    assert check_cost_in_blocks(deep, "int8") == pytest.approx(260 * 64 * 1.125 / block)
+    assert check_cost_in_blocks(deep, "int8", candidates=2) == pytest.approx(2 * 64 * 4 / block)
+    late = ExitRule(ExitClassifier("svm", ["gap"], [1.0], -0.5, first_layer=5))
+    assert token_mode_note(deep, ExitChoice(late, None, ""), "full") is None  # (a check: 0.54 blocks)
+
+
 @pytest.mark.parametrize("window", [2, 3])
 def test_deferred_exit_reads_equal_immediate_ones(deep, window):
     """Reading the exit flags every `window` checks (one sync per window) changes no answer and no exit layer."""
