@@ -233,7 +233,7 @@ def probe(model, h_last: torch.Tensor, weight: torch.Tensor | None, check_head: 
 def check_cost_in_blocks(model, check_head: str = "full", candidates: int | None = None) -> float:
     """The weights one exit check reads (the LM head's rows: all of them, their int8 copy at 1.125 bytes a weight, or
     `candidates` rows) over one block's. In a decode step a block reads its weights for one token, so a check after
-    block n, which can save at most the n_layers - n blocks left, pays for itself only before that many blocks."""
+    block n can pay for itself only while the n_layers - n blocks it may save weigh more than it does."""
     w = model.head_weight
     rows = w.shape[0] if candidates is None else candidates
     per_weight = 1.125 if check_head == "int8" and candidates is None else w.element_size()

@@ -231,5 +231,6 @@ def token_mode_note(model, choice, check_head: str) -> str | None:
             f"layer {last} it costs more than an exit could save, and this classifier checks from layer "
             f"{choice.rule.first}, so expect token mode slower than dense (cheaper checks: {cheaper})")
 
+
 if __name__ == "__main__":
     sys.exit(main())
