@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from adainfer.capture import Captured, require_cuda
 from adainfer.errors import AdainferError
+from adainfer.quant import INT4_GROUP
 from adainfer.translator import Translator, sha256
 from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
@@ -236,7 +237,8 @@ def check_cost_in_blocks(model, check_head: str = "full", candidates: int | None
     block n can pay for itself only while the n_layers - n blocks it may save weigh more than it does."""
     w = model.head_weight
     rows = w.shape[0] if candidates is None else candidates
-    per_weight = 1.125 if check_head == "int8" and candidates is None else w.element_size()
+    # (the int8 head: a byte a weight and a float32 scale per group of columns, quant.quantize_int8's format)
+    per_weight = 1 + 4 / INT4_GROUP if check_head == "int8" and candidates is None else w.element_size()
     block = sum(p.numel() * p.element_size() for p in model.layers[-1].parameters())
     return rows * w.shape[1] * per_weight / block
 
