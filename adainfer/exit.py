@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from adainfer.capture import Captured, require_cuda
 from adainfer.errors import AdainferError
+from adainfer.kernels.top2 import Top2, lm_head_top2, top2_from_logits
 from adainfer.quant import INT4_GROUP
 from adainfer.translator import Translator, sha256
-from kernels.top2 import Top2, lm_head_top2, top2_from_logits
 
 FEATURES = ("gap", "top_prob", "cos_attn", "cos_mlp", "cos_hidden")
 KINDS = ("svm", "gap", "crf", "never")

@@ -76,7 +76,7 @@ FUSES = ("none", "blocks", "step", "tuned", "tuned_step")  # what a captured gra
 # none 2.25 / 2.42, blocks 1.41 / 1.42, step 1.37 / 1.39; first calls at full and half depth (compiles, captures)
 # 0.8, 12 and 13 s: step compiles again for every exit depth, blocks once for all: blocks. gpu_check measures all.
 FUSE_DEFAULT = "blocks"
-ATTENTIONS = ("sdpa", "triton")  # DecodeGraph's attention: torch's SDPA, or kernels.attention.decode_attention
+ATTENTIONS = ("sdpa", "triton")  # DecodeGraph's attention: torch's SDPA, or adainfer.kernels.attention.decode_attention
 MAX_GRAPHS = 32  # captured decode steps kept per model (batch-size buckets x depths x translators)
 # Dynamo would check every parameter and buffer of the model (~700 tensors, 0.85 ms of a 7 ms step) before each call;
 # the modules are fixed for the graph's life (int4 rounding makes a new graph, decode_graph). Inductor would also
@@ -288,7 +288,7 @@ class DecodeGraph:
                  fuse: str | None = None, attention: str = "sdpa"):
         self.model, self.quantized = model, mode == "int4"
         # attention: what one new query a row attends through on a GPU: "sdpa" (torch's, a boolean mask) or "triton"
-        # (kernels.attention.decode_attention: one kernel; gpu_check --variants blocks:triton times it)
+        # (adainfer.kernels.attention.decode_attention: one kernel; gpu_check --variants blocks:triton times it)
         self.attention = check_attention(attention, model.device)
         # capture=True on the CPU runs the captured path's static buffers without a CUDA graph (tests).
         self.capture = (compile and model.device.type == "cuda") if capture is None else capture

@@ -21,9 +21,9 @@ from torch import nn
 from adainfer.config import ModelConfig
 from adainfer.errors import AdainferError
 from adainfer.exit import CheckGraphs, Exits, Output, Plan, probe
+from adainfer.kernels.attention import decode_attention
 from adainfer.kv_cache import KVCache
 from adainfer.quant import QuantWeight, head_logits, linear, load_q4q8_kernel, quantize_int8
-from kernels.attention import decode_attention
 
 
 class Linear(nn.Linear):
@@ -288,7 +288,7 @@ class Context:
     local_mask: torch.Tensor | None = None  # (b, 1, T, S) the sliding layers' mask (the window on top of `mask`)
     cos_local: torch.Tensor | None = None  # the sliding layers' rotary tables, where their base differs (Gemma 3)
     sin_local: torch.Tensor | None = None
-    attention: str = "sdpa"  # a decode step's attention on a GPU: "triton", kernels.attention.decode_attention
+    attention: str = "sdpa"  # a decode step's attention on a GPU: "triton", adainfer.kernels.attention.decode_attention
 
     def select(self, keep: torch.Tensor, rows: torch.Tensor) -> Context:
         pick = (lambda t: None if t is None else t[keep])

@@ -7,7 +7,7 @@ only its slices of model.safetensors (SPLIT below), norms and the other small te
 
 The exit check never gathers logits: each rank reduces its vocabulary shard to four numbers per row (max logit,
 second logit, the max's token id, sum of exp relative to the max), one all-gather of those gives every rank the
-same merged softmax top-2 (the merge of kernels/top2.py's Triton second stage), so every rank takes the same
+same merged softmax top-2 (the merge of adainfer/kernels/top2.py's Triton second stage), so every rank takes the same
 decisions and the batch stays the same on every rank. Logits are gathered only where a whole distribution is
 needed: a row's answer, sampling, candidate scores.
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from adainfer.config import ModelConfig
 from adainfer.errors import AdainferError
-from kernels.top2 import Top2
+from adainfer.kernels.top2 import Top2
 
 # Tensors split across the ranks of a replica, by the suffix of their name in model.safetensors: (dimension, unit).
 # Units: "q" the query heads, "kv" the key/value heads, "hidden" the MLP's inner units, "vocab" the vocabulary.

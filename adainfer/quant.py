@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adainfer.errors import AdainferError
-from kernels.top2 import dequantize_head
+from adainfer.kernels.top2 import dequantize_head
 
 # ---------------------------------------------------------------- float products on this CPU
 
@@ -104,7 +104,7 @@ def quantize_int8(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The plain-torch reference: (N, K) float32 weights from quantize_int8's output (the exit kernel's int8 head
-    reads the same format: kernels.top2.dequantize_head, which this is)."""
+    reads the same format: adainfer.kernels.top2.dequantize_head, which this is)."""
     return dequantize_head(q, scale)
 
 

@@ -1,6 +1,6 @@
 """The exit check for one token: last-token LM head -> softmax top-2, ours vs the naive torch.softmax(W @ h).topk(2).
 
-On CPU "ours" is the production path (kernels.top2.lm_head_top2_reference: one GEMV, argmax and logsumexp, no
+On CPU "ours" is the production path (adainfer.kernels.top2.lm_head_top2_reference: one GEMV, argmax and logsumexp, no
 softmax tensor); on a GPU it is the Triton kernel, which never writes the logits. Heads: the default model's
 (49152 x 576, its real weights) and a Llama-2-7B-shaped one (32000 x 4096, random). Reported: ms per check and
 GB/s of weight read, against the machine's measured read (CPU) or copy (GPU) bandwidth.
@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import check_device, machine, median_time, print_table, write_json  # noqa: E402
 
-from kernels.top2 import lm_head_top2, lm_head_top2_reference  # noqa: E402
+from adainfer.kernels.top2 import lm_head_top2, lm_head_top2_reference  # noqa: E402
 
 
 def naive(h, w):

@@ -25,8 +25,8 @@ from common import machine, median_time, print_table, write_json  # noqa: E402
 
 from adainfer.config import ModelConfig  # noqa: E402
 from adainfer.exit import Plan, probe  # noqa: E402
+from adainfer.kernels.top2 import lm_head_top2_reference, lm_head_top2_triton  # noqa: E402
 from adainfer.model import Decoder, rope_inv_freq  # noqa: E402
-from kernels.top2 import lm_head_top2_reference, lm_head_top2_triton  # noqa: E402
 
 LLAMA2_7B = ModelConfig(arch="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                         hidden_dim=11008, max_seq_len=4096, norm_eps=1e-5)

@@ -10,7 +10,7 @@ against transformers on the same weights in the same process:
            and, on a GPU with --variants, the same graphs replaying other kernels DecodeGraph's `fuse` and
            `attention` offer (recorded as variants: the eager step's, inductor's compiled blocks, its compiled step,
            the blocks or the step compiled with coordinate-descent tuning; any of them with the attention through
-           kernels.attention's Triton kernel, FUSE:triton) with their agreement with the default graph's tokens
+           adainfer.kernels.attention's Triton kernel, FUSE:triton) with their agreement with the default graph's tokens
            and the seconds their first calls take (captures and compiles, at full and at half depth)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five;
@@ -30,9 +30,10 @@ against transformers on the same weights in the same process:
   kernel   the Triton top-2 exit check against the bare GEMV h @ W.T on the 32000 x 4096, 49152 x 2048 and 49152 x 576
            heads at batch 1 and 8: microseconds and fraction of copy bandwidth; also with its merge fused into the
            one launch (fused_merge=True, not yet the default) and how close it comes to the two-launch merge; the
-           default call (its configuration autotuned on first use: kernels.top2.config) and the GEMV both replayed
-           from CUDA graphs (their kernels without the host's launch overhead), and the untuned defaults replayed so
-           (what the autotuner bought); at batch 1 also the int8 head (--check-head int8) through the same kernel
+           default call (its configuration autotuned on first use: adainfer.kernels.top2.config) and the GEMV both
+           replayed from CUDA graphs (their kernels without the host's launch overhead), and the untuned defaults
+           replayed so (what the autotuner bought); at batch 1 also the int8 head (--check-head int8) through the
+           same kernel
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--skip-tests] [--test-workers 8]
                                    [--hf-compile] [--sections decode,prefill,kernel] [--variants tuned,blocks:triton]
@@ -392,7 +393,7 @@ def graphed(fn):
 
 def bench_kernel(timer_bw: float) -> list[dict]:
     """kernel_rows, each configuration tuned afresh (what a user's first call on that head does)."""
-    import kernels.top2 as top2
+    import adainfer.kernels.top2 as top2
 
     top2._tuned.clear()
     return kernel_rows(timer_bw)
@@ -401,8 +402,8 @@ def bench_kernel(timer_bw: float) -> list[dict]:
 def kernel_rows(timer_bw: float) -> list[dict]:
     from triton.testing import do_bench
 
+    from adainfer.kernels.top2 import _default_config, config, lm_head_top2_reference, lm_head_top2_triton
     from adainfer.quant import quantize_int8
-    from kernels.top2 import _default_config, config, lm_head_top2_reference, lm_head_top2_triton
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -479,8 +480,9 @@ def main(argv=None) -> int:
                         f"(default: {','.join(TABLE)})")
     p.add_argument("--variants", type=lambda v: v.split(","), default=[],
                    help=f"comma-separated: decode graphs of other `fuse`s ({', '.join(FUSES)}; all: every one but "
-                        f"the default), each as FUSE or FUSE:triton (its attention through kernels.attention), timed "
-                        f"and profiled beside the default one (GPU; not given: the default only)")
+                        f"the default), each as FUSE or FUSE:triton (its attention through "
+                        f"adainfer.kernels.attention), timed and profiled beside the default one (GPU; not given: "
+                        f"the default only)")
     args = p.parse_args(argv)
     # `timeout` (or a lent machine's limit) stops this script with SIGTERM: exit through the finally blocks, so the
     # test processes it started stop with it instead of holding the GPU

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import copy_bandwidth, gpu_time  # noqa: E402
 from common import machine, print_table, write_json  # noqa: E402
 
-from kernels.top2 import lm_head_top2_triton  # noqa: E402
+from adainfer.kernels.top2 import lm_head_top2_triton  # noqa: E402
 
 
 def main() -> None:

@@ -3,8 +3,8 @@ a GPU run falls back on (the fixed defaults) and every one the autotuner may tim
 and int8 heads, rows of 2048 and 576 features, one row and several. Prints one JSON line
 a configuration: {"config", "head", "shared", "error"}. Run by tests/test_kernel.py in a process of its own (Triton's
 interpreter, which the suite turns on, would not compile). With the argument `attention`: the decode-attention
-kernels (kernels/attention_triton.py: one pass, a split and the combine) instead, for each dtype, head size and query
-group their launcher may pass (tests/test_attention.py)."""
+kernels (adainfer/kernels/attention_triton.py: one pass, a split and the combine) instead, for each dtype, head size
+and query group their launcher may pass (tests/test_attention.py)."""
 
 import json
 import os
@@ -19,8 +19,8 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.attention_triton import decode_attention_combine, decode_attention_kernel  # noqa: E402
-from kernels.top2_triton import top2_partial  # noqa: E402
+from adainfer.kernels.attention_triton import decode_attention_combine, decode_attention_kernel  # noqa: E402
+from adainfer.kernels.top2_triton import top2_partial  # noqa: E402
 
 ARGS = ["h_ptr", "w_ptr", "nw_ptr", "ws_ptr", "m1_ptr", "m2_ptr", "i1_ptr", "s_ptr", "count_ptr", "top1_ptr", "p1_ptr",
         "p2_ptr", "B", "V", "D", "stride_h", "stride_w", "stride_ws", "eps", "tiles_per_prog"]
@@ -42,7 +42,7 @@ def compile_one(head: str, block_v: int, block_d: int, num_warps: int, num_stage
 
 
 def main():
-    import kernels.top2 as top2
+    import adainfer.kernels.top2 as top2
 
     configs = []
     for head in ("bf16", "int8"):
@@ -69,9 +69,9 @@ COMBINE_ARGS = ["part_acc_ptr", "part_ml_ptr", "out_ptr", "splits", "Hkv", "stri
 
 
 def compile_attention(dtype: str, hd: int, G: int, split: bool, num_warps: int = 4, num_stages: int = 2):
-    """The decode-attention kernel as kernels.attention.decode_attention_triton launches it on a GPU (one pass, or
-    one split of a long cache)."""
-    from kernels.attention import block_slots
+    """The decode-attention kernel as adainfer.kernels.attention.decode_attention_triton launches it on a GPU (one
+    pass, or one split of a long cache)."""
+    from adainfer.kernels.attention import block_slots
 
     types = [f"*{dtype}"] * 3 + ["*i1", f"*{dtype}", "*fp32", "*fp32", "i32", "i32", "fp32", "i32"] + ["i32"] * 11
     dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]

@@ -89,7 +89,6 @@ PACKAGE = ROOT / "adainfer"
 CLI_MODULES = {"adainfer.run", "adainfer.calibrate", "adainfer.eval.__main__", "adainfer.eval.report", "adainfer.cli"}
 # module -> what it may not import (at any depth of its own imports)
 NEVER = {
-    "kernels": ("adainfer", "weights_convert"),
     "adainfer.quant": ("adainfer.model", "adainfer.generate", "adainfer.fast_decode", "adainfer.fast_prefill",
                        "adainfer.engine"),
     "adainfer.translator": ("adainfer.exit", "adainfer.model", "adainfer.generate", "adainfer.engine", "sklearn"),
@@ -102,9 +101,9 @@ NEVER = {
 
 
 def module_imports() -> dict[str, set[str]]:
-    """Every module of adainfer / kernels / weights_convert -> the modules of ours it imports at its top level."""
+    """Every module of adainfer / weights_convert -> the modules of ours it imports at its top level."""
     out = {}
-    for folder in ("adainfer", "kernels", "weights_convert"):
+    for folder in ("adainfer", "weights_convert"):
         for path in (ROOT / folder).rglob("*.py"):
             name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             tree = ast.parse(path.read_text())
@@ -114,7 +113,7 @@ def module_imports() -> dict[str, set[str]]:
                     found.add(node.module)
                 elif isinstance(node, ast.Import):
                     found.update(a.name for a in node.names)
-            out[name] = {m for m in found if m.split(".")[0] in ("adainfer", "kernels", "weights_convert", "sklearn")}
+            out[name] = {m for m in found if m.split(".")[0] in ("adainfer", "weights_convert", "sklearn")}
     return out
 
 
@@ -133,6 +132,12 @@ def test_imports_point_one_way():
     for name, banned in NEVER.items():
         hit = [d for d in reach(name, set()) for b in banned if d == b or d.startswith(b + ".")]
         assert not hit, f"{name} reaches {hit}"
+    # the kernels import nothing of ours but each other
+    kernels = [name for name in graph if name.startswith("adainfer.kernels")]
+    assert "adainfer.kernels.top2" in kernels
+    for name in kernels:
+        outside = [d for d in reach(name, set()) if not d.startswith("adainfer.kernels")]
+        assert not outside, f"{name} reaches {outside}"
     # argparse lives in the command-line shells only
     for path in PACKAGE.rglob("*.py"):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
@@ -149,3 +154,19 @@ def test_cli_main_turns_bad_input_into_one_line(capsys):
     assert cli_main(argparse.ArgumentParser(), run, []) == 2
     assert capsys.readouterr().err == "error: --thing: is wrong\n"
     assert cli_main(argparse.ArgumentParser(), lambda args: None, []) == 0
+
+
+def test_no_top_level_package_of_ours_shadows_another_distribution():
+    """Our importable names are adainfer and weights_convert: a top-level `kernels` (where our kernels lived until
+    transformers 5.25 began to import the Hugging Face `kernels` distribution) shadowed that package from the
+    repository root and broke `import transformers`'s models."""
+    import importlib.util
+    import tomllib
+    from pathlib import Path
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(include) == ["adainfer*", "weights_convert*"]
+    top = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert top == {"adainfer", "weights_convert"}, top
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or ROOT not in Path(spec.origin).parents

@@ -1,4 +1,4 @@
-"""The decode-step attention kernel (kernels/attention.py) against its plain-torch reference, under Triton's
+"""The decode-step attention kernel (adainfer/kernels/attention.py) against its plain-torch reference, under Triton's
 interpreter on the CPU (on a GPU machine, TRITON_INTERPRET=0, the compiled kernel on CUDA tensors): float32 within
 1e-5, 16-bit within the output dtype's rounding (the interpreter multiplies in float32; a GPU's 16-bit products
 round the probabilities too: 2e-2 there). Odd shapes on purpose: slot counts off the 64-slot tiles, head sizes that
@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.attention import cache_splits, decode_attention, decode_attention_reference, decode_attention_triton
+from adainfer.kernels.attention import (
+    cache_splits,
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_triton,
+)
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -93,16 +98,17 @@ def test_decode_steps_through_the_kernel_give_the_same_tokens(tiny_model, split,
     interpreter: the step eagerly, and replayed from static buffers as a GPU's capture would): the greedy tokens of
     the default step (on the CPU its attention is model.cache_attention), logits within 1e-4. Split: a captured step's
     cache of 64 slots in tiles of 16, one a split, combined by the second kernel."""
-    import kernels.attention
+    import adainfer.kernels.attention
     from adainfer.fast_decode import DecodeGraph
     from adainfer.generate import generate
     from adainfer.loading import load_model
 
     if split:
-        monkeypatch.setattr(kernels.attention, "block_slots", lambda hd: 16)
-        monkeypatch.setattr(kernels.attention, "SPLIT_MIN_TILES", 1)
-    splits, cache_splits = [], kernels.attention.cache_splits
-    monkeypatch.setattr(kernels.attention, "cache_splits", lambda *a: splits.append(cache_splits(*a)) or splits[-1])
+        monkeypatch.setattr(adainfer.kernels.attention, "block_slots", lambda hd: 16)
+        monkeypatch.setattr(adainfer.kernels.attention, "SPLIT_MIN_TILES", 1)
+    splits, cache_splits = [], adainfer.kernels.attention.cache_splits
+    monkeypatch.setattr(adainfer.kernels.attention, "cache_splits",
+                        lambda *a: splits.append(cache_splits(*a)) or splits[-1])
     model = load_model(tiny_model, "float32")[0]
     ids = [[5, 9, 14, 3, 8], [7, 2, 11]]
     want = [g.token_ids for g in generate(model, ids, 12, graph=DecodeGraph(model, compile=False))]
@@ -137,7 +143,7 @@ def test_the_kernel_compiles_for_an_h100(tmp_path):
     """Without a GPU: the kernel compiled for sm_90 by Triton's own ptxas (tests/sm90_compile.py attention, in a
     process without the interpreter) for bf16, fp16 and fp32, head sizes 64 to 256 and groups of 2 to 32 query heads:
     a construct that does not lower for Hopper fails here, not on a lent GPU's clock; shared memory under 100 KB a
-    block (kernels.attention.block_slots), what GPUs smaller than an A100 or H100 have."""
+    block (adainfer.kernels.attention.block_slots), what GPUs smaller than an A100 or H100 have."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"))
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "sm90_compile.py"), "attention"], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -209,7 +209,7 @@ def test_int8_check_head_on_cuda(folder):
     replayed from CUDA graphs; an exiting row's answer is the full-precision head's at its layer."""
     from adainfer.fast_decode import prepare_check_head
     from adainfer.generate import left_pad
-    from kernels.top2 import lm_head_top2_reference
+    from adainfer.kernels.top2 import lm_head_top2_reference
 
     model = load_model(folder, "float32", "cuda")[0]  # (bfloat16 rows: test_kernel.py's int8 test on a GPU)
     prepare_check_head(model, "int8", None, "test")
@@ -240,9 +240,9 @@ def test_int8_check_head_on_cuda(folder):
 
 @pytest.mark.parametrize("fuse", ["none", "blocks"])
 def test_the_triton_decode_attention_gives_the_block_loops_tokens(folder, fuse):
-    """DecodeGraph(attention="triton"): each captured step's attention through kernels.attention (inside inductor's
-    compiled blocks with fuse="blocks": an opaque op there). float32: the block loop's greedy tokens, 64 of them, at
-    batch 1 and 4; a forced exit at half depth too."""
+    """DecodeGraph(attention="triton"): each captured step's attention through adainfer.kernels.attention (inside
+    inductor's compiled blocks with fuse="blocks": an opaque op there). float32: the block loop's greedy tokens, 64 of
+    them, at batch 1 and 4; a forced exit at half depth too."""
     model = load_model(folder, "float32", "cuda")[0]
     for B in (1, 4):
         ids = prompts(B, seed=B)

@@ -284,8 +284,8 @@ def test_tensor_parallel_refusals(six):
 def test_vocabulary_shards_merge_to_the_whole_top2():
     """merge_top2 over any split of the vocabulary (uneven, empty shards, ties across and within shards) equals the
     top-2 of the whole logits: what every rank computes from the all-gathered partials."""
+    from adainfer.kernels.top2 import top2_from_logits
     from adainfer.parallel import merge_top2, partial_top2
-    from kernels.top2 import top2_from_logits
 
     torch.manual_seed(0)
     x = torch.randn(5, 261) * 3

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.top2 import lm_head_top2, lm_head_top2_reference, lm_head_top2_triton, rms_norm_reference
+from adainfer.kernels.top2 import lm_head_top2, lm_head_top2_reference, lm_head_top2_triton, rms_norm_reference
 
 pytest.importorskip("triton")
 # On a GPU machine (TRITON_INTERPRET=0) the same tests run the compiled kernel on CUDA tensors.
@@ -80,7 +80,7 @@ def test_very_large_logits_do_not_overflow():
 
 def test_dispatch_sends_cpu_to_the_reference_and_cuda_to_triton(monkeypatch):
     """lm_head_top2 is a dispatch: spies in place of both paths record which one it called, and with what."""
-    import kernels.top2 as top2
+    import adainfer.kernels.top2 as top2
 
     calls = []
 
@@ -160,7 +160,7 @@ def test_fused_merge_equals_the_merge_kernel(B):
     CUDA graph's replays) can follow one another. The fused launch runs first: a merge that read the partials before
     every program had written them would find the last call's (another h) and miss by far more. On a GPU this also
     runs the real head shapes, where programs finish in any order."""
-    import kernels.top2 as top2
+    import adainfer.kernels.top2 as top2
 
     shapes = [(1000, 64)] if DEVICE == "cpu" else [(1000, 64), (32000, 4096), (49152, 2048), (49152, 576)]
     small = dict(block_v=64, block_d=32) if DEVICE == "cpu" else {}
@@ -181,12 +181,12 @@ def test_fused_merge_equals_the_merge_kernel(B):
 @pytest.mark.parametrize("part", range(PARTS))
 @pytest.mark.parametrize("B", [1, 3])
 def test_every_candidate_configuration_matches_the_reference(B, part):
-    """Each configuration the autotuner may pick (kernels.top2.candidates: one row, several, short rows; one row of a
-    short head also through tensor cores, padded to 16; one tile a program; loops flattened and pipelined) gives the
-    reference's top-2 on a head of short rows (600: a partial last feature block for every block_d) and a partial
-    last vocabulary tile; programs as on a 2-SM machine in the interpreter, as on this GPU's on CUDA, in bfloat16
-    there (what is tuned: float32 heads keep the fixed defaults)."""
-    import kernels.top2 as top2
+    """Each configuration the autotuner may pick (adainfer.kernels.top2.candidates: one row, several, short rows;
+    one row of a short head also through tensor cores, padded to 16; one tile a program; loops flattened and
+    pipelined) gives the reference's top-2 on a head of short rows (600: a partial last feature block for every
+    block_d) and a partial last vocabulary tile; programs as on a 2-SM machine in the interpreter, as on this GPU's
+    on CUDA, in bfloat16 there (what is tuned: float32 heads keep the fixed defaults)."""
+    import adainfer.kernels.top2 as top2
 
     g = torch.Generator().manual_seed(B)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -207,7 +207,7 @@ def test_every_candidate_configuration_matches_the_reference(B, part):
 def test_agreeing_answers():
     """The autotuner keeps only configurations whose answer agrees with the defaults': the same top-1 where the top
     two are apart, probabilities within 1e-3."""
-    import kernels.top2 as top2
+    import adainfer.kernels.top2 as top2
 
     want = top2.Top2(torch.tensor([5, 7]), torch.tensor([0.6, 0.3004]), torch.tensor([0.2, 0.3]))
     assert top2.agreeing(top2.Top2(torch.tensor([5, 9]), want.p1 + 1e-4, want.p2), want)  # row 2: a near-tie
@@ -217,7 +217,7 @@ def test_agreeing_answers():
 
 
 def test_fastest_keeps_the_quickest_configuration():
-    import kernels.top2 as top2
+    import adainfer.kernels.top2 as top2
 
     configs = [{"block_v": 64}, {"block_v": 128}, {"block_v": 256}, {"block_v": 32}]
     times = {64: 3.0, 128: 1.0, 256: 1.0, 32: 2.0}
@@ -245,7 +245,7 @@ def test_fastest_keeps_the_quickest_configuration():
 def test_the_launcher_tunes_once_per_head_and_batch_bucket():
     """On a GPU the launcher's first call on a head shape and batch bucket times the candidates and keeps the
     fastest; later calls (another batch size in the bucket included) reuse it, and the answers are the reference's."""
-    import kernels.top2 as top2
+    import adainfer.kernels.top2 as top2
 
     g = torch.Generator().manual_seed(7)
     w = (torch.randn(8000, 576, generator=g) * 0.05).to("cuda", torch.bfloat16)  # (float32 heads are not tuned)
@@ -275,8 +275,8 @@ def test_int8_head_matches_the_reference(V, d, dtype, B, dot):
     group a step, the integers exact, the scale after), against the reference on the dequantized head in float32;
     that reference is the model's own int8 head dequantized (the same weights the CPU check reads). Shapes: partial
     vocabulary tiles, a feature count off the 64-column blocks (608 = 19 groups)."""
+    from adainfer.kernels.top2 import dequantize_head, top2_from_logits
     from adainfer.quant import dequantize_int8, quantize_int8
-    from kernels.top2 import dequantize_head, top2_from_logits
 
     g = torch.Generator().manual_seed(V + d + B)
     h = torch.randn(B, d, generator=g).to(dtype)
@@ -305,7 +305,7 @@ def test_int8_head_matches_the_reference(V, d, dtype, B, dot):
 def test_every_int8_candidate_configuration_matches_the_reference(B, part):
     """The autotuner's configurations for an int8 head (--check-head int8): its tensor-core ones take one group of
     columns a step (block_d 32), each distinct configuration once; every one gives the reference's top-2."""
-    import kernels.top2 as top2
+    import adainfer.kernels.top2 as top2
     from adainfer.quant import quantize_int8
 
     g = torch.Generator().manual_seed(10 + B)

@@ -2,8 +2,8 @@
 row may read marked in valid (B, S); grouped-query heads (H a multiple of Hkv).
 
 Read top to bottom: the plain-torch reference (the test oracle), the launcher of the Triton kernels
-(kernels/attention_triton.py: one program a row and kv head, its query heads through tensor cores in a block of 16,
-the slots in tiles with an online softmax; a long cache with few rows split over several programs, then combined),
+(attention_triton.py beside it: one program a row and kv head, its query heads through tensor cores in a block of
+16, the slots in tiles with an online softmax; a long cache with few rows split over several programs, then combined),
 and the same launch as an opaque torch.library op (`decode_attention`) that torch.compile keeps as one call inside
 a compiled block. A decode step on a GPU calls it with DecodeGraph(attention="triton") instead of SDPA with a
 boolean mask: not the default, not yet timed on a GPU.
@@ -53,8 +53,8 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     combined by a second kernel."""
     import triton  # on first use: importing this module never imports triton
 
-    from kernels.attention_triton import decode_attention_combine, decode_attention_kernel
-    from kernels.top2 import tl_dtype
+    from adainfer.kernels.attention_triton import decode_attention_combine, decode_attention_kernel
+    from adainfer.kernels.top2 import tl_dtype
 
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]

@@ -4,7 +4,7 @@ This is the exit check of AdaInfer: after a block, the last token's hidden state
 the LM head, and only the two largest probabilities matter (features gap = p1 - p2 and top_prob = p1).
 
 Read top to bottom: the plain-torch reference (the CPU path and the test oracle), the launcher of the Triton
-kernels (kernels/top2_triton.py; stage 1: each program owns a slice of the vocabulary and keeps a running top-2 and
+kernels (top2_triton.py beside it; stage 1: each program owns a slice of the vocabulary and keeps a running top-2 and
 an online-softmax sum; stage 2 merges the partials of one row), and the dispatch.
 
 Memory traffic of one check, V x d head in bytes-per-weight b: the reference reads V*d*b and writes then reads
@@ -84,7 +84,7 @@ def lm_head_top2_triton(h: torch.Tensor, weight: torch.Tensor, norm_weight: torc
     scale: weight is an int8 head with these scales (V, d // GROUP), as lm_head_top2_reference takes it."""
     import triton  # on first use: importing this module never imports triton
 
-    from kernels.top2_triton import top2_merge, top2_partial
+    from adainfer.kernels.top2_triton import top2_merge, top2_partial
 
     assert h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1], (h.shape, weight.shape)
     h = h.contiguous()

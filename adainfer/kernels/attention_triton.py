@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/attention.py: one new query a row over a KV cache (a decode step's attention), in
+"""The Triton kernels of attention.py beside it: one new query a row over a KV cache (a decode step's attention), in
 one pass, or split along the cache (flash-decoding: a long cache's slots in several programs) and then combined."""
 
 import triton
