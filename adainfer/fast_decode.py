@@ -92,7 +92,7 @@ TUNED_OPTIONS = {**COMPILE_OPTIONS, "coordinate_descent_tuning": True}
 
 def quantize_model(model: Decoder) -> None:
     """Round every block matrix to int4 and the LM head to int8, as llama.cpp's Q4_1 files keep them: each Linear
-    gets its int4 copy (`q4`; gate and up as one, `w13`) and the model its int8 head (`head_q8`), which a quantized
+    gets its int4 copy (`q4`; gate and up as one matrix, `w13`) and the model its int8 head (`head_q8`), which a
     forward (Context.quantized) reads through the kernels; the float weights become the dequantized values, so the
     eager loop (prefill, exit checks) computes with what the kernels read."""
     if model.dtype not in (torch.float32, torch.bfloat16) or model.device.type != "cpu":
@@ -108,11 +108,6 @@ def quantize_model(model: Decoder) -> None:
         q, scale, low = quantize_int4(module.weight)
         module.weight.data = dequantize_int4(q, scale, low).to(module.weight.dtype)
         module.q4 = QuantWeight.int4(q, scale, low)
-    for block in model.layers:
-        mlp = block.feed_forward
-        if hasattr(mlp, "w13"):
-            mlp.w13 = QuantWeight(*(torch.cat([a, b]) for a, b in zip(
-                (mlp.w1.q4.q, mlp.w1.q4.scale, mlp.w1.q4.low), (mlp.w3.q4.q, mlp.w3.q4.scale, mlp.w3.q4.low))))
     head = model.output if model.output is not None else model.tok_embeddings  # 8 bits: it decides the token
     q8 = model.int8_head()
     head.weight.data = dequantize_int8(q8.q, q8.scale).to(head.weight.dtype)

@@ -158,9 +158,11 @@ class _LazyTensors(Mapping):
         return len(self.names)
 
 
-# The one place where the file's names and the modules' names differ: the file keeps q, k and v apart, as checkpoints
-# do (suffixes .weight and .bias alike); each Attention holds them as the row blocks of wqkv, in this order.
-FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv")}
+# The one place where the file's names and the modules' names differ: the file keeps q, k and v apart, and gate and
+# up, as checkpoints do (suffixes .weight and .bias alike); the modules hold each group as the row blocks of one
+# matrix, in this order (a Linear's `parts`: the rows of each). OPT's MLP has a w1 and no w3: nothing to fuse there.
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
 
 
 def file_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -175,19 +177,21 @@ def file_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[name] = tuple(t.shape)
             continue
         prefix, suffix = name.split(fused)
-        attn = model.get_submodule(prefix + fused.rsplit(".", 1)[0])
-        for part, rows in zip(FUSED[fused], (attn.q_size, attn.kv_size, attn.kv_size)):
+        for part, rows in zip(FUSED[fused], model.get_submodule(prefix + fused).parts):
             shapes[prefix + part + suffix] = (rows, *t.shape[1:])
     return shapes
 
 
 def fuse_state(disk: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype, device) -> dict:
-    """Our file's tensors -> the decoder's state dict (FUSED's parts concatenated), cast to dtype."""
+    """Our file's tensors -> the decoder's state dict (FUSED's parts concatenated where the file has them all),
+    cast to dtype."""
     state = dict(disk)
     for fused, parts in FUSED.items():
         for name in [n for n in disk if f".{parts[0]}." in f".{n}"]:
             prefix, suffix = name.split(parts[0])
-            state[prefix + fused + suffix] = torch.cat([state.pop(prefix + p + suffix) for p in parts])
+            names = [prefix + p + suffix for p in parts]
+            if all(n in state for n in names):
+                state[prefix + fused + suffix] = torch.cat([state.pop(n) for n in names])
     return {name: t.to(device=device, dtype=dtype).contiguous() for name, t in state.items()}
 
 

@@ -23,7 +23,7 @@ from adainfer.errors import AdainferError
 from adainfer.exit import CheckGraphs, Exits, Output, Plan, probe
 from adainfer.kernels.attention import decode_attention
 from adainfer.kv_cache import KVCache
-from adainfer.quant import QuantWeight, head_logits, linear, load_q4q8_kernel, quantize_int8
+from adainfer.quant import QuantWeight, head_logits, linear, load_q4q8_kernel, quantize_int8, upcasts
 
 
 class Linear(nn.Linear):
@@ -34,6 +34,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.q4: QuantWeight | None = None
         self.reduce = None  # tensor parallel (adainfer.parallel.Shard): a row-parallel layer's partial sums add up
+        self.parts: tuple[int, ...] | None = None  # a fused matrix: the rows of the file's tensors (loading.FUSED)
 
     def forward(self, x: torch.Tensor, quantized: bool = False) -> torch.Tensor:
         if quantized and self.q4 is not None:
@@ -118,6 +119,7 @@ class Attention(nn.Module):
         self.q_size = config.n_heads * config.head_dim
         self.kv_size = config.n_kv_heads * config.head_dim
         self.wqkv = Linear(config.dim, self.q_size + 2 * self.kv_size, bias=opt or config.qkv_bias)  # q, k, v fused
+        self.wqkv.parts = (self.q_size, self.kv_size, self.kv_size)
         self.wo = Linear(self.q_size, config.dim, bias=opt or config.o_bias)
         self.rotary = config.rotary
         # Qwen3 / Gemma 3: each head of q and k normalised before rotary.
@@ -195,26 +197,38 @@ def heads(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU (silu; Llama, Qwen, Mistral) or GeGLU (tanh GELU; Gemma)."""
+    """down(act(gate(x)) * up(x)): SwiGLU (silu; Llama, Qwen, Mistral) or GeGLU (tanh GELU; Gemma). Gate and up are
+    the two row blocks of one matrix, w13 (the file keeps them apart as w1 and w3: adainfer.loading.FUSED)."""
 
-    # Gate and up stay two matmuls: fused into one (N = 2 x hidden) they ran 10-30% slower in MKL float32 for
-    # 16-256 rows on an AVX2 CPU, and no faster for one row (measured; benchmarks/README.md). In int4 they are one
-    # kernel call (w13, set by quantize_model).
+    # One product of the fused matrix, or two of its row blocks (views, no copy): see gate_up_split.
+    SPLIT: bool | None = None  # None: gate_up_split decides; True / False: forced (benchmarks/bench_gate_up.py)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gelu = config.activation == "gelu_tanh"
-        self.w1 = Linear(config.dim, config.hidden_dim, bias=False)  # gate
-        self.w3 = Linear(config.dim, config.hidden_dim, bias=False)  # up
+        self.hidden = config.hidden_dim
+        self.w13 = Linear(config.dim, 2 * config.hidden_dim, bias=False)  # gate rows, then up rows
+        self.w13.parts = (config.hidden_dim, config.hidden_dim)
         self.w2 = Linear(config.hidden_dim, config.dim, bias=False)  # down
-        self.w13: QuantWeight | None = None
 
     def forward(self, x: torch.Tensor, quantized: bool = False) -> torch.Tensor:
-        if quantized and self.w13 is not None:
-            gate, up = self.w13(x).to(x.dtype).chunk(2, dim=-1)
+        split = gate_up_split(x) if self.SPLIT is None else self.SPLIT
+        if split and not (quantized and self.w13.q4 is not None):  # (int4: one kernel call either way)
+            w = self.w13.weight  # (2 * hidden, dim)
+            gate, up = linear(x, w[:self.hidden]), linear(x, w[self.hidden:])
         else:
-            gate, up = self.w1(x), self.w3(x)
+            gate, up = self.w13(x, quantized).chunk(2, dim=-1)  # (b, T, 2 * hidden) -> 2 x (b, T, hidden)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.w2(gate * up, quantized)
+
+
+def gate_up_split(x: torch.Tensor) -> bool:
+    """Whether gate and up run as two products: where the product runs in float32 on a CPU (a float32 model, or
+    bfloat16 upcast on a CPU without bfloat16 units: quant.linear). There one product of the fused matrix was no
+    faster: 10-30% slower in MKL for 16-256 rows on an AVX2 EPYC, level to 1.6% slower on an EPYC with AVX512-BF16.
+    In bfloat16 on the latter one product was 3-10% faster in prefill and level in decode (benchmarks/RESULTS.md,
+    benchmarks/bench_gate_up.py); on a GPU one GEMV launches where two did (not yet timed there)."""
+    return not x.is_cuda and (x.dtype == torch.float32 or upcasts(x))
 
 
 class ReluMLP(nn.Module):

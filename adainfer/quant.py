@@ -41,8 +41,13 @@ UPCAST_ROWS = 0 if _FLAGS & {"avx512_bf16", "amx_bf16"} else 8
 CPU_PREFERS_BF16 = "amx_bf16" in _FLAGS
 
 
+def upcasts(x: torch.Tensor) -> bool:
+    """Whether a product of x (..., d) runs in float32 and is rounded back (UPCAST_ROWS)."""
+    return bool(UPCAST_ROWS) and x.dtype != torch.float32 and not x.is_cuda and x.numel() >= UPCAST_ROWS * x.shape[-1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if UPCAST_ROWS and x.dtype != torch.float32 and not x.is_cuda and x.numel() >= UPCAST_ROWS * x.shape[-1]:
+    if upcasts(x):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 

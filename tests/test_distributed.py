@@ -204,7 +204,7 @@ def test_tensor_parallel_equals_one_process(tmp_path, preset):
     # each rank holds (and read) half of every split tensor: heads, MLP units, vocabulary rows
     for name, shape in a["local_shapes"].items():
         half = b["local_shapes"][name]
-        if "wqkv" in name or name.endswith(("w1.weight", "w1.bias", "w3.weight", "tok_embeddings.weight",
+        if "wqkv" in name or name.endswith(("w1.weight", "w1.bias", "w13.weight", "tok_embeddings.weight",
                                                    "output.weight")):
             assert half[0] * 2 == shape[0] and half[1:] == shape[1:], name
         elif name.endswith(("wo.weight", "w2.weight")):
