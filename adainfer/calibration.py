@@ -251,7 +251,7 @@ def measure_check_cost(model, ids: list[list[int]], candidates: torch.Tensor | N
 def check_fit(opts: FitOptions, label: str = "final", holdout: float = 0.25, batch_size: int = 8,
               check_dtypes: tuple[str, ...] = ()) -> None:
     """Refuse bad fitting options before any work."""
-    from adainfer.loading import resolve_dtype
+    from adainfer.loading import check_dtype
 
     if opts.classifier not in ("svm", "gap", "crf"):
         raise AdainferError("--classifier", f"unknown classifier {opts.classifier!r} (svm, gap, crf)")
@@ -271,7 +271,7 @@ def check_fit(opts: FitOptions, label: str = "final", holdout: float = 0.25, bat
             raise AdainferError("--classifier", "crf needs sklearn-crfsuite (pip install 'adainfer[crf]')") from None
     for name in check_dtypes:
         try:
-            resolve_dtype(name)
+            check_dtype(name)
         except AdainferError as e:
             raise AdainferError("--check-dtype", e.problem) from None
 

@@ -20,21 +20,29 @@ from adainfer.config import ModelConfig
 from adainfer.errors import AdainferError
 from adainfer.model import Decoder, rope_inv_freq
 from adainfer.parallel import Shard, make_shard, split_of
-from adainfer.quant import CPU_PREFERS_BF16
+from adainfer.quant import cpu_dtype
 from adainfer.tokenizer import TextTokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    """'auto': bfloat16 on a GPU or a CPU with AMX, else float32: on an AVX2-only CPU a bfloat16 matmul of 64+ rows
-    runs ~4x slower than float32, and with AVX512-BF16 alone prefill and decode still ran 1.1-1.6x slower (measured:
-    quant.CPU_PREFERS_BF16, benchmarks/RESULTS.md)."""
-    if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") or CPU_PREFERS_BF16 else torch.float32
-    if name not in DTYPES:
+    """'auto': bfloat16 on a GPU; on a CPU the faster of bfloat16 and float32 there (quant.cpu_dtype: by the CPU's
+    flags, or where they do not say, measured once and kept in the cache, adainfer.default_model.cache_root)."""
+    check_dtype(name)
+    if name != "auto":
+        return DTYPES[name]
+    if str(device).startswith("cuda"):
+        return torch.bfloat16
+    from adainfer.default_model import cache_root
+
+    return cpu_dtype(cache_root())
+
+
+def check_dtype(name: str) -> None:
+    """Refuse a dtype name other than auto and DTYPES' (without measuring anything)."""
+    if name != "auto" and name not in DTYPES:
         raise AdainferError("--dtype", f"unknown dtype {name!r} (choose auto, {', '.join(DTYPES)})")
-    return DTYPES[name]
 
 
 def load_model(folder: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu", world=None,

@@ -35,10 +35,7 @@ _FLAGS = _cpu_flags()
 # same matmul in float32 (measured, benchmarks/README.md). There we compute it in float32 and round the output:
 # a bfloat16 product is exact in float32, so this is a bfloat16 matmul with float32 accumulation, like the native one.
 UPCAST_ROWS = 0 if _FLAGS & {"avx512_bf16", "amx_bf16"} else 8
-# Which dtype `--dtype auto` takes on the CPU: bfloat16 only with AMX tiles. With AVX512-BF16 alone (an Intel Xeon,
-# 2 threads, torch 2.13) every bfloat16 matmul we run was slower than float32's: 256 x 576 @ 576 x 1536 2.5 ms vs
-# 1.6, a 49152 x 576 head GEMV 2.0 vs 2.0; prefill 1.4-1.6x and eager decode 1.1x slower (benchmarks/RESULTS.md).
-CPU_PREFERS_BF16 = "amx_bf16" in _FLAGS
+
 
 
 def upcasts(x: torch.Tensor) -> bool:
@@ -67,6 +64,95 @@ def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if UPCAST_ROWS and x.dtype != torch.float32 and x.shape[0] >= UPCAST_ROWS:
         x, weight = x.float(), weight.float()
     return (weight @ x.T).T.float()
+
+
+# ---------------------------------------------------------------- which dtype `--dtype auto` takes on this CPU
+#
+# With AMX tiles: bfloat16. With neither AMX nor AVX512-BF16 (AVX2): float32, whose matmuls run 4-6x faster. With
+# AVX512-BF16 alone the flags do not say it. On an Intel Xeon (family 6 model 207, 2 threads, torch 2.13) every
+# bfloat16 matmul we ran was slower than float32's (prefill 1.4-1.6x, eager decode 1.1x slower); on an AMD EPYC
+# (family 25 model 17) bfloat16 was the faster (prefill 1.46-1.65x, eager decode 1.48x faster; benchmarks/RESULTS.md).
+# There it is measured once (cpu_probe: ~0.5 s) and kept in the cache with the CPU, torch and thread count it holds for.
+
+PROBE_DECODE = (16384, 2048)  # a GEMV's matrix (out, in): 128 MB in float32, past a CPU's caches, as a decode step's
+PROBE_PREFILL = (64, 4096, 1024)  # rows, out, in: a prompt's product, bound by arithmetic
+BF16_MARGIN = 0.8  # bfloat16 when its two times over float32's multiply to less (a geometric mean under ~0.89)
+
+
+def cpu_probe(decode: tuple[int, int] = PROBE_DECODE, prefill: tuple[int, int, int] = PROBE_PREFILL,
+              repeats: int = 3) -> dict:
+    """Seconds of a GEMV over a matrix larger than the caches and of a 64-row product, in float32 and bfloat16, on
+    the current thread count (the best of `repeats` each)."""
+    import time
+
+    out, k = decode
+    rows, n, k2 = prefill
+    mats = {"decode": (torch.ones(1, k), torch.full((out, k), 0.01)),  # written: no lazily mapped zero pages
+            "prefill": (torch.ones(rows, k2), torch.full((n, k2), 0.01))}
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for what, (x, w) in mats.items():
+            x, w = x.to(dtype), w.to(dtype)
+            best = float("inf")
+            for _ in range(repeats + 1):  # (the first call warms up)
+                t0 = time.perf_counter()
+                linear(x, w)
+                best = min(best, time.perf_counter() - t0)
+            times[f"{what}_{str(dtype)[6:]}_s"] = best
+    return times
+
+
+def prefers_bf16(times: dict) -> bool:
+    """From cpu_probe's times: bfloat16 where its decode and prefill times over float32's multiply below BF16_MARGIN."""
+    ratio = (times["decode_bfloat16_s"] / times["decode_float32_s"]) * (times["prefill_bfloat16_s"] /
+                                                                         times["prefill_float32_s"])
+    return ratio < BF16_MARGIN
+
+
+def cpu_name() -> str:
+    """Vendor, model name, family and model numbers of this CPU (the first processor of /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]  # the first processor's block
+    except OSError:
+        return "unknown"
+    info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    get = (lambda key: info.get(key, "?"))
+    return f"{get('vendor_id')} {get('model name')} family {get('cpu family')} model {get('model')}"
+
+
+def cpu_dtype(cache: Path | None) -> torch.dtype:
+    """What `--dtype auto` takes on this CPU: by its flags, else measured (cpu_probe) and kept in `cache`/cpu_dtype.json
+    (None: measured every time), keyed by the CPU, torch's version and the thread count."""
+    if "amx_bf16" in _FLAGS:
+        return torch.bfloat16
+    if "avx512_bf16" not in _FLAGS:
+        return torch.float32
+    import json
+
+    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    path = None if cache is None else Path(cache) / "cpu_dtype.json"
+    try:
+        known = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        record = known.get(key) if isinstance(known, dict) else None
+        if isinstance(record, dict) and record.get("dtype") in ("float32", "bfloat16"):
+            return getattr(torch, record["dtype"])
+    except (OSError, ValueError):  # unreadable or not JSON: measure again, and write it anew
+        known = {}
+    times = cpu_probe()
+    dtype = torch.bfloat16 if prefers_bf16(times) else torch.float32
+    if path is not None:
+        known = known if isinstance(known, dict) else {}
+        known[key] = {"dtype": str(dtype)[6:], **times}
+        try:  # (a cache that cannot be written costs a measurement next time, nothing else)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1) + "\n")
+            tmp.replace(path)
+        except OSError:
+            pass
+    return dtype
+
 
 
 # ---------------------------------------------------------------- int4 / int8 weights

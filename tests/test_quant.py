@@ -115,3 +115,86 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+# ---------------------------------------------------------------- which dtype --dtype auto takes on this CPU
+
+FAST_BF16 = {"decode_float32_s": 7.2, "prefill_float32_s": 8.9, "decode_bfloat16_s": 3.3, "prefill_bfloat16_s": 1.6}
+SLOW_BF16 = {"decode_float32_s": 2.0, "prefill_float32_s": 1.6, "decode_bfloat16_s": 2.0, "prefill_bfloat16_s": 2.5}
+
+
+def test_prefers_bf16_on_measured_times():
+    """The EPYC's probe (bfloat16 the faster product in both) and the Xeon's figures (a head GEMV level, a 256-row
+    product 2.5 vs 1.6 ms) and the margin itself."""
+    from adainfer.quant import BF16_MARGIN, prefers_bf16
+
+    assert prefers_bf16(FAST_BF16) and not prefers_bf16(SLOW_BF16)
+    level = dict(SLOW_BF16, prefill_bfloat16_s=1.6 * BF16_MARGIN)  # 1.0 x the margin: not below it
+    assert not prefers_bf16(level) and prefers_bf16(dict(level, prefill_bfloat16_s=1.6 * BF16_MARGIN * 0.99))
+
+
+def test_auto_dtype_by_the_cpu_flags_or_measured_once_and_kept(tmp_path, monkeypatch):
+    import json
+
+    import adainfer.quant as quant
+
+    probes = []
+    times = {"now": FAST_BF16}
+    monkeypatch.setattr(quant, "cpu_probe", lambda: probes.append(1) or times["now"])
+    monkeypatch.setattr(quant, "_FLAGS", {"avx2", "fma"})  # no bfloat16 units: float32, nothing measured
+    assert quant.cpu_dtype(tmp_path) == torch.float32 and not probes
+    monkeypatch.setattr(quant, "_FLAGS", {"avx512_bf16", "amx_bf16"})  # AMX: bfloat16
+    assert quant.cpu_dtype(tmp_path) == torch.bfloat16 and not probes
+    monkeypatch.setattr(quant, "_FLAGS", {"avx512f", "avx512_bf16"})  # the flags do not say: measured, then kept
+    assert quant.cpu_dtype(tmp_path) == torch.bfloat16 and len(probes) == 1
+    times["now"] = SLOW_BF16
+    assert quant.cpu_dtype(tmp_path) == torch.bfloat16 and len(probes) == 1
+    kept = json.loads((tmp_path / "cpu_dtype.json").read_text())
+    [(key, record)] = kept.items()
+    assert f"torch {torch.__version__}" in key and f"{torch.get_num_threads()} threads" in key
+    assert record == {"dtype": "bfloat16", **FAST_BF16}
+    threads = torch.get_num_threads()
+    try:  # another thread count is measured anew, beside the first record
+        torch.set_num_threads(threads + 1)
+        assert quant.cpu_dtype(tmp_path) == torch.float32 and len(probes) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert len(json.loads((tmp_path / "cpu_dtype.json").read_text())) == 2
+    # a file that is not JSON, or holds no dtype: measured again and written anew; no cache: measured every time
+    for text in ("{not json", '{"' + key + '": {"dtype": "int3"}}', "[]"):
+        (tmp_path / "cpu_dtype.json").write_text(text)
+        assert quant.cpu_dtype(tmp_path) == torch.float32
+        assert json.loads((tmp_path / "cpu_dtype.json").read_text())[key]["dtype"] == "float32"
+    n = len(probes)
+    assert quant.cpu_dtype(None) == torch.float32 and quant.cpu_dtype(None) == torch.float32 and len(probes) == n + 2
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a cache that cannot be written: the measured dtype, nothing raised
+    assert quant.cpu_dtype(blocked / "cache") == torch.float32 and not (blocked / "cache").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cpu_probe_times_both_dtypes():
+    from adainfer.quant import cpu_probe
+
+    times = cpu_probe(decode=(64, 32), prefill=(4, 16, 32), repeats=1)
+    assert sorted(times) == ["decode_bfloat16_s", "decode_float32_s", "prefill_bfloat16_s", "prefill_float32_s"]
+    assert all(0 < t < 1 for t in times.values())
+
+
+def test_auto_resolves_without_a_probe_where_it_need_not(monkeypatch):
+    """On a GPU auto is bfloat16; a named dtype is itself; checking a name (calibrate's --check-dtype) measures
+    nothing; an unknown name is one error naming --dtype."""
+    import adainfer.quant as quant
+    from adainfer.calibration import FitOptions, check_fit
+    from adainfer.errors import AdainferError
+    from adainfer.loading import resolve_dtype
+
+    def boom():
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(quant, "cpu_probe", boom)
+    monkeypatch.setattr(quant, "_FLAGS", {"avx512_bf16"})
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("float16") == torch.float16
+    check_fit(FitOptions(), check_dtypes=("auto", "bfloat16"))
+    with pytest.raises(AdainferError, match="--dtype: unknown dtype 'float8'"):
+        resolve_dtype("float8")

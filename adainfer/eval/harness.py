@@ -19,6 +19,7 @@ import torch
 from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.eval.metrics import summarize
+from adainfer.quant import _FLAGS, cpu_name
 from adainfer.tasks import Task
 from adainfer.timing import device_sync
 
@@ -241,7 +242,8 @@ def write_results(path: Path, results: dict) -> None:
 
 
 def machine() -> dict:
-    """The machine a figure came from: CPU model and capability, cores, threads, torch, Python, GPU if any."""
+    """The machine a figure came from: CPU model (vendor, family and model numbers: two "AMD EPYC"s may differ in
+    everything), its bfloat16 units and capability, cores, threads, torch, Python, GPU if any."""
     import os
     import platform
 
@@ -251,7 +253,8 @@ def machine() -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": cpu, "cpu_id": cpu_name(), "cpu_bf16": sorted(_FLAGS & {"avx512_bf16", "amx_bf16"}),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
