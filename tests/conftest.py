@@ -16,9 +16,20 @@ for _var, _sub in (("ADAINFER_CACHE", "adainfer"), ("XDG_CACHE_HOME", "xdg"), ("
                    ("MPLCONFIGDIR", "matplotlib"), ("HF_HOME", "huggingface")):
     os.environ[_var] = str(SESSION_CACHE / _sub)
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# pytest-xdist's workers (pyproject's addopts) share the machine's cores: each, and every command it starts, runs
+# torch on its share of them. Two processes of 2 OpenMP threads each on 2 cores ran a tiny model's loop 15x slower than
+# two of 1 thread (14.6 vs 0.9 s, AMD EPYC, 2026-12-08: threads spinning while they wait on each other).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 os.environ.pop("ADAINFER_WHEEL", None)  # set below, to this run's own download
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _WORKERS > 1:  # (in case a plugin imported torch before OMP_NUM_THREADS was set)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 sys.path.insert(0, str(Path(__file__).parent))
 
