@@ -59,7 +59,7 @@ from adainfer.capture import Captured
 from adainfer.errors import AdainferError
 from adainfer.exit import check_int8_head
 from adainfer.kv_cache import KVCache
-from adainfer.model import Context, Decoder, default_positions
+from adainfer.model import Context, Decoder, GatedMLP, default_positions
 from adainfer.quant import (
     INT4_GROUP,
     QuantWeight,
@@ -280,8 +280,13 @@ class DecodeGraph:
     list, head and cache (`Captured`), any depth. compile=False runs the step eagerly (tests)."""
 
     def __init__(self, model: Decoder, mode: str = "compiled", compile: bool = True, capture: bool | None = None,
-                 fuse: str | None = None, attention: str = "sdpa"):
+                 fuse: str | None = None, attention: str = "sdpa", gate_up: str | None = None):
         self.model, self.quantized = model, mode == "int4"
+        # gate_up: the MLP's gate and up as "one" product or "two" in this graph's steps (GatedMLP.SPLIT set around
+        # each call); None: as model.gate_up_split decides (gpu_check --variants blocks:two times the other way)
+        if gate_up not in (None, "one", "two"):
+            raise AdainferError("gate_up", f"unknown {gate_up!r} (choose one, two)")
+        self.gate_up = gate_up
         # attention: what one new query a row attends through on a GPU: "sdpa" (torch's, a boolean mask) or "triton"
         # (adainfer.kernels.attention.decode_attention: one kernel; gpu_check --variants blocks:triton times it)
         self.attention = check_attention(attention, model.device)
@@ -351,6 +356,16 @@ class DecodeGraph:
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, depth: int | None = None, reader=None,
                  layers: list[int] | None = None, head=None) -> torch.Tensor:
+        if self.gate_up is None:
+            return self._step(tokens, cache, depth, reader, layers, head)
+        before, GatedMLP.SPLIT = GatedMLP.SPLIT, self.gate_up == "two"
+        try:
+            return self._step(tokens, cache, depth, reader, layers, head)
+        finally:
+            GatedMLP.SPLIT = before
+
+    def _step(self, tokens: torch.Tensor, cache: KVCache, depth: int | None, reader, layers: list[int] | None,
+              head) -> torch.Tensor:
         length, model = cache.length, self.model
         B, T = tokens.shape
         L = model.config.n_layers

@@ -3,9 +3,12 @@
 Gate and up are one matrix (GatedMLP.w13); model.gate_up_split picks two products where they run in float32 on a
 CPU and one elsewhere. This times both on the same model by forcing GatedMLP.SPLIT: greedy decode, ms per generated
 token ((time for 1 + N tokens - time for 1 token) / N, as bench_decode), and prefill, ms for the last-token logits
-of a prompt of each --lengths, in each --dtypes. `default` says which one gate_up_split picks there.
+of a prompt of each --lengths, in each --dtypes. `default` says which one gate_up_split picks there. --decode
+compiled times the decode graph instead of the eager loop (adainfer.fast_decode: on a GPU CUDA graphs of inductor's
+blocks, one graph per way, each compiled and captured under its own setting before the clock starts).
 
     python benchmarks/bench_gate_up.py [--dtypes float32 bfloat16] [--new-tokens 32] [--lengths 64 256]
+                                       [--decode eager|compiled] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
+from adainfer.fast_decode import DecodeGraph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
 from adainfer.model import GatedMLP, gate_up_split  # noqa: E402
 
@@ -53,6 +57,7 @@ def main() -> None:
     p.add_argument("--lengths", nargs="+", type=int, default=[64, 256])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode", default="eager", choices=["eager", "compiled"])
     p.add_argument("--out", type=Path, default=Path("results/bench_gate_up.json"))
     add_device(p)
     args = p.parse_args()
@@ -70,13 +75,15 @@ def main() -> None:
         default = "two" if gate_up_split(probe) else "one"
         fns = {}
         for split in (True, False):
-            fns[("decode", 1, split)] = forced(split, lambda: generate(model, [ids], 1))
-            fns[("decode", 1 + n, split)] = forced(split, lambda: generate(model, [ids], 1 + n))
+            graph = DecodeGraph(model, "compiled") if args.decode == "compiled" else None
+            fns[("decode", 1, split)] = forced(split, lambda g=graph: generate(model, [ids], 1, graph=g))
+            fns[("decode", 1 + n, split)] = forced(split, lambda g=graph: generate(model, [ids], 1 + n, graph=g))
             for T in args.lengths:
                 x = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
                 x = x.to(args.device)
                 fns[("prefill", T, split)] = forced(split, lambda x=x: model(x))
-        same = [forced(s, lambda: generate(model, [ids], 1 + n)[0].token_ids)() for s in (True, False)]
+        # (the first call of each way compiles and captures its graph, before the clock)
+        same = [fns[("decode", 1 + n, s)]()[0].token_ids for s in (True, False)]
         times = interleaved(fns, repeats=args.repeats, sync=sync)
         for split, name in ((True, "two"), (False, "one")):
             decode = 1000 * (times[("decode", 1 + n, split)] - times[("decode", 1, split)]) / n
@@ -90,7 +97,8 @@ def main() -> None:
             "decode_ms_per_token_vs_two", "same_tokens"]
     print_table(rows, cols)
     write_json(args.out, {"benchmark": "gate and up: one product or two", "machine": machine(),
-                          "device": args.device, "threads": args.threads, "new_tokens": n, "rows": rows})
+                          "device": args.device, "decode": args.decode, "threads": args.threads, "new_tokens": n,
+                          "rows": rows})
 
 
 if __name__ == "__main__":

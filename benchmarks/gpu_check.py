@@ -10,7 +10,8 @@ against transformers on the same weights in the same process:
            and, on a GPU with --variants, the same graphs replaying other kernels DecodeGraph's `fuse` and
            `attention` offer (recorded as variants: the eager step's, inductor's compiled blocks, its compiled step,
            the blocks or the step compiled with coordinate-descent tuning; any of them with the attention through
-           adainfer.kernels.attention's Triton kernel, FUSE:triton) with their agreement with the default graph's tokens
+           adainfer.kernels.attention's Triton kernel, FUSE:triton, and the MLP's gate and up as two products
+           instead of one, FUSE:two or FUSE:triton:two) with their agreement with the default graph's tokens
            and the seconds their first calls take (captures and compiles, at full and at half depth)
   exit     a forced exit at half depth in captured decode: ms/token against dense, as a fraction of the ideal 2x
   profile  batch-1 decode under torch.profiler: kernels per token, device-busy time against wall-clock, the top five;
@@ -149,17 +150,19 @@ def half_depth_rule(L: int, device: str) -> ExitRule:
     return ExitRule(ExitClassifier("svm", ["gap"], [0.0], 1.0, first_layer=L // 2), device)
 
 
-def variant_specs(asked: list[str], default: str) -> dict[str, tuple[str, str]]:
-    """--variants (FUSE or FUSE:ATTENTION; all: every fuse but the default) -> {column name: (fuse, attention)}, in
-    the order asked, the default graph left out: a name is the fuse, then _triton where the attention is the
-    Triton kernel."""
+def variant_specs(asked: list[str], default: str) -> dict[str, tuple[str, str, str | None]]:
+    """--variants (FUSE[:ATTENTION][:two]; all: every fuse but the default) -> {column name: (fuse, attention,
+    gate_up)}, in the order asked, the default graph left out: a name is the fuse, then _triton where the attention
+    is the Triton kernel, then _two where the MLP's gate and up run as two products (DecodeGraph's gate_up)."""
     wanted = [f for f in FUSES if f != default and "all" in asked] + [v for v in asked if v != "all"]
     out = {}
     for v in wanted:
-        fuse, _, attention = v.partition(":")
-        attention = attention or "sdpa"
-        if (fuse, attention) != (default, "sdpa"):
-            out[fuse if attention == "sdpa" else f"{fuse}_{attention}"] = (fuse, attention)
+        fuse, *rest = v.split(":")
+        attention = next((a for a in rest if a in ATTENTIONS), "sdpa")
+        gate_up = "two" if "two" in rest else None
+        if (fuse, attention, gate_up) != (default, "sdpa", None):
+            name = fuse + ("" if attention == "sdpa" else f"_{attention}") + ("_two" if gate_up else "")
+            out[name] = (fuse, attention, gate_up)
     return out
 
 
@@ -480,18 +483,20 @@ def main(argv=None) -> int:
                         f"(default: {','.join(TABLE)})")
     p.add_argument("--variants", type=lambda v: v.split(","), default=[],
                    help=f"comma-separated: decode graphs of other `fuse`s ({', '.join(FUSES)}; all: every one but "
-                        f"the default), each as FUSE or FUSE:triton (its attention through "
-                        f"adainfer.kernels.attention), timed and profiled beside the default one (GPU; not given: "
-                        f"the default only)")
+                        f"the default), each as FUSE, FUSE:triton (its attention through "
+                        f"adainfer.kernels.attention), FUSE:two (the MLP's gate and up as two products) or "
+                        f"FUSE:triton:two, timed and profiled beside the default one (GPU; not given: the default "
+                        f"only)")
     args = p.parse_args(argv)
     # `timeout` (or a lent machine's limit) stops this script with SIGTERM: exit through the finally blocks, so the
     # test processes it started stop with it instead of holding the GPU
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    known_variants = (*FUSES, *(f"{f}:{a}" for f in FUSES for a in ATTENTIONS), "all")
+    known_variants = (*(f + a + t for f in FUSES for a in ("", *(f":{a}" for a in ATTENTIONS)) for t in ("", ":two")),
+                      "all")
     for option, given, known, choose in (
             ("--sections", args.sections, SECTIONS, ", ".join(SECTIONS)),
             ("--variants", args.variants, known_variants,
-             f"{', '.join(FUSES)}, all; each may add :{' or :'.join(ATTENTIONS)}")):
+             f"{', '.join(FUSES)}, all; each may add :{' or :'.join(ATTENTIONS)}, then :two")):
         unknown = sorted(set(given) - set(known))
         if unknown:
             print(f"error: {option}: unknown {', '.join(unknown)} (choose from {choose})", file=sys.stderr)
@@ -533,7 +538,8 @@ def main(argv=None) -> int:
         print(f"--variants: {default} is the default graph, measured anyway", file=sys.stderr)
     if args.variants and not (args.device == "cuda" and c_compiler()):
         print("--variants: the other captures need a GPU with a C compiler: none timed", file=sys.stderr)
-    variants = {name: DecodeGraph(ours, "compiled", fuse=f, attention=a) for name, (f, a) in specs.items()}
+    variants = {name: DecodeGraph(ours, "compiled", fuse=f, attention=a, gate_up=g)
+                for name, (f, a, g) in specs.items()}
     result["graph_fuse"], result["variants"] = default, list(variants)  # one graph each for both sections
     sections = {"decode": lambda: bench_decode(hf, ours, args.device, timer, 16 if args.tiny else 128,
                                                args.hf_compile, variants, args.batches)[0],

@@ -107,6 +107,25 @@ def test_captured_generation_reuses_its_cache_and_graphs(converted):
     assert graph.pool[4] is not cache and graph.pool[4].max_len == 128 and len(graph.graphs) == 1
 
 
+def test_a_decode_graph_runs_gate_and_up_the_way_it_was_given(converted, monkeypatch):
+    """DecodeGraph(gate_up="one" / "two"): its steps' MLPs with GatedMLP.SPLIT set so (gpu_check's FUSE:two variants),
+    the setting put back after each call; None leaves it to gate_up_split. The block loop's tokens every way."""
+    from adainfer.model import GatedMLP
+
+    model = load_model(converted("llama-gqa-tied", seed=3)[1], "float32")[0]
+    seen, forward = [], GatedMLP.forward
+    monkeypatch.setattr(GatedMLP, "forward", lambda mlp, x, quantized=False: seen.append(mlp.SPLIT) or
+                        forward(mlp, x, quantized))
+    want = [g.token_ids for g in generate(model, PROMPTS, 4)]
+    for way, split in (("two", True), ("one", False), (None, None)):
+        graph = DecodeGraph(model, "compiled", compile=False, capture=True, gate_up=way)
+        seen.clear()
+        assert [g.token_ids for g in generate(model, PROMPTS, 4, graph=graph)] == want
+        assert set(seen) == {None, split} and GatedMLP.SPLIT is None  # (the prompt's forward is the model's own)
+    with pytest.raises(AdainferError, match="gate_up: unknown 'three'"):
+        DecodeGraph(model, "compiled", gate_up="three")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fuse", ["blocks", "step", "tuned", "tuned_step"])
 def test_fused_capture_gives_the_block_loops_tokens(converted, fuse):

@@ -54,7 +54,7 @@ def test_gpu_check_refuses_an_unknown_section_or_variant(tmp_path):
     proc = gpu_check("--device", "cpu", "--variants", "tuned,fused", "--out", tmp_path / "gc.json")
     assert proc.returncode == 2
     assert ("--variants: unknown fused (choose from none, blocks, step, tuned, tuned_step, all; each may add :sdpa or "
-            ":triton)") in proc.stderr
+            ":triton, then :two)") in proc.stderr
     proc = gpu_check("--device", "cpu", "--batches", "1,0", "--out", tmp_path / "gc.json")
     assert proc.returncode == 2 and "--batches: 1,0 (each at least 1)" in proc.stderr
     assert not (tmp_path / "gc.json").exists()
@@ -188,5 +188,7 @@ def test_the_bar_has_the_goals_of_the_sections_that_ran():
 def test_variants_name_their_fuse_and_attention():
     specs = gpu_check_module().variant_specs
     assert specs(["tuned", "blocks:triton", "blocks", "blocks:sdpa", "tuned:sdpa"], "blocks") == {
-        "tuned": ("tuned", "sdpa"), "blocks_triton": ("blocks", "triton")}, "the default graph left out, once each"
+        "tuned": ("tuned", "sdpa", None), "blocks_triton": ("blocks", "triton", None)}, "default left out, once each"
     assert list(specs(["all", "step:triton"], "blocks")) == ["none", "step", "tuned", "tuned_step", "step_triton"]
+    assert specs(["blocks:two", "blocks:triton:two", "blocks:sdpa:two"], "blocks") == {
+        "blocks_two": ("blocks", "sdpa", "two"), "blocks_triton_two": ("blocks", "triton", "two")}
