@@ -22,20 +22,24 @@ from adainfer.kernels.top2 import dequantize_head
 # ---------------------------------------------------------------- float products on this CPU
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo() -> tuple[dict[str, str], set[str]]:
+    """/proc/cpuinfo, read once: the first processor's fields and every processor's flags (empty where absent)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+            text = f.read()
     except OSError:
-        return set()
+        return {}, set()
+    fields = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in text.splitlines()) if _]
+    flags = {flag for k, v in fields if k == "flags" for flag in v.split()}
+    first = text.split("\n\n")[0].splitlines()  # the first processor's block
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first) if _}, flags
 
 
-_FLAGS = _cpu_flags()
+CPU_INFO, _FLAGS = _cpuinfo()
 # On a CPU without bfloat16 units (AVX2 only), a bfloat16/float16 matmul of 8+ rows runs 4-6x slower than the
 # same matmul in float32 (measured, benchmarks/README.md). There we compute it in float32 and round the output:
 # a bfloat16 product is exact in float32, so this is a bfloat16 matmul with float32 accumulation, like the native one.
 UPCAST_ROWS = 0 if _FLAGS & {"avx512_bf16", "amx_bf16"} else 8
-
 
 
 def upcasts(x: torch.Tensor) -> bool:
@@ -111,13 +115,9 @@ def prefers_bf16(times: dict) -> bool:
 
 def cpu_name() -> str:
     """Vendor, model name, family and model numbers of this CPU (the first processor of /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            first = f.read().split("\n\n")[0]  # the first processor's block
-    except OSError:
+    if not CPU_INFO:
         return "unknown"
-    info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
-    get = (lambda key: info.get(key, "?"))
+    get = (lambda key: CPU_INFO.get(key, "?"))
     return f"{get('vendor_id')} {get('model name')} family {get('cpu family')} model {get('model')}"
 
 
@@ -144,15 +144,14 @@ def cpu_dtype(cache: Path | None) -> torch.dtype:
     if path is not None:
         known = known if isinstance(known, dict) else {}
         known[key] = {"dtype": str(dtype)[6:], **times}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:  # (a cache that cannot be written costs a measurement next time, nothing else)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(known, indent=1) + "\n")
             tmp.replace(path)
         except OSError:
-            pass
+            tmp.unlink(missing_ok=True)
     return dtype
-
 
 
 # ---------------------------------------------------------------- int4 / int8 weights

@@ -19,7 +19,7 @@ import torch
 from adainfer.distributed import current_world
 from adainfer.errors import AdainferError
 from adainfer.eval.metrics import summarize
-from adainfer.quant import _FLAGS, cpu_name
+from adainfer.quant import _FLAGS, CPU_INFO, cpu_name
 from adainfer.tasks import Task
 from adainfer.timing import device_sync
 
@@ -247,12 +247,7 @@ def machine() -> dict:
     import os
     import platform
 
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = CPU_INFO.get("model name") or platform.processor() or ""
     info = {"cpu": cpu, "cpu_id": cpu_name(), "cpu_bf16": sorted(_FLAGS & {"avx512_bf16", "amx_bf16"}),
             "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
