@@ -8,6 +8,7 @@ to int8 per group of 32 and sum in integers (AVX2), what llama.cpp runs for thos
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -150,7 +151,8 @@ def cpu_dtype(cache: Path | None) -> torch.dtype:
             tmp.write_text(json.dumps(known, indent=1) + "\n")
             tmp.replace(path)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (nothing to remove where the folder could not be made)
+                tmp.unlink()
     return dtype
 
 
