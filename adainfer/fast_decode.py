@@ -59,7 +59,7 @@ from adainfer.capture import Captured
 from adainfer.errors import AdainferError
 from adainfer.exit import check_int8_head
 from adainfer.kv_cache import KVCache
-from adainfer.model import Context, Decoder, GatedMLP, default_positions
+from adainfer.model import Context, Decoder, default_positions, gate_up_way
 from adainfer.quant import (
     INT4_GROUP,
     QuantWeight,
@@ -358,11 +358,8 @@ class DecodeGraph:
                  layers: list[int] | None = None, head=None) -> torch.Tensor:
         if self.gate_up is None:
             return self._step(tokens, cache, depth, reader, layers, head)
-        before, GatedMLP.SPLIT = GatedMLP.SPLIT, self.gate_up == "two"
-        try:
+        with gate_up_way(self.gate_up == "two"):
             return self._step(tokens, cache, depth, reader, layers, head)
-        finally:
-            GatedMLP.SPLIT = before
 
     def _step(self, tokens: torch.Tensor, cache: KVCache, depth: int | None, reader, layers: list[int] | None,
               head) -> torch.Tensor:

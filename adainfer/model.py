@@ -12,6 +12,7 @@ same modules serve every path: the eager loop, and the compiled decode step of a
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +221,16 @@ class GatedMLP(nn.Module):
             gate, up = self.w13(x, quantized).chunk(2, dim=-1)  # (b, T, 2 * hidden) -> 2 x (b, T, hidden)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.w2(gate * up, quantized)
+
+
+@contextmanager
+def gate_up_way(split: bool | None):
+    """GatedMLP.SPLIT set to `split` inside the block (None: gate_up_split decides), put back after."""
+    before, GatedMLP.SPLIT = GatedMLP.SPLIT, split
+    try:
+        yield
+    finally:
+        GatedMLP.SPLIT = before
 
 
 def gate_up_split(x: torch.Tensor) -> bool:

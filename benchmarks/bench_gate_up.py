@@ -1,11 +1,12 @@
 """The MLP's gate and up as one product of the fused matrix or as two of its row blocks, in one process, interleaved.
 
-Gate and up are one matrix (GatedMLP.w13); model.gate_up_split picks two products where they run in float32 on a
-CPU and one elsewhere. This times both on the same model by forcing GatedMLP.SPLIT: greedy decode, ms per generated
-token ((time for 1 + N tokens - time for 1 token) / N, as bench_decode), and prefill, ms for the last-token logits
-of a prompt of each --lengths, in each --dtypes. `default` says which one gate_up_split picks there. --decode
-compiled times the decode graph instead of the eager loop (adainfer.fast_decode: on a GPU CUDA graphs of inductor's
-blocks, one graph per way, each compiled and captured under its own setting before the clock starts).
+Gate and up are one matrix (GatedMLP.w13); model.gate_up_split picks two products where they run in float32 on a CPU
+and one elsewhere. This times both on the same model by forcing GatedMLP.SPLIT (model.gate_up_way): greedy decode,
+ms per generated token ((time for 1 + N tokens - time for 1 token) / N, as bench_decode), and prefill, ms for the
+last-token logits of a prompt of each --lengths, in each --dtypes. `default` says which one gate_up_split picks
+there. --decode compiled times the decode graph instead of the eager loop (adainfer.fast_decode: on a GPU CUDA
+graphs of inductor's blocks, one graph per way, each compiled and captured under its own setting before the clock
+starts).
 
     python benchmarks/bench_gate_up.py [--dtypes float32 bfloat16] [--new-tokens 32] [--lengths 64 256]
                                        [--decode eager|compiled] [--device cpu|cuda]
@@ -33,19 +34,16 @@ from common import (  # noqa: E402
 
 from adainfer.fast_decode import DecodeGraph  # noqa: E402
 from adainfer.generate import generate  # noqa: E402
-from adainfer.model import GatedMLP, gate_up_split  # noqa: E402
+from adainfer.model import gate_up_split, gate_up_way  # noqa: E402
 
 PROMPT = "Q: What is the capital of France?\nA: Paris\n\nQ: Name a primary colour.\nA:"
 
 
 def forced(split: bool, fn):
-    """fn() with GatedMLP.SPLIT set to `split` (the class default restored after)."""
+    """fn() with gate and up run one way (model.gate_up_way)."""
     def run():
-        GatedMLP.SPLIT = split
-        try:
+        with gate_up_way(split):
             return fn()
-        finally:
-            GatedMLP.SPLIT = None
     return run
 
 
